@@ -1,0 +1,265 @@
+//! `/v1/jobs` and `/v1/leads/{id}/convert`.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{parse_i64, parse_uuid, Acting, ApiError, AppState, Body, Query};
+use crate::convert::{self, LeadResult, RESULT_COLUMNS};
+use crate::job::{self, NewJob, Trigger};
+use crate::report::{PlanSummary, Progress};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    criteria: Value,
+    #[serde(default)]
+    options: Option<Value>,
+    #[serde(default)]
+    trigger: Option<Trigger>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateQuery {
+    #[serde(default)]
+    dry_run: bool,
+    /// How many plans a dry run returns (the summary covers every lead).
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `POST /v1/jobs`: 202 with the job, or with `?dry_run=true` 200 and the plan.
+pub async fn create(
+    State(s): State<AppState>,
+    Acting(user): Acting,
+    Query(q): Query<CreateQuery>,
+    Body(b): Body<CreateJob>,
+) -> Result<Response, ApiError> {
+    let new = NewJob {
+        criteria: b.criteria,
+        options: b.options.unwrap_or_else(|| json!({})),
+        requested_by: user,
+        trigger: b.trigger.unwrap_or(Trigger::Api),
+    };
+    let checked = job::check(&s.pool, new).await?;
+    if q.dry_run {
+        let limit = q.limit.unwrap_or(100).min(1000);
+        let mut plans = Vec::new();
+        let mut summary = PlanSummary::default();
+        let total = convert::dry_run(&s.pool, &checked.settings, &checked.criteria, |p| {
+            summary.add(&p);
+            if plans.len() < limit {
+                plans.push(p);
+            }
+            Ok(())
+        })
+        .await?;
+        return Ok(Json(
+            json!({"dry_run": true, "total_count": total, "summary": summary.to_string(), "plans": plans}),
+        )
+        .into_response());
+    }
+    let created = s.enqueuer.submit(&checked).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": created.id, "status": created.status, "total_count": created.total_count})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    trigger: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+    #[serde(default)]
+    offset: Option<i64>,
+}
+
+fn bounded(v: Option<i64>, default: i64, max: i64, field: &str) -> Result<i64, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(n) if (0..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            field,
+            format!("{n} is not between 0 and {max}"),
+        )),
+    }
+}
+
+/// `GET /v1/jobs`: newest first, filtered, paged.
+pub async fn list(State(s): State<AppState>, _: Acting, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    const STATUSES: &[&str] = &["scheduled", "in_progress", "completed", "failed", "cancelled"];
+    const TRIGGERS: &[&str] = &["manual", "schedule", "workflow", "api"];
+    if let Some(st) = q.status.as_deref().filter(|st| !STATUSES.contains(st)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "status",
+            format!("{st:?} is not one of {}", STATUSES.join(", ")),
+        ));
+    }
+    if let Some(t) = q.trigger.as_deref().filter(|t| !TRIGGERS.contains(t)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "trigger",
+            format!("{t:?} is not one of {}", TRIGGERS.join(", ")),
+        ));
+    }
+    let limit = bounded(q.limit, 50, 500, "limit")?;
+    let offset = bounded(q.offset, 0, i64::from(i32::MAX), "offset")?;
+    let jobs: Vec<job::Job> = sqlx::query_as(
+        "SELECT id, status, criteria, options, requested_by, trigger, total_count, converted_count, merged_count,
+                skipped_count, failed_count, created_at, started_at, finished_at
+         FROM conversion_job_progress
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
+         ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
+    )
+    .bind(&q.status)
+    .bind(&q.trigger)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&s.pool)
+    .await?;
+    let jobs: Vec<Progress> = jobs.into_iter().map(Progress::of).collect();
+    Ok(Json(json!({"jobs": jobs, "limit": limit, "offset": offset})))
+}
+
+async fn load(s: &AppState, raw: &str) -> Result<job::Job, ApiError> {
+    let id = parse_uuid(raw, "job_id")?;
+    job::get(&s.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "job_id", format!("no job {id}")))
+}
+
+/// `GET /v1/jobs/{id}`: status, counts, rate, ETA.
+pub async fn read(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Progress>, ApiError> {
+    Ok(Json(Progress::of(load(&s, &raw).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsQuery {
+    outcome: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+    /// Results after this lead id (keyset paging: pass `next_after`).
+    #[serde(default)]
+    after: Option<i64>,
+}
+
+/// `GET /v1/jobs/{id}/results`: per-lead results in lead order, paged.
+pub async fn results(
+    State(s): State<AppState>,
+    _: Acting,
+    Path(raw): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let job = load(&s, &raw).await?;
+    const OUTCOMES: &[&str] = &["pending", "converted", "skipped", "failed"];
+    if let Some(o) = q.outcome.as_deref().filter(|o| !OUTCOMES.contains(o)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "outcome",
+            format!("{o:?} is not one of {}", OUTCOMES.join(", ")),
+        ));
+    }
+    let limit = bounded(q.limit, 100, 1000, "limit")?;
+    let rows: Vec<LeadResult> = sqlx::query_as(&format!(
+        "SELECT {RESULT_COLUMNS} FROM conversion_results
+         WHERE job_id = $1 AND ($2::text IS NULL OR outcome = $2) AND lead_id > $3
+         ORDER BY lead_id LIMIT $4"
+    ))
+    .bind(job.id)
+    .bind(&q.outcome)
+    .bind(q.after.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(&s.pool)
+    .await?;
+    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.lead_id)).flatten();
+    Ok(Json(json!({"results": rows, "next_after": next})))
+}
+
+/// `POST /v1/jobs/{id}/cancel`.
+pub async fn cancel(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Progress>, ApiError> {
+    let id = parse_uuid(&raw, "job_id")?;
+    Ok(Json(Progress::of(job::cancel(&s.pool, id).await?)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertLead {
+    #[serde(default)]
+    options: Option<Value>,
+    /// How long to wait for the commit before answering 202 (default 5000,
+    /// at most 60000).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `POST /v1/leads/{id}/convert`: a one-lead `workflow` job through the
+/// priority lane, answered with the result once committed.
+pub async fn convert_lead(
+    State(s): State<AppState>,
+    Acting(user): Acting,
+    Path(raw): Path<String>,
+    Body(b): Body<ConvertLead>,
+) -> Result<Response, ApiError> {
+    let lead_id = parse_i64(&raw, "lead_id")?;
+    let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(5000).min(60_000));
+    let converted: Option<Option<chrono::DateTime<chrono::Utc>>> =
+        sqlx::query_scalar("SELECT converted_at FROM leads WHERE id = $1")
+            .bind(lead_id)
+            .fetch_optional(&s.pool)
+            .await?;
+    match converted {
+        None => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "lead_not_found", "lead_id", format!("no lead {lead_id}")))
+        }
+        Some(Some(at)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_converted",
+                "lead_id",
+                format!("lead {lead_id} was converted at {at}"),
+            ))
+        }
+        Some(None) => {}
+    }
+    let new = NewJob {
+        criteria: json!({"ids": [lead_id]}),
+        options: b.options.unwrap_or_else(|| json!({})),
+        requested_by: user,
+        trigger: Trigger::Workflow,
+    };
+    let checked = job::check(&s.pool, new).await?;
+    let created = s.enqueuer.submit(&checked).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let r: Option<LeadResult> = sqlx::query_as(&format!(
+            "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending'"
+        ))
+        .bind(created.id)
+        .fetch_optional(&s.pool)
+        .await?;
+        if let Some(r) = r {
+            return Ok(Json(r).into_response());
+        }
+        if tokio::time::Instant::now() >= deadline || created.total_count == 0 {
+            return Ok((StatusCode::ACCEPTED, Json(json!({"job_id": created.id, "status": "pending"}))).into_response());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

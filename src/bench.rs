@@ -1,0 +1,383 @@
+//! `leadconv bench`: end-to-end throughput through RabbitMQ, next to the
+//! same conversions run directly against Postgres with the same
+//! parallelism and no queue.
+//!
+//! Both runs use their own freshly seeded leads of the same shape in a
+//! database of their own (`<database>_bench`), so neither warms the other's
+//! matches. The queue run spawns the real `leadconv enqueue` and `leadconv
+//! worker` processes, so their peak memory is measured as deployed.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::job::{self, Dispatch, NewJob, Trigger};
+use crate::queue::Topology;
+use crate::seed::{self, SeedSpec};
+use crate::{convert, db};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Leads per run.
+    #[arg(long, default_value_t = 10_000)]
+    pub leads: usize,
+    /// Share of leads duplicating existing e-mails or companies (0–1).
+    #[arg(long, default_value_t = 0.3)]
+    pub duplicates: f64,
+    /// Conversions in flight at once, in both runs.
+    #[arg(long, default_value_t = 8)]
+    pub workers: u16,
+    /// Only the run through RabbitMQ.
+    #[arg(long)]
+    pub skip_direct: bool,
+    /// Stop the worker after this many seconds and cancel the rest of the
+    /// job (to measure memory on a job too big to finish).
+    #[arg(long)]
+    pub worker_seconds: Option<u64>,
+    /// While the bulk job runs, time this many calls of the one-lead
+    /// convert endpoint (`POST /v1/leads/{id}/convert`) on a `leadconv serve`.
+    #[arg(long, default_value_t = 0)]
+    pub api_calls: usize,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub name: &'static str,
+    pub leads: u64,
+    pub wall: Duration,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub e2e_p50_ms: Option<f64>,
+    pub e2e_p99_ms: Option<f64>,
+    pub peak_rss: Vec<(&'static str, u64)>,
+}
+
+impl RunReport {
+    pub fn per_sec(&self) -> f64 {
+        self.leads as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+fn bench_url(database_url: &str) -> anyhow::Result<String> {
+    let options: PgConnectOptions = database_url.parse()?;
+    let db = options.get_database().unwrap_or("leadconv");
+    let (base, _) = database_url.split_once('?').unwrap_or((database_url, ""));
+    let prefix = base.rsplit_once('/').map(|(p, _)| p).unwrap_or(base);
+    Ok(format!("{prefix}/{db}_bench"))
+}
+
+pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let url = bench_url(database_url)?;
+    // A fresh database each time: figures do not depend on earlier runs.
+    {
+        use sqlx::{ConnectOptions, Connection};
+        let options: PgConnectOptions = url.parse()?;
+        let name = options.get_database().expect("a database name").to_owned();
+        let mut admin = options.clone().database("postgres").connect().await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await?;
+        admin.close().await?;
+    }
+    db::create_database_if_missing(&url).await?;
+    let pool = db::connect(&url, u32::from(args.workers) + 4).await?;
+    db::migrate(&pool).await?;
+    println!(
+        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; database {url}",
+        args.leads,
+        args.duplicates * 100.0,
+        args.workers
+    );
+
+    let mut reports = Vec::new();
+    if !args.skip_direct {
+        reports.push(direct(&pool, args).await?);
+    }
+    reports.push(through_queue(&pool, &url, amqp_url, args).await?);
+
+    println!();
+    println!("| run | leads | wall | leads/s | conversion p50 | p99 | enqueue→commit p50 | p99 | peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &reports {
+        let rss: Vec<String> =
+            r.peak_rss.iter().map(|(who, b)| format!("{who} {:.0} MiB", *b as f64 / 1048576.0)).collect();
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
+        println!(
+            "| {} | {} | {:.1} s | {:.0} | {:.1} ms | {:.1} ms | {} | {} | {} |",
+            r.name,
+            r.leads,
+            r.wall.as_secs_f64(),
+            r.per_sec(),
+            r.p50_ms,
+            r.p99_ms,
+            ms(r.e2e_p50_ms),
+            ms(r.e2e_p99_ms),
+            rss.join(", ")
+        );
+    }
+    if let [direct, queue] = &reports[..] {
+        println!();
+        println!(
+            "through RabbitMQ / direct (baseline): {:.0} / {:.0} leads/s = {:.0}%",
+            queue.per_sec(),
+            direct.per_sec(),
+            100.0 * queue.per_sec() / direct.per_sec()
+        );
+    }
+    pool.close().await;
+    Ok(())
+}
+
+async fn seed_run(pool: &PgPool, args: &BenchArgs, rng_seed: u64) -> anyhow::Result<(seed::Seeded, serde_json::Value)> {
+    let t = Instant::now();
+    let seeded = seed::seed(pool, &SeedSpec { leads: args.leads, duplicates: args.duplicates, rng_seed }).await?;
+    // Fresh statistics, as autovacuum would have them on a live CRM: without
+    // them the first run plans its lookups for empty tables and the
+    // comparison measures the planner, not the queue.
+    sqlx::query("ANALYZE").execute(pool).await?;
+    println!("seeded {} leads in {:.1?}", seeded.lead_ids.len(), t.elapsed());
+    let (first, last) = (seeded.lead_ids[0], *seeded.lead_ids.last().expect("leads"));
+    Ok((seeded, json!({"field": "id", "op": "between", "value": [first, last]})))
+}
+
+fn options() -> serde_json::Value {
+    json!({"create_deal": true, "deal": {"name": "{{company}} – {{last_name}}", "closing_date": "+30d", "stage": "Qualification"}})
+}
+
+/// The baseline: the same conversions, same parallelism, no queue.
+async fn direct(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
+    let (seeded, criteria) = seed_run(pool, args, 1).await?;
+    let new = NewJob { criteria, options: options(), requested_by: seeded.acting_user, trigger: Trigger::Manual };
+    let checked = job::check(pool, new).await?;
+    let t = Instant::now();
+    let created = job::create(pool, &checked, Dispatch::InProcess).await?;
+    let settings = Arc::new(checked.settings);
+    let gate = Arc::new(Semaphore::new(usize::from(args.workers)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for lead in seeded.lead_ids {
+        let (pool, settings, permit) = (pool.clone(), settings.clone(), gate.clone().acquire_owned().await?);
+        tasks.spawn(async move {
+            let r = convert::convert_lead(&pool, created.id, &settings, lead).await;
+            drop(permit);
+            r
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let wall = t.elapsed();
+    job::rollup(pool, created.id).await?;
+    let (p50, p99) = percentiles(pool, created.id, "duration_ms::float8").await?;
+    println!("direct: {} leads in {:.1?}", created.total_count, wall);
+    Ok(RunReport {
+        name: "direct to Postgres (baseline)",
+        leads: created.total_count as u64,
+        wall,
+        p50_ms: p50,
+        p99_ms: p99,
+        e2e_p50_ms: None,
+        e2e_p99_ms: None,
+        peak_rss: vec![("bench process", peak_rss(std::process::id()).unwrap_or(0))],
+    })
+}
+
+/// The product: `leadconv enqueue` and `leadconv worker` as processes.
+async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<RunReport> {
+    let (seeded, criteria) = seed_run(pool, args, 2).await?;
+    let prefix = format!("leadconv_bench_{}", std::process::id());
+    let exe = std::env::current_exe()?;
+    let base = |sub: &str| {
+        let mut c = Command::new(&exe);
+        c.arg(sub)
+            .env("DATABASE_URL", url)
+            .env("AMQP_URL", amqp_url)
+            .env("LEADCONV_QUEUE_PREFIX", &prefix)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    };
+
+    let t = Instant::now();
+    let mut producer = base("enqueue")
+        .args(["--criteria", &criteria.to_string(), "--options", &options().to_string()])
+        .args(["--requested-by", &seeded.acting_user.to_string(), "--trigger", "schedule"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let producer_pid = producer.id().expect("a running child");
+    let producer_rss = tokio::spawn(watch_rss(producer_pid));
+    let mut lines = BufReader::new(producer.stdout.take().expect("piped")).lines();
+    let job_id: Uuid =
+        lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("enqueue printed no job id"))?.trim().parse()?;
+
+    let mut worker = base("worker").args(["--concurrency", &args.workers.to_string(), "--exit-when-idle"]).spawn()?;
+    let worker_pid = worker.id().expect("a running child");
+    let worker_rss = tokio::spawn(watch_rss(worker_pid));
+
+    let status = producer.wait().await?;
+    anyhow::ensure!(status.success(), "enqueue failed: {status}");
+    let producer_done = t.elapsed();
+    println!("enqueue: job {job_id} published in {producer_done:.1?}");
+
+    let api = if args.api_calls > 0 {
+        Some(convert_calls(pool, base("serve"), seeded.acting_user, args.api_calls, job_id).await?)
+    } else {
+        None
+    };
+
+    if let Some(secs) = args.worker_seconds {
+        tokio::select! {
+            s = worker.wait() => { s?; }
+            _ = tokio::time::sleep(Duration::from_secs(secs)) => {
+                // SIGTERM: the worker finishes what it holds and exits.
+                let _ = Command::new("kill").args(["-TERM", &worker_pid.to_string()]).status().await;
+                worker.wait().await?;
+            }
+        }
+    } else {
+        let status = worker.wait().await?;
+        anyhow::ensure!(status.success(), "worker failed: {status}");
+    }
+    let wall = t.elapsed();
+    job::rollup(pool, job_id).await?;
+    let job = job::get(pool, job_id).await?.expect("the job exists");
+    let done = (job.total_count - job.pending_count()) as u64;
+    if job.pending_count() > 0 {
+        job::cancel(pool, job_id).await?;
+    }
+    let (p50, p99) = percentiles(pool, job_id, "duration_ms::float8").await?;
+    let (e50, e99) = percentiles(pool, job_id, "extract(epoch from finished_at - enqueued_at) * 1000").await?;
+    println!("through RabbitMQ: {done} of {} leads in {wall:.1?}", job.total_count);
+    if let Some(a) = api {
+        println!(
+            "one-lead convert endpoint during the bulk job: {} calls, {} answered 200 with the result; latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; bulk job pending when they ended: {}",
+            a.calls, a.ok, a.p50, a.p99, a.max, a.bulk_pending_after
+        );
+    }
+
+    // Leave the broker as it was.
+    if let Ok(conn) = crate::queue::connect(amqp_url).await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = Topology::new(prefix).delete(&ch).await;
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    Ok(RunReport {
+        name: "enqueue → RabbitMQ → worker",
+        leads: done,
+        wall,
+        p50_ms: p50,
+        p99_ms: p99,
+        e2e_p50_ms: Some(e50),
+        e2e_p99_ms: Some(e99),
+        peak_rss: vec![("producer", producer_rss.await?), ("worker", worker_rss.await?)],
+    })
+}
+
+async fn percentiles(pool: &PgPool, job_id: Uuid, expr: &str) -> sqlx::Result<(f64, f64)> {
+    let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {expr}), percentile_cont(0.99) WITHIN GROUP (ORDER BY {expr})
+         FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending' AND duration_ms IS NOT NULL"
+    ))
+    .bind(job_id)
+    .fetch_one(pool)
+    .await?;
+    Ok((p50.unwrap_or(0.0), p99.unwrap_or(0.0)))
+}
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Follows a child's peak memory until it exits; the kernel keeps the peak,
+/// so the last reading before exit is the answer.
+async fn watch_rss(pid: u32) -> u64 {
+    let mut last = 0;
+    while let Some(v) = peak_rss(pid) {
+        last = last.max(v);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+struct ApiFigures {
+    calls: usize,
+    ok: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    bulk_pending_after: i32,
+}
+
+/// Times `calls` sequential one-lead conversions through the API while the
+/// bulk job `bulk` is being worked on.
+async fn convert_calls(
+    pool: &PgPool,
+    mut serve: Command,
+    acting: i64,
+    calls: usize,
+    bulk: Uuid,
+) -> anyhow::Result<ApiFigures> {
+    // Wait until the bulk job is really under way.
+    loop {
+        let j = job::get(pool, bulk).await?.expect("the job exists");
+        if j.converted_count >= 500 || j.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut server = serve.args(["--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn()?;
+    let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
+    let first = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("serve printed nothing"))?;
+    let base = first.trim_start_matches("listening on ").trim().to_owned();
+    let token = crate::auth::create_token(pool, acting, "bench").await?;
+    let mut leads = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO leads (owner_id, last_name, email, company) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(acting)
+        .bind(format!("Urgent {i}"))
+        .bind(format!("urgent{i}.{}@example.net", Uuid::new_v4().simple()))
+        .bind(format!("Urgent Co {i}"))
+        .fetch_one(pool)
+        .await?;
+        leads.push(id);
+    }
+    let http = reqwest::Client::new();
+    let mut took = Vec::with_capacity(calls);
+    let mut ok = 0;
+    for id in leads {
+        let t = Instant::now();
+        let resp = http
+            .post(format!("{base}/v1/leads/{id}/convert"))
+            .bearer_auth(&token)
+            .json(&json!({"timeout_ms": 10000}))
+            .send()
+            .await?;
+        if resp.status() == reqwest::StatusCode::OK {
+            ok += 1;
+        }
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize];
+    let bulk_pending_after = job::get(pool, bulk).await?.expect("the job exists").pending_count();
+    Ok(ApiFigures { calls, ok, p50: at(0.5), p99: at(0.99), max: *took.last().unwrap_or(&0.0), bulk_pending_after })
+}

@@ -1,0 +1,323 @@
+//! Converting one lead of a job, in one Postgres transaction (SPEC §3).
+//!
+//! Follow a lead here: lock its pending result row, gather the facts under
+//! locks (`snapshot`), decide (`plan`), write (`apply`), record the result
+//! and the job's counts, commit. Either all of it happens or none of it.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::apply::{apply, Converted};
+use crate::criteria::Criteria;
+use crate::error::{self, Error, ErrorCode, Refusal};
+use crate::options::Settings;
+use crate::plan::{self, Action, Plan, Verdict};
+use crate::snapshot::{self, Locking};
+
+/// A `conversion_results` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct LeadResult {
+    pub job_id: Uuid,
+    pub lead_id: i64,
+    pub outcome: String,
+    pub contact_action: Option<String>,
+    pub account_action: Option<String>,
+    pub deal_action: Option<String>,
+    pub contact_id: Option<i64>,
+    pub account_id: Option<i64>,
+    pub deal_id: Option<i64>,
+    pub is_repeat: Option<bool>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub attempts: i32,
+    pub duration_ms: Option<i32>,
+    pub enqueued_at: Option<chrono::DateTime<Utc>>,
+    pub finished_at: Option<chrono::DateTime<Utc>>,
+}
+
+pub const RESULT_COLUMNS: &str = "job_id, lead_id, outcome, contact_action, account_action, deal_action, contact_id, \
+     account_id, deal_id, is_repeat, error_code, error_message, attempts, duration_ms, enqueued_at, finished_at";
+
+/// Deadlocks and serialization failures are resolved by trying again at
+/// once; this many tries, then the error goes to the caller as transient.
+const LOCAL_TRIES: u32 = 5;
+
+/// Converts `lead_id` as part of job `job_id`. Safe to call again for the
+/// same lead (a redelivered message): a lead whose result is recorded is not
+/// touched, and its recorded result is returned.
+pub async fn convert_lead(pool: &PgPool, job_id: Uuid, settings: &Settings, lead_id: i64) -> Result<LeadResult, Error> {
+    let span = tracing::info_span!("convert", %job_id, lead_id);
+    async move {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match try_convert(pool, job_id, settings, lead_id, tries).await {
+                Ok(r) => {
+                    tracing::debug!(outcome = %r.outcome, "lead done");
+                    return Ok(r);
+                }
+                Err(Error::Transient(e)) if tries < LOCAL_TRIES && is_lock_conflict(&e) => {
+                    tracing::debug!(error = %e, tries, "lock conflict, trying again");
+                    tokio::time::sleep(Duration::from_millis(5 << tries)).await;
+                }
+                Err(Error::Database(e)) if error::is_constraint_violation(&e) => {
+                    // The transaction rolled back: nothing of the lead was
+                    // written. Record why, in a transaction of its own.
+                    tracing::warn!(error = %e, "lead failed on a database constraint");
+                    return record(
+                        pool,
+                        job_id,
+                        lead_id,
+                        &Finish::failed(ErrorCode::ConstraintViolation, e.to_string()),
+                        tries,
+                    )
+                    .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Records that `lead_id` failed for good with `code`, unless its result is
+/// recorded already. For failures found outside a conversion (a job whose
+/// settings stopped validating, retries used up).
+pub async fn record_failure(
+    pool: &PgPool,
+    job_id: Uuid,
+    lead_id: i64,
+    code: ErrorCode,
+    message: &str,
+) -> Result<(), Error> {
+    record(pool, job_id, lead_id, &Finish::failed(code, message.to_owned()), 0).await.map(|_| ())
+}
+
+async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u32) -> Result<LeadResult, Error> {
+    let mut tx = pool.begin().await?;
+    let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
+        return Err(not_in_job(job_id, lead_id));
+    };
+    let (r, fresh) = match status {
+        Pending::Yes => (finish(&mut tx, job_id, lead_id, f, tries, None).await?, true),
+        Pending::No(r) => (*r, false),
+    };
+    tx.commit().await?;
+    if fresh {
+        crate::metrics::record_result(&r, std::time::Duration::ZERO);
+    }
+    Ok(r)
+}
+
+fn is_lock_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+}
+
+fn not_in_job(job_id: Uuid, lead_id: i64) -> Error {
+    Refusal::new(ErrorCode::NotFound, "lead_id", format!("lead {lead_id} is not part of job {job_id}")).into()
+}
+
+enum Pending {
+    Yes,
+    No(Box<LeadResult>),
+}
+
+/// Locks the lead's result row, the job's gate for this lead: whoever holds
+/// it is the only one converting this lead for this job.
+async fn lock_result(conn: &mut PgConnection, job_id: Uuid, lead_id: i64) -> sqlx::Result<Option<Pending>> {
+    let row: Option<LeadResult> = sqlx::query_as(&format!(
+        "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND lead_id = $2 FOR UPDATE"
+    ))
+    .bind(job_id)
+    .bind(lead_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| if r.outcome == "pending" { Pending::Yes } else { Pending::No(Box::new(r)) }))
+}
+
+async fn try_convert(
+    pool: &PgPool,
+    job_id: Uuid,
+    settings: &Settings,
+    lead_id: i64,
+    tries: u32,
+) -> Result<LeadResult, Error> {
+    let started = std::time::Instant::now();
+    let mut tx = pool.begin().await?;
+    let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
+        return Err(not_in_job(job_id, lead_id));
+    };
+    if let Pending::No(done) = status {
+        return Ok(*done);
+    }
+    let job_status: String =
+        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1").bind(job_id).fetch_one(&mut *tx).await?;
+    let finish_with = if job_status == "cancelled" {
+        Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))
+    } else {
+        let facts = snapshot::load(&mut tx, settings, lead_id, Locking::ForUpdate).await?;
+        let plan = plan::decide(&facts, settings, Utc::now().date_naive());
+        match &plan.verdict {
+            Verdict::Convert(c) => {
+                let ids = apply(&mut tx, lead_id, c).await?;
+                Finish::converted(&plan, ids)
+            }
+            Verdict::Skipped { code, message } => Finish::skipped(*code, message.clone()),
+            Verdict::Failed { code, message } => Finish::failed(*code, message.clone()),
+        }
+    };
+    let result = finish(&mut tx, job_id, lead_id, &finish_with, tries, Some(started)).await?;
+    tx.commit().await?;
+    crate::metrics::record_result(&result, started.elapsed());
+    Ok(result)
+}
+
+/// What goes into the result row.
+struct Finish {
+    outcome: &'static str,
+    contact_action: Option<&'static str>,
+    account_action: Option<&'static str>,
+    deal_action: Option<&'static str>,
+    ids: Converted,
+    is_repeat: Option<bool>,
+    error: Option<(ErrorCode, String)>,
+    merged: bool,
+}
+
+impl Finish {
+    fn converted(plan: &Plan, ids: Converted) -> Finish {
+        let Verdict::Convert(c) = &plan.verdict else { unreachable!("only a conversion has ids") };
+        let action = |a: Action| match a {
+            Action::Created => "created",
+            Action::Merged => "merged",
+            Action::Matched => "matched",
+        };
+        Finish {
+            outcome: "converted",
+            contact_action: Some(action(c.contact.action)),
+            account_action: Some(c.account.as_ref().map_or("none", |a| action(a.action))),
+            deal_action: Some(if c.deal.is_some() { "created" } else { "none" }),
+            ids,
+            is_repeat: Some(c.lead_is_repeat),
+            error: None,
+            merged: c.contact.action == Action::Merged,
+        }
+    }
+
+    fn without_ids(outcome: &'static str, code: ErrorCode, message: String) -> Finish {
+        Finish {
+            outcome,
+            contact_action: None,
+            account_action: None,
+            deal_action: None,
+            ids: Converted::default(),
+            is_repeat: None,
+            error: Some((code, message)),
+            merged: false,
+        }
+    }
+
+    fn skipped(code: ErrorCode, message: String) -> Finish {
+        Finish::without_ids("skipped", code, message)
+    }
+
+    fn failed(code: ErrorCode, message: String) -> Finish {
+        Finish::without_ids("failed", code, message)
+    }
+}
+
+/// Shards of a job's counters (see migration 0003): conversions of one job
+/// spread their increments over this many rows instead of one.
+const COUNTER_SHARDS: i64 = 16;
+
+/// Records the result and counts it in one of the job's counter shards.
+async fn finish(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    lead_id: i64,
+    f: &Finish,
+    tries: u32,
+    started: Option<std::time::Instant>,
+) -> sqlx::Result<LeadResult> {
+    let converted = f.ids.contact_id != 0;
+    let duration_ms = started.map(|s| i32::try_from(s.elapsed().as_millis()).unwrap_or(i32::MAX));
+    let result: LeadResult = sqlx::query_as(&format!(
+        "UPDATE conversion_results SET outcome = $3, contact_action = $4, account_action = $5, deal_action = $6,
+                contact_id = $7, account_id = $8, deal_id = $9, is_repeat = $10, error_code = $11,
+                error_message = $12, attempts = attempts + $13, duration_ms = $14, finished_at = now()
+         WHERE job_id = $1 AND lead_id = $2 AND outcome = 'pending'
+         RETURNING {RESULT_COLUMNS}"
+    ))
+    .bind(job_id)
+    .bind(lead_id)
+    .bind(f.outcome)
+    .bind(f.contact_action)
+    .bind(f.account_action)
+    .bind(f.deal_action)
+    .bind(converted.then_some(f.ids.contact_id))
+    .bind(f.ids.account_id)
+    .bind(f.ids.deal_id)
+    .bind(f.is_repeat)
+    .bind(f.error.as_ref().map(|(c, _)| c.as_str()))
+    .bind(f.error.as_ref().map(|(_, m)| m.as_str()))
+    .bind(i32::try_from(tries).unwrap_or(i32::MAX))
+    .bind(duration_ms)
+    .fetch_one(&mut *conn)
+    .await?;
+    let n = |b: bool| i32::from(b);
+    sqlx::query(
+        "INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (job_id, shard) DO UPDATE SET
+             converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
+             skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now()",
+    )
+    .bind(job_id)
+    .bind((lead_id.rem_euclid(COUNTER_SHARDS)) as i16)
+    .bind(n(f.outcome == "converted"))
+    .bind(n(f.merged))
+    .bind(n(f.outcome == "skipped"))
+    .bind(n(f.outcome == "failed"))
+    .execute(&mut *conn)
+    .await?;
+    Ok(result)
+}
+
+/// The plan for each lead matching `criteria`, in lead order, computed from
+/// one consistent snapshot of the database and written nowhere: the dry
+/// run. Plans are handed to `each` as they are made, so a dry run over a
+/// million leads does not hold a million plans.
+pub async fn dry_run(
+    pool: &PgPool,
+    settings: &Settings,
+    criteria: &Criteria,
+    mut each: impl FnMut(Plan) -> std::io::Result<()>,
+) -> Result<u64, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+    let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND ");
+    criteria.push_sql(&mut qb);
+    qb.push(" ORDER BY l.id");
+    let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+    let today = Utc::now().date_naive();
+    for &id in &ids {
+        let facts = snapshot::load(&mut tx, settings, id, Locking::None).await?;
+        each(plan::decide(&facts, settings, today)).map_err(|e| Error::Database(sqlx::Error::Io(e)))?;
+    }
+    tx.rollback().await?;
+    Ok(ids.len() as u64)
+}
+
+/// All result rows of a job, in lead order.
+pub async fn results(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<LeadResult>> {
+    sqlx::query_as(&format!("SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 ORDER BY lead_id"))
+        .bind(job_id)
+        .fetch_all(pool)
+        .await
+}

@@ -1,0 +1,92 @@
+//! Submitting jobs from a long-running process (`serve`: the API, rule
+//! relay and scheduler): create the job, then publish its leads on a
+//! RabbitMQ channel kept open across jobs and reopened when lost.
+//!
+//! Creating the job commits before publishing, so a publish that fails
+//! (broker down) loses nothing: the job's pending rows are its outbox, and
+//! a worker's sweeper publishes them once this process's lease runs out.
+
+use std::time::Duration;
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection};
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+
+use crate::job::{self, Checked, Dispatch, Job};
+use crate::producer;
+use crate::queue::{self, Lane, Topology};
+
+pub struct Enqueuer {
+    pub pool: PgPool,
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub lease: Duration,
+    broker: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Enqueuer {
+    pub fn new(pool: PgPool, amqp_url: impl Into<String>, topology: Topology) -> Enqueuer {
+        Enqueuer { pool, amqp_url: amqp_url.into(), topology, lease: Duration::from_secs(30), broker: Mutex::new(None) }
+    }
+
+    /// A confirm-mode channel, connecting (and declaring the topology) when
+    /// there is none or the last one died.
+    async fn channel(&self) -> lapin::Result<Channel> {
+        let mut broker = self.broker.lock().await;
+        if let Some((conn, ch)) = broker.as_ref() {
+            if conn.status().connected() && ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let conn = queue::connect(&self.amqp_url).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.topology.declare(&ch).await?;
+        *broker = Some((conn, ch.clone()));
+        Ok(ch)
+    }
+
+    /// True when RabbitMQ answers (for readiness probes).
+    pub async fn broker_reachable(&self) -> bool {
+        self.channel().await.is_ok()
+    }
+
+    /// Creates the job and publishes its leads. The job exists once this
+    /// returns, even when publishing failed (it is then left to the outbox
+    /// sweeper and the error is only logged).
+    pub async fn submit(&self, checked: &Checked) -> Result<Job, crate::Error> {
+        let created = job::create(&self.pool, checked, Dispatch::Queue { lease: self.lease }).await?;
+        self.publish(&created).await;
+        Ok(created)
+    }
+
+    /// Publishes the leads of a job created (and committed) with
+    /// `Dispatch::Queue { lease: self.lease }`. Failure is logged, not
+    /// returned: the outbox sweeper publishes what this could not.
+    pub async fn publish(&self, created: &Job) {
+        if created.total_count > 0 {
+            let lane = Lane::for_trigger(&created.trigger);
+            let published = match self.channel().await {
+                Ok(ch) => producer::publish_job(
+                    &self.pool,
+                    &ch,
+                    &self.topology,
+                    created.id,
+                    lane,
+                    self.lease,
+                    producer::BATCH,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match published {
+                Ok(n) => tracing::info!(job_id = %created.id, published = n, "job submitted"),
+                Err(e) => {
+                    tracing::warn!(job_id = %created.id, error = %e, "publishing failed; the outbox sweeper will publish the job")
+                }
+            }
+        }
+    }
+}

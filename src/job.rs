@@ -1,0 +1,265 @@
+//! Conversion jobs: a snapshot of leads with options and an acting user.
+//!
+//! A job is created in one transaction with one `pending` result row per
+//! lead, so `total_count` is exact from the start and the result rows double
+//! as the list of work still to do.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::criteria::Criteria;
+use crate::error::{ErrorCode, Refusal};
+use crate::options::{ConversionOptions, Settings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Manual,
+    Schedule,
+    Workflow,
+    Api,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Schedule => "schedule",
+            Trigger::Workflow => "workflow",
+            Trigger::Api => "api",
+        }
+    }
+}
+
+/// A `conversion_jobs` row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub status: String,
+    pub criteria: sqlx::types::Json<Value>,
+    pub options: sqlx::types::Json<Value>,
+    pub requested_by: i64,
+    pub trigger: String,
+    pub total_count: i32,
+    pub converted_count: i32,
+    pub merged_count: i32,
+    pub skipped_count: i32,
+    pub failed_count: i32,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Job {
+    pub fn pending_count(&self) -> i32 {
+        self.total_count - self.converted_count - self.skipped_count - self.failed_count
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+/// A job as requested: criteria and options as the caller wrote them.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub criteria: Value,
+    pub options: Value,
+    pub requested_by: i64,
+    pub trigger: Trigger,
+}
+
+/// A job whose criteria and options passed every check. Nothing is written
+/// until [`create`].
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub new: NewJob,
+    pub criteria: Criteria,
+    pub settings: Settings,
+}
+
+/// Checks criteria, options and the requester, writing nothing: a job that
+/// fails here leaves no row and no message behind.
+pub async fn check(pool: &PgPool, new: NewJob) -> Result<Checked, crate::Error> {
+    let options = ConversionOptions::from_json(&new.options)?;
+    let mut conn = pool.acquire().await?;
+    let settings = Settings::prepare(&mut conn, &options, new.requested_by).await?;
+    let criteria = Criteria::parse(&new.criteria, &settings.fields.defs)?;
+    Ok(Checked { new, criteria, settings })
+}
+
+/// How a job's leads reach a converter.
+#[derive(Debug, Clone, Copy)]
+pub enum Dispatch {
+    /// Through RabbitMQ: the creator holds the publisher lease this long and
+    /// is expected to publish (see `producer`); if it does not, a worker's
+    /// sweeper does once the lease runs out.
+    Queue { lease: std::time::Duration },
+    /// Converted by the creating process itself (demo, tests): nothing to
+    /// publish.
+    InProcess,
+}
+
+/// Creates the job and its snapshot: one `pending` result row per
+/// matching, unconverted lead, in one transaction and one set-based
+/// statement (a million leads never pass through this process).
+pub async fn create(pool: &PgPool, checked: &Checked, dispatch: Dispatch) -> Result<Job, crate::Error> {
+    let mut tx = pool.begin().await?;
+    let id = create_in(&mut tx, checked, dispatch).await?;
+    tx.commit().await?;
+    Ok(get(pool, id).await?.expect("the job was just created"))
+}
+
+/// [`create`] inside the caller's transaction, for callers whose own
+/// write must commit together with the job (a schedule's next run, a rule
+/// relay's outbox row).
+pub async fn create_in(
+    tx: &mut sqlx::PgConnection,
+    checked: &Checked,
+    dispatch: Dispatch,
+) -> Result<Uuid, crate::Error> {
+    let id = Uuid::new_v4();
+    let (lease, published) = match dispatch {
+        Dispatch::Queue { lease } => (Some(lease.as_secs_f64()), false),
+        Dispatch::InProcess => (None, true),
+    };
+    sqlx::query(
+        "INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, publisher_lease_until, published_at)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), CASE WHEN $7 THEN now() END)",
+    )
+    .bind(id)
+    .bind(&checked.new.criteria)
+    .bind(&checked.new.options)
+    .bind(checked.new.requested_by)
+    .bind(checked.new.trigger.as_str())
+    .bind(lease.unwrap_or(0.0))
+    .bind(published)
+    .execute(&mut *tx)
+    .await?;
+    let mut qb = sqlx::QueryBuilder::new("INSERT INTO conversion_results (job_id, lead_id) SELECT ");
+    qb.push_bind(id).push(", l.id FROM leads l WHERE l.converted_at IS NULL AND ");
+    checked.criteria.push_sql(&mut qb);
+    let total = qb.build().execute(&mut *tx).await?.rows_affected();
+    let total = i32::try_from(total).map_err(|_| {
+        Refusal::new(
+            ErrorCode::InvalidCriteria,
+            "criteria",
+            format!("{total} leads match; a job holds at most {}", i32::MAX),
+        )
+    })?;
+    // A job matching nothing is complete at once, with nothing to publish.
+    sqlx::query(
+        "UPDATE conversion_jobs SET total_count = $2,
+                status = CASE WHEN $2 = 0 THEN 'completed' ELSE status END,
+                finished_at = CASE WHEN $2 = 0 THEN now() END,
+                published_at = CASE WHEN $2 = 0 THEN now() ELSE published_at END,
+                publisher_lease_until = CASE WHEN $2 = 0 THEN NULL ELSE publisher_lease_until END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(total)
+    .execute(&mut *tx)
+    .await?;
+    metrics::counter!(crate::metrics::JOBS_CREATED, "trigger" => checked.new.trigger.as_str()).increment(1);
+    Ok(id)
+}
+
+/// Moves the job's counter shards into its `conversion_jobs` row (counts,
+/// status, start and finish times). Idempotent; any process may call it.
+pub async fn rollup(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT leadconv_rollup_job($1)").bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// Cancels a job: its pending leads become `skipped` (`cancelled`). Waits
+/// for conversions of the job that are in flight to commit, so once this
+/// returns no lead of the job is converted any more.
+pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
+    // Cancel waits for the conversions in flight; if Postgres picks it as
+    // a deadlock victim all the same, it simply tries again.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match try_cancel(pool, id).await {
+            Err(crate::Error::Transient(e)) if tries < 5 => {
+                tracing::warn!(job_id = %id, error = %e, "cancel conflicted; trying again");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
+    let mut tx = pool.begin().await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match status.as_deref() {
+        None => return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into()),
+        Some("scheduled" | "in_progress") => {}
+        Some(s) => {
+            return Err(Refusal::new(ErrorCode::JobFinished, "job_id", format!("job {id} is {s} already")).into())
+        }
+    }
+    // Each in-flight conversion holds its result row until it commits; this
+    // update waits for those rows and then skips them, as they are no
+    // longer pending.
+    let skipped = sqlx::query(
+        "UPDATE conversion_results SET outcome = 'skipped', error_code = 'cancelled',
+                error_message = 'the job was cancelled before this lead was converted', finished_at = now()
+         WHERE job_id = $1 AND outcome = 'pending'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE conversion_jobs SET status = 'cancelled', cancelled_at = now(), finished_at = now(),
+                skipped_count = skipped_count + $2, publisher_lease_until = NULL,
+                published_at = coalesce(published_at, now())
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(i32::try_from(skipped).unwrap_or(i32::MAX))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    rollup(pool, id).await?;
+    Ok(get(pool, id).await?.expect("the job exists"))
+}
+
+/// Creates a job over an explicit list of leads and converts nothing: for
+/// in-process conversion (demo, tests).
+pub async fn create_for_leads(
+    pool: &PgPool,
+    requested_by: i64,
+    trigger: Trigger,
+    options: &Value,
+    lead_ids: &[i64],
+) -> Result<Uuid, crate::Error> {
+    let new = NewJob { criteria: json!({ "ids": lead_ids }), options: options.clone(), requested_by, trigger };
+    let checked = check(pool, new).await?;
+    Ok(create(pool, &checked, Dispatch::InProcess).await?.id)
+}
+
+/// The job with counts exact at this moment (counter shards included).
+pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "SELECT id, status, criteria, options, requested_by, trigger, total_count, converted_count, merged_count,
+                skipped_count, failed_count, created_at, started_at, finished_at
+         FROM conversion_job_progress WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The validated settings a stored job converts with.
+pub async fn settings(pool: &PgPool, job: &Job) -> Result<Settings, crate::Error> {
+    let options = ConversionOptions::from_json(&job.options)?;
+    let mut conn = pool.acquire().await?;
+    Settings::prepare(&mut conn, &options, job.requested_by).await
+}

@@ -1,0 +1,215 @@
+//! RabbitMQ: the topology leadconv declares, and the message it carries.
+//!
+//! ```text
+//!  producer ──► {p}.convert (topic) ──bulk.#──────► {p}.bulk      (quorum) ──► workers
+//!                                   └─workflow.#──► {p}.workflow  (quorum) ──► workers, first
+//!  worker, transient failure ──► {p}.retry (topic) ──*.rN──► {p}.retry.N (TTL) ──expired──► {p}.convert
+//!  unreadable message / delivery limit ──► {p}.dead (fanout) ──► {p}.dead (quorum): parked
+//! ```
+//!
+//! Work queues are quorum queues: replicated, durable, with a delivery limit
+//! so that a message that crashes every worker that takes it ends parked in
+//! `{p}.dead` instead of looping forever. Workflow-triggered conversions
+//! have their own queue and their own share of every worker, so a bulk
+//! backlog of a million leads never delays them. Declaring is idempotent;
+//! the arguments here must match `deploy/rabbitmq/definitions.json`.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A message: convert this lead as part of this job. Small on purpose: the
+/// job's options live in Postgres, read once per job by each worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeadMessage {
+    pub job_id: Uuid,
+    pub lead_id: i64,
+}
+
+/// Which work queue a job's messages go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lane {
+    Bulk,
+    Workflow,
+}
+
+impl Lane {
+    pub fn for_trigger(trigger: &str) -> Lane {
+        if trigger == "workflow" {
+            Lane::Workflow
+        } else {
+            Lane::Bulk
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Bulk => "bulk",
+            Lane::Workflow => "workflow",
+        }
+    }
+}
+
+/// How many times RabbitMQ hands a message out before parking it: only
+/// crashes count (a retry is a new message), so this is generous.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Back-off for transient failures: the n-th retry waits `RETRY_DELAYS[n]`.
+/// After the last one the lead is recorded as failed.
+pub const RETRY_DELAYS: &[Duration] = &[
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(600),
+];
+
+/// Header carrying how many retries a message has been through.
+pub const ATTEMPT_HEADER: &str = "x-leadconv-attempt";
+
+/// Queue and exchange names under one prefix (`leadconv` by default), so
+/// that several installations, or tests, share a broker without touching
+/// each other's queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Topology {
+        Topology { prefix: prefix.into() }
+    }
+
+    pub fn convert_exchange(&self) -> String {
+        format!("{}.convert", self.prefix)
+    }
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn work_queue(&self, lane: Lane) -> String {
+        format!("{}.{}", self.prefix, lane.as_str())
+    }
+    pub fn retry_queue(&self, level: usize) -> String {
+        format!("{}.retry.{}", self.prefix, level + 1)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// Routing key of a first delivery, and of the n-th retry.
+    pub fn routing_key(lane: Lane, retry: Option<usize>) -> String {
+        match retry {
+            None => format!("{}.lead", lane.as_str()),
+            Some(level) => format!("{}.r{}", lane.as_str(), level + 1),
+        }
+    }
+
+    /// Every queue with its arguments, as declared (and as the broker
+    /// definitions file must state them).
+    pub fn queues(&self) -> Vec<(String, FieldTable)> {
+        let mut out = Vec::new();
+        for lane in [Lane::Workflow, Lane::Bulk] {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+            out.push((self.work_queue(lane), args));
+        }
+        for (level, delay) in RETRY_DELAYS.iter().enumerate() {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.convert_exchange().into()));
+            out.push((self.retry_queue(level), args));
+        }
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        out.push((self.dead_queue(), args));
+        out
+    }
+
+    /// Declares exchanges, queues and bindings. Idempotent.
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(&self.convert_exchange(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        ch.exchange_declare(&self.retry_exchange(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        ch.exchange_declare(&self.dead_exchange(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
+        for (name, args) in self.queues() {
+            ch.queue_declare(&name, QueueDeclareOptions { durable: true, ..Default::default() }, args).await?;
+        }
+        let bind = |q: String, x: String, key: String| async move {
+            ch.queue_bind(&q, &x, &key, QueueBindOptions::default(), FieldTable::default()).await
+        };
+        for lane in [Lane::Workflow, Lane::Bulk] {
+            bind(self.work_queue(lane), self.convert_exchange(), format!("{}.#", lane.as_str())).await?;
+        }
+        for level in 0..RETRY_DELAYS.len() {
+            bind(self.retry_queue(level), self.retry_exchange(), format!("*.r{}", level + 1)).await?;
+        }
+        bind(self.dead_queue(), self.dead_exchange(), String::new()).await?;
+        Ok(())
+    }
+
+    /// Removes everything `declare` made (tests clean up with it).
+    pub async fn delete(&self, ch: &Channel) -> lapin::Result<()> {
+        for (name, _) in self.queues() {
+            ch.queue_delete(&name, QueueDeleteOptions::default()).await?;
+        }
+        for x in [self.convert_exchange(), self.retry_exchange(), self.dead_exchange()] {
+            ch.exchange_delete(&x, ExchangeDeleteOptions::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Messages ready in `queue` (not counting those handed to consumers).
+    pub async fn depth(&self, ch: &Channel, queue: &str) -> lapin::Result<u32> {
+        let q = ch
+            .queue_declare(
+                queue,
+                QueueDeclareOptions { passive: true, durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.message_count())
+    }
+}
+
+/// Properties of every leadconv message: persistent JSON.
+pub fn properties(attempt: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongUInt(attempt));
+    BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()).with_headers(headers)
+}
+
+/// The retry count a delivery carries (0 on its first way through).
+pub fn attempt_of(props: &BasicProperties) -> u32 {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(ATTEMPT_HEADER))
+        .and_then(|v| match v {
+            AMQPValue::LongUInt(n) => Some(*n),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Connects to RabbitMQ.
+pub async fn connect(url: &str) -> lapin::Result<lapin::Connection> {
+    let props = lapin::ConnectionProperties::default().with_connection_name("leadconv".into());
+    lapin::Connection::connect(url, props).await
+}

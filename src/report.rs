@@ -1,0 +1,209 @@
+//! What the command line shows of jobs: status with rate and ETA, result
+//! exports, dry-run plans.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::TryStreamExt;
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::convert::{LeadResult, RESULT_COLUMNS};
+use crate::error::{ErrorCode, Refusal};
+use crate::job::{self, Job};
+use crate::plan::{Plan, Verdict};
+
+/// A job with what a person watching it wants to know.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    #[serde(flatten)]
+    pub job: Job,
+    pub pending_count: i32,
+    /// Leads finished per second since the job started.
+    pub rate_per_sec: Option<f64>,
+    /// Seconds until the pending leads are done at that rate.
+    pub eta_secs: Option<f64>,
+}
+
+impl Progress {
+    pub fn of(job: Job) -> Progress {
+        let done = f64::from(job.total_count - job.pending_count());
+        let pending = job.pending_count();
+        let rate = job.started_at.map(|s| {
+            let end = job.finished_at.unwrap_or_else(Utc::now);
+            let secs = (end - s).num_milliseconds().max(1) as f64 / 1000.0;
+            done / secs
+        });
+        let eta = match rate {
+            _ if pending == 0 => Some(0.0),
+            Some(r) if r > 0.0 => Some(f64::from(pending) / r),
+            _ => None,
+        };
+        Progress { pending_count: pending, rate_per_sec: rate, eta_secs: eta, job }
+    }
+
+    pub fn line(&self) -> String {
+        let j = &self.job;
+        let rate = self.rate_per_sec.map_or("-".into(), |r| format!("{r:.1}/s"));
+        let eta = self.eta_secs.map_or("-".into(), |e| format!("{e:.0}s"));
+        format!(
+            "job {} {} ({}): total {}, converted {} (merged {}), skipped {}, failed {}, pending {}; rate {rate}, eta {eta}",
+            j.id, j.status, j.trigger, j.total_count, j.converted_count, j.merged_count, j.skipped_count, j.failed_count, self.pending_count
+        )
+    }
+}
+
+async fn load(pool: &PgPool, id: Uuid) -> anyhow::Result<Job> {
+    job::get(pool, id)
+        .await?
+        .ok_or_else(|| Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into())
+}
+
+/// `leadconv status`.
+pub async fn status(pool: &PgPool, id: Uuid, json: bool, watch: bool) -> anyhow::Result<()> {
+    let job = load(pool, id).await?;
+    if !watch {
+        let p = Progress::of(job);
+        if json {
+            println!("{}", serde_json::to_string(&p)?);
+        } else {
+            println!("{}", p.line());
+        }
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(job.total_count.max(0) as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("a valid template"));
+    loop {
+        let job = load(pool, id).await?;
+        let p = Progress::of(job);
+        bar.set_position((p.job.total_count - p.pending_count).max(0) as u64);
+        bar.set_message(format!(
+            "{} · converted {} (merged {}) · skipped {} · failed {} · {} · eta {}",
+            p.job.status,
+            p.job.converted_count,
+            p.job.merged_count,
+            p.job.skipped_count,
+            p.job.failed_count,
+            p.rate_per_sec.map_or("-".into(), |r| format!("{r:.1}/s")),
+            p.eta_secs.map_or("-".into(), |e| format!("{e:.0}s")),
+        ));
+        if p.job.is_finished() {
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Jsonl,
+    Csv,
+}
+
+/// `leadconv results`: streamed from Postgres, so a million rows never sit
+/// in memory.
+pub async fn results(pool: &PgPool, id: Uuid, outcome: Option<&str>, format: Format) -> anyhow::Result<()> {
+    load(pool, id).await?;
+    let sql = format!(
+        "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND ($2::text IS NULL OR outcome = $2) ORDER BY lead_id"
+    );
+    let mut rows = sqlx::query_as::<_, LeadResult>(&sql).bind(id).bind(outcome).fetch(pool);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match format {
+        Format::Jsonl => {
+            while let Some(r) = rows.try_next().await? {
+                serde_json::to_writer(&mut out, &r)?;
+                writeln!(out)?;
+            }
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            while let Some(r) = rows.try_next().await? {
+                w.serialize(&r)?;
+            }
+            w.flush()?;
+            return Ok(());
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// One line of a human-readable dry run.
+pub fn plan_line(p: &Plan) -> String {
+    match &p.verdict {
+        Verdict::Skipped { code, message } => format!("lead {}: skip ({code}): {message}", p.lead_id),
+        Verdict::Failed { code, message } => format!("lead {}: FAIL ({code}): {message}", p.lead_id),
+        Verdict::Convert(c) => {
+            let target = |t: &crate::plan::Target, what: &str| match (&t.id, &t.matched_by) {
+                (Some(id), Some(rule)) => format!(
+                    "{what} {} {id} by {}{}",
+                    serde_json::to_value(t.action).map(|v| v.as_str().unwrap_or("").to_owned()).unwrap_or_default(),
+                    serde_json::to_value(rule).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default(),
+                    if t.writable { "" } else { " (read-only)" }
+                ),
+                _ => format!("new {what}"),
+            };
+            let mut parts = vec![target(&c.contact, "contact")];
+            parts.push(c.account.as_ref().map_or("no account".into(), |a| target(a, "account")));
+            if let Some(d) = &c.deal {
+                let mark = if d.is_repeat {
+                    ", repeat"
+                } else if d.is_repeat_inquiry {
+                    ", repeat inquiry"
+                } else {
+                    ""
+                };
+                parts.push(format!("deal {:?} closing {} at {}{mark}", d.deal_name, d.closing_date, d.stage));
+            }
+            format!("lead {}: {}", p.lead_id, parts.join("; "))
+        }
+    }
+}
+
+/// Counts of a dry run by what would happen.
+#[derive(Debug, Default)]
+pub struct PlanSummary(BTreeMap<String, u64>);
+
+impl PlanSummary {
+    pub fn add(&mut self, p: &Plan) {
+        let key = match &p.verdict {
+            Verdict::Convert(c) if c.contact.id.is_some() => "merge".to_owned(),
+            Verdict::Convert(_) => "create".to_owned(),
+            Verdict::Skipped { code, .. } => format!("skip {code}"),
+            Verdict::Failed { code, .. } => format!("fail {code}"),
+        };
+        *self.0.entry(key).or_default() += 1;
+    }
+}
+
+impl std::fmt::Display for PlanSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Lead results summed by action, for the demo and the benchmark.
+pub fn actions(results: &[LeadResult]) -> BTreeMap<String, usize> {
+    let mut actions: BTreeMap<String, usize> = BTreeMap::new();
+    for r in results {
+        for (kind, a) in [("contact", &r.contact_action), ("account", &r.account_action), ("deal", &r.deal_action)] {
+            if let Some(a) = a {
+                *actions.entry(format!("{kind} {a}")).or_default() += 1;
+            }
+        }
+        if let Some(code) = &r.error_code {
+            *actions.entry(format!("{} {code}", r.outcome)).or_default() += 1;
+        }
+    }
+    actions
+}

@@ -1,0 +1,66 @@
+//! `leadconv serve`: the HTTP API, plus the background loops a running
+//! installation needs from a long-lived process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::enqueue::Enqueuer;
+use crate::queue::Topology;
+
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub amqp_url: String,
+    pub topology: Topology,
+}
+
+/// Serves until `stop` is cancelled; in-flight requests are finished.
+pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    let metrics = crate::metrics::install();
+    let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
+    let app = api::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics });
+    // Rule relay and scheduler: every replica runs both; the database
+    // (SKIP LOCKED claims) keeps their work from being done twice.
+    let background = [
+        tokio::spawn(crate::rules::run_relay(enqueuer.clone(), stop.clone())),
+        tokio::spawn(crate::schedule::run_scheduler(enqueuer.clone(), stop.clone())),
+    ];
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    // Printed so that scripts and tests binding port 0 learn the address.
+    println!("listening on http://{}", listener.local_addr()?);
+    let token = stop.clone();
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await;
+    stop.cancel();
+    for task in background {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "background loop failed"),
+            Err(e) => tracing::error!(error = %e, "background loop panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    served?;
+    Ok(())
+}
+
+/// A `/metrics` and `/healthz` listener for processes without the API
+/// (`leadconv worker --metrics ADDR`).
+pub async fn metrics_only(listen: SocketAddr, stop: CancellationToken) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let handle = crate::metrics::install();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let h = handle.clone();
+                async move { h.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+    Ok(())
+}

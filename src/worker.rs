@@ -1,0 +1,385 @@
+//! The worker: consumes lead messages and converts each lead.
+//!
+//! Every message is acknowledged only after its conversion committed (or
+//! its permanent failure was recorded), so a worker killed at any point
+//! loses nothing: RabbitMQ hands the unacknowledged message to the next
+//! worker, and the conversion's own guard makes a second delivery a no-op.
+//! Transient failures go through the TTL retry queues with growing delays;
+//! unreadable messages are parked in the dead-letter queue.
+//!
+//! Besides consuming, each worker runs the maintenance that keeps jobs
+//! moving: it publishes the outbox of jobs whose producer died, and rolls
+//! job counters up into `conversion_jobs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::FieldTable;
+use lapin::Channel;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::convert;
+use crate::error::{Error, ErrorCode};
+use crate::job;
+use crate::options::Settings;
+use crate::producer;
+use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Bulk conversions in flight at once (the bulk queue's prefetch).
+    pub concurrency: u16,
+    /// Workflow conversions in flight at once, on top of the bulk ones.
+    pub workflow_concurrency: u16,
+    /// Leave when there is nothing left to do (scripts, tests).
+    pub exit_when_idle: bool,
+    /// How long a publisher lease lasts without renewal.
+    pub lease: Duration,
+    /// How often maintenance (outbox sweep, counter rollup, idle check) runs.
+    pub tick: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(amqp_url: impl Into<String>, topology: Topology) -> WorkerConfig {
+        WorkerConfig {
+            amqp_url: amqp_url.into(),
+            topology,
+            concurrency: 8,
+            workflow_concurrency: 2,
+            exit_when_idle: false,
+            lease: Duration::from_secs(30),
+            tick: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Runs until `stop` is cancelled (or, with `exit_when_idle`, until no work
+/// is left), reconnecting to RabbitMQ with back-off whenever the connection
+/// is lost.
+pub async fn run(pool: PgPool, cfg: WorkerConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    let cache = Arc::new(SettingsCache::default());
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&pool, &cfg, &stop, &cache).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "worker session ended; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// One connection's life. `Ok` means stop for good; `Err` means reconnect.
+async fn session(
+    pool: &PgPool,
+    cfg: &WorkerConfig,
+    stop: &CancellationToken,
+    cache: &Arc<SettingsCache>,
+) -> anyhow::Result<()> {
+    let conn = queue::connect(&cfg.amqp_url).await?;
+    let publisher = conn.create_channel().await?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    cfg.topology.declare(&publisher).await?;
+    let sweeper_channel = conn.create_channel().await?;
+    // Queue depths are read on a channel of their own: a failed passive
+    // declare closes its channel, which must not be one that acks.
+    let probe = conn.create_channel().await?;
+    sweeper_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+
+    let mut consumers = Vec::new();
+    let mut channels = Vec::new();
+    // Each lane prefetches twice what it converts at once, so a slot that
+    // frees up finds its next message already here instead of waiting a
+    // round trip to the broker; the semaphores bound the conversions.
+    let slots = |n: u16| Arc::new(tokio::sync::Semaphore::new(usize::from(n.max(1))));
+    let (workflow_slots, bulk_slots) = (slots(cfg.workflow_concurrency), slots(cfg.concurrency));
+    for (lane, prefetch) in [(Lane::Workflow, cfg.workflow_concurrency), (Lane::Bulk, cfg.concurrency)] {
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(prefetch.max(1).saturating_mul(2), BasicQosOptions::default()).await?;
+        let tag = format!("leadconv-{}-{}", lane.as_str(), Uuid::new_v4().simple());
+        let consumer = ch
+            .basic_consume(&cfg.topology.work_queue(lane), &tag, BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        consumers.push(consumer.map(move |d| (lane, d)));
+        channels.push((ch, tag));
+    }
+    let mut deliveries = futures::stream::select_all(consumers);
+    tracing::info!(queue_prefix = %cfg.topology.prefix, concurrency = cfg.concurrency, "worker consuming");
+
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    let mut tick = tokio::time::interval(cfg.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeper: Option<tokio::task::JoinHandle<()>> = None;
+    let mut idle_ticks = 0;
+    let mut seen_since_tick = false;
+
+    let outcome: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            next = deliveries.next() => match next {
+                Some((lane, Ok(delivery))) => {
+                    seen_since_tick = true;
+                    let ctx = Handler { pool: pool.clone(), publisher: publisher.clone(), topology: cfg.topology.clone(), cache: cache.clone(), lane };
+                    let counter = in_flight.clone();
+                    let lane_slots = if lane == Lane::Workflow { workflow_slots.clone() } else { bulk_slots.clone() };
+                    metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_add(1, Ordering::SeqCst) + 1) as f64);
+                    tasks.spawn(async move {
+                        let _slot = lane_slots.acquire_owned().await.expect("the semaphore is never closed");
+                        ctx.handle(delivery).await;
+                        metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_sub(1, Ordering::SeqCst) - 1) as f64);
+                    });
+                }
+                Some((_, Err(e))) => break Err(e.into()),
+                None => break Err(anyhow::anyhow!("RabbitMQ closed the consumers")),
+            },
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a conversion task panicked; its message will be redelivered");
+                }
+            }
+            _ = tick.tick() => {
+                if cfg.exit_when_idle {
+                    let idle = !seen_since_tick && in_flight.load(Ordering::SeqCst) == 0
+                        && sweeper.as_ref().is_none_or(|h| h.is_finished())
+                        && nothing_left(pool, &probe, &cfg.topology).await.unwrap_or(false);
+                    idle_ticks = if idle { idle_ticks + 1 } else { 0 };
+                    if idle_ticks >= 2 {
+                        tracing::info!("no work left; exiting");
+                        break Ok(());
+                    }
+                }
+                // Maintenance runs beside consumption, one round at a time.
+                if sweeper.as_ref().is_none_or(|h| h.is_finished()) {
+                    let (pool, ch, topology, lease) = (pool.clone(), sweeper_channel.clone(), cfg.topology.clone(), cfg.lease);
+                    sweeper = Some(tokio::spawn(async move { maintenance(&pool, &ch, &topology, lease).await }));
+                }
+                seen_since_tick = false;
+            }
+        }
+    };
+
+    // Stop taking messages, finish those in flight, then leave: whatever
+    // was prefetched but not started goes back to the queue on close.
+    for (ch, tag) in &channels {
+        let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+    }
+    while tasks.join_next().await.is_some() {}
+    if let Some(h) = sweeper {
+        h.abort();
+    }
+    if outcome.is_ok() {
+        rollup_active(pool).await.ok();
+        // Channels first, then the connection: closing a connection with
+        // channels still open makes lapin log spurious errors.
+        for ch in channels.iter().map(|(ch, _)| ch).chain([&publisher, &sweeper_channel, &probe]) {
+            let _ = ch.close(200, "bye").await;
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    outcome
+}
+
+/// True when no queue holds a message for this installation, no job waits
+/// to be published, and nothing is in flight.
+async fn nothing_left(pool: &PgPool, ch: &Channel, topology: &Topology) -> anyhow::Result<bool> {
+    let mut queues = vec![topology.work_queue(Lane::Workflow), topology.work_queue(Lane::Bulk)];
+    queues.extend((0..RETRY_DELAYS.len()).map(|l| topology.retry_queue(l)));
+    for q in queues {
+        if topology.depth(ch, &q).await? > 0 {
+            return Ok(false);
+        }
+    }
+    let unpublished: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM conversion_jobs WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress'))",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(!unpublished)
+}
+
+/// One round of maintenance: publish the outbox of an orphaned job, roll
+/// counters up.
+async fn maintenance(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Duration) {
+    match producer::claim_orphan(pool, lease).await {
+        Ok(Some((job_id, lane))) => {
+            tracing::info!(%job_id, "publishing the rest of a job whose publisher stopped");
+            if let Err(e) = producer::publish_job(pool, ch, topology, job_id, lane, lease, producer::BATCH).await {
+                tracing::warn!(%job_id, error = %e, "outbox sweep failed; will try again");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
+    }
+    if let Err(e) = rollup_active(pool).await {
+        tracing::warn!(error = %e, "counter rollup failed");
+    }
+    if let Err(e) = crate::metrics::refresh_gauges(pool, Some((ch, topology))).await {
+        tracing::debug!(error = %e, "gauge refresh failed");
+    }
+}
+
+/// Moves counter shards into their jobs' rows. Jobs are taken with SKIP
+/// LOCKED so several workers never queue on the same job row.
+async fn rollup_active(pool: &PgPool) -> sqlx::Result<()> {
+    let jobs: Vec<Uuid> =
+        sqlx::query_scalar("SELECT DISTINCT job_id FROM conversion_job_counters").fetch_all(pool).await?;
+    for id in jobs {
+        job::rollup(pool, id).await?;
+    }
+    Ok(())
+}
+
+/// Job settings, read once per job and worker rather than per lead.
+#[derive(Default)]
+struct SettingsCache {
+    jobs: Mutex<HashMap<Uuid, (Instant, Arc<Settings>)>>,
+}
+
+/// How long cached settings are trusted (custom field mappings may change).
+const SETTINGS_TTL: Duration = Duration::from_secs(60);
+
+impl SettingsCache {
+    /// `Ok(None)`: the job does not exist (deleted).
+    async fn get(&self, pool: &PgPool, job_id: Uuid) -> Result<Option<Arc<Settings>>, Error> {
+        if let Some((at, s)) = self.jobs.lock().expect("cache lock").get(&job_id) {
+            if at.elapsed() < SETTINGS_TTL {
+                return Ok(Some(s.clone()));
+            }
+        }
+        let Some(job) = job::get(pool, job_id).await? else { return Ok(None) };
+        let settings = Arc::new(job::settings(pool, &job).await?);
+        let mut jobs = self.jobs.lock().expect("cache lock");
+        jobs.retain(|_, (at, _)| at.elapsed() < SETTINGS_TTL);
+        jobs.insert(job_id, (Instant::now(), settings.clone()));
+        Ok(Some(settings))
+    }
+}
+
+struct Handler {
+    pool: PgPool,
+    publisher: Channel,
+    topology: Topology,
+    cache: Arc<SettingsCache>,
+    lane: Lane,
+}
+
+impl Handler {
+    async fn handle(&self, delivery: Delivery) {
+        let msg: LeadMessage = match serde_json::from_slice(&delivery.data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, bytes = delivery.data.len(), "unreadable message; parking it in the dead-letter queue");
+                metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                return;
+            }
+        };
+        let attempt = queue::attempt_of(&delivery.properties);
+        let (job_id, lead_id) = (msg.job_id, msg.lead_id);
+        let outcome = match self.cache.get(&self.pool, job_id).await {
+            Ok(None) => {
+                tracing::warn!(%job_id, lead_id, "message for a job that no longer exists; dropping it");
+                Ok(())
+            }
+            Ok(Some(settings)) => convert::convert_lead(&self.pool, job_id, &settings, lead_id).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => self.ack(&delivery).await,
+            Err(Error::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
+            Err(Error::Refused(r)) if r.field == "lead_id" => {
+                // The lead is not part of the job: a stray message.
+                tracing::warn!(%job_id, lead_id, reason = %r, "dropping message");
+                self.ack(&delivery).await;
+            }
+            Err(Error::Refused(r)) => {
+                // The job's settings no longer validate (say, the acting
+                // user was deactivated): the lead fails with that reason.
+                self.fail(delivery, msg, r.code, &r.to_string()).await;
+            }
+            Err(Error::Database(e)) => {
+                tracing::error!(%job_id, lead_id, error = %e, "conversion failed with a database error");
+                self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            // The channel is gone: RabbitMQ redelivers, and the recorded
+            // result makes the second delivery a no-op.
+            tracing::warn!(error = %e, "ack failed; the message will come back and be recognised as done");
+        }
+    }
+
+    /// Sends the message around again through the next delay queue, or
+    /// records the lead as failed when the delays are used up.
+    async fn retry(&self, delivery: Delivery, msg: LeadMessage, attempt: u32, reason: &str) {
+        let level = attempt as usize;
+        if level >= RETRY_DELAYS.len() {
+            return self.fail(delivery, msg, ErrorCode::RetriesExhausted, reason).await;
+        }
+        tracing::info!(job_id = %msg.job_id, lead_id = msg.lead_id, attempt = attempt + 1, delay = ?RETRY_DELAYS[level], reason, "retrying later");
+        let key = Topology::routing_key(self.lane, Some(level));
+        let published = async {
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    &self.topology.retry_exchange(),
+                    &key,
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    queue::properties(attempt + 1),
+                )
+                .await?
+                .await?;
+            Ok::<_, lapin::Error>(matches!(confirm, Confirmation::Ack(_)))
+        }
+        .await;
+        match published {
+            Ok(true) => {
+                metrics::counter!(crate::metrics::RETRIES).increment(1);
+                self.ack(&delivery).await
+            }
+            _ => {
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            }
+        }
+    }
+
+    /// Records a permanent failure; if even that cannot be written, parks
+    /// the message in the dead-letter queue rather than lose it.
+    async fn fail(&self, delivery: Delivery, msg: LeadMessage, code: ErrorCode, reason: &str) {
+        match convert::record_failure(&self.pool, msg.job_id, msg.lead_id, code, reason).await {
+            Ok(()) => self.ack(&delivery).await,
+            Err(e) => {
+                tracing::error!(job_id = %msg.job_id, lead_id = msg.lead_id, error = %e, "could not record the failure; dead-lettering the message");
+                metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The HTTP API through a real HTTP client against `leadconv serve` as a
+//! process: every jobs/leads endpoint's success and 4xx cases, hostile
+//! input, the OpenAPI document against the routes, and /metrics.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::broker::{amqp_url, wait_for, TestBroker};
+use common::server::{free_port, serve, Server};
+use common::*;
+use leadconv::queue::Lane;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Fields drop in order: the server stops before its database goes.
+struct Api {
+    server: Server,
+    crm: Crm,
+    broker: TestBroker,
+    http: reqwest::Client,
+    token: String,
+    rep: i64,
+}
+
+impl Api {
+    async fn new() -> Api {
+        let crm = Crm::new().await;
+        let broker = TestBroker::new().await;
+        let server = serve(&crm.db, &broker).await;
+        let rep = crm.user("Rep", json!({})).await;
+        let token = leadconv::auth::create_token(crm.pool(), rep, "test").await.unwrap();
+        Api { server, crm, broker, http: reqwest::Client::new(), token, rep }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.base)
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn raw(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn leads(&self, n: usize) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(self.crm.lead(json!({"owner_id": self.rep, "last_name": format!("L{i}"), "email": format!("l{i}@example.com"), "company": "Acme"})).await);
+        }
+        ids
+    }
+
+    async fn jobs(&self) -> i64 {
+        self.crm.count("SELECT count(*) FROM conversion_jobs").await
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+#[tokio::test]
+async fn probes_document_and_authentication() {
+    let api = Api::new().await;
+    let plain = |p: &str| api.http.get(api.url(p)).send();
+    assert_eq!(plain("/healthz").await.unwrap().status(), StatusCode::OK);
+    let ready = plain("/readyz").await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(ready.json::<Value>().await.unwrap(), json!({"postgres": true, "rabbitmq": true}));
+    assert_eq!(plain("/openapi.json").await.unwrap().json::<Value>().await.unwrap()["openapi"], "3.0.3");
+
+    // Missing, malformed and unknown tokens: 401; a user who may not convert: 403.
+    let r = plain("/v1/jobs").await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(code(&r.json().await.unwrap()), "unauthorized");
+    let r = api.http.get(api.url("/v1/jobs")).header("authorization", "Basic abc").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = api.http.get(api.url("/v1/jobs")).bearer_auth("lcv_not-a-token").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let viewer = api.crm.user("Viewer", json!({"can_convert": false})).await;
+    let viewer_token = leadconv::auth::create_token(api.crm.pool(), viewer, "v").await.unwrap();
+    let r = api.http.get(api.url("/v1/jobs")).bearer_auth(&viewer_token).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(code(&r.json().await.unwrap()), "forbidden");
+    // Tokens are stored hashed, never in clear.
+    assert_eq!(
+        api.crm
+            .count(&format!("SELECT count(*) FROM api_tokens WHERE token_hash::text LIKE '%{}%'", &api.token[4..12]))
+            .await,
+        0
+    );
+    assert_eq!(api.crm.count("SELECT count(*) FROM api_tokens WHERE length(token_hash) = 32").await, 2);
+    // Unknown routes and methods answer JSON 4xx.
+    let (s, v) = api.get("/v1/nothing").await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, v) = api.call(reqwest::Method::DELETE, "/v1/jobs", None).await;
+    assert_eq!((s, code(&v)), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+}
+
+#[tokio::test]
+async fn create_read_list_results_cancel_a_job() {
+    let api = Api::new().await;
+    let leads = api.leads(3).await;
+
+    // Dry run: the plan, nothing written.
+    let (s, plan) =
+        api.post("/v1/jobs?dry_run=true", json!({"criteria": {"ids": leads}, "options": with_deal()})).await;
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    assert_eq!(plan["total_count"], 3);
+    // Each lead is planned against the database as it is now.
+    assert_eq!(plan["plans"][1]["account"]["action"], "created", "{plan}");
+    assert_eq!(plan["summary"], "create 3");
+    assert_eq!(api.jobs().await, 0);
+
+    let (s, created) = api.post("/v1/jobs", json!({"criteria": {"ids": leads}, "options": with_deal()})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(created["total_count"], 3);
+    let id = created["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(api.broker.depth(&api.broker.topology.work_queue(Lane::Bulk)).await, 3);
+
+    let (s, job) = api.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(
+        (s, job["status"].as_str(), job["trigger"].as_str(), job["pending_count"].as_i64()),
+        (StatusCode::OK, Some("scheduled"), Some("api"), Some(3))
+    );
+
+    let (s, list) = api.get("/v1/jobs?status=scheduled&trigger=api&limit=10").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["jobs"][0]["id"], id.as_str());
+    let (_, empty) = api.get("/v1/jobs?status=completed").await;
+    assert_eq!(empty["jobs"], json!([]));
+    let (_, paged) = api.get("/v1/jobs?limit=1&offset=1").await;
+    assert_eq!(paged["jobs"], json!([]));
+
+    let (s, page) = api.get(&format!("/v1/jobs/{id}/results?limit=2")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(page["results"].as_array().unwrap().len(), 2);
+    let after = page["next_after"].as_i64().unwrap();
+    let (_, rest) = api.get(&format!("/v1/jobs/{id}/results?limit=2&after={after}")).await;
+    assert_eq!(rest["results"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["next_after"], Value::Null);
+
+    let (s, cancelled) = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(
+        (s, cancelled["status"].as_str(), cancelled["skipped_count"].as_i64()),
+        (StatusCode::OK, Some("cancelled"), Some(3))
+    );
+    let (s, again) = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!((s, code(&again)), (StatusCode::CONFLICT, "job_finished"));
+
+    // 4xx on ids and queries.
+    let unknown = "00000000-0000-0000-0000-000000000000";
+    for path in [format!("/v1/jobs/{unknown}"), format!("/v1/jobs/{unknown}/results")] {
+        let (s, v) = api.get(&path).await;
+        assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "job_not_found"), "{path}");
+    }
+    let (s, v) = api.post(&format!("/v1/jobs/{unknown}/cancel"), json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "job_not_found"));
+    for path in ["/v1/jobs/not-a-uuid", "/v1/jobs/1/results"] {
+        let (s, v) = api.get(path).await;
+        assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_id"), "{path}");
+    }
+    for path in [
+        "/v1/jobs?status=done",
+        "/v1/jobs?limit=-1",
+        "/v1/jobs?limit=100000",
+        "/v1/jobs?limit=abc",
+        "/v1/jobs?colour=red",
+    ] {
+        let (s, v) = api.get(path).await;
+        assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_query"), "{path}");
+    }
+    let (s, v) = api.get(&format!("/v1/jobs/{id}/results?outcome=won")).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_query"));
+}
+
+#[tokio::test]
+async fn malformed_and_hostile_input_gets_4xx_and_changes_nothing() {
+    let api = Api::new().await;
+    let leads = api.leads(2).await;
+    let before = (api.jobs().await, api.crm.count("SELECT count(*) FROM leads").await);
+    let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
+        (b"{not json".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        (vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'], StatusCode::BAD_REQUEST, "invalid_json"),
+        (br#"{"criteria": {"ids": [1]}, "colour": "red"}"#.to_vec(), StatusCode::BAD_REQUEST, "invalid_body"),
+        (br#"{"criteria": {"ids": [1]}, "trigger": 5}"#.to_vec(), StatusCode::BAD_REQUEST, "invalid_body"),
+        (br#"{"options": {}}"#.to_vec(), StatusCode::BAD_REQUEST, "invalid_body"),
+        (br#"{"criteria": {}}"#.to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_criteria"),
+        (
+            br#"{"criteria": {"field": "annual_revenue", "op": "gt", "value": 1e400}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_criteria",
+        ),
+        (
+            br#"{"criteria": {"ids": [99999999999999999999999]}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_criteria",
+        ),
+        (
+            br#"{"criteria": {"field": "no_of_employees", "op": "gt", "value": 1.5}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_criteria",
+        ),
+        (
+            br#"{"criteria": {"field": "city; DROP TABLE leads", "op": "eq", "value": "x"}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_criteria",
+        ),
+        (
+            br#"{"criteria": {"all_leads": true}, "options": {"deal": {"amount": "lots"}}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_option",
+        ),
+        (
+            br#"{"criteria": {"all_leads": true}, "options": {"owner_id": 18446744073709551616}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_option",
+        ),
+        (
+            format!("{{\"criteria\": {}{}}}", "{\"all\": [".repeat(20), "]}".repeat(20)).into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_criteria",
+        ),
+        (
+            format!("{{\"criteria\": {}{}}}", "{\"all\": [".repeat(5000), "]}".repeat(5000)).into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            format!("{{\"criteria\": {{\"ids\": [{}1]}}}}", "1, ".repeat(3_000_000)).into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+    ];
+    for (body, status, expected) in cases {
+        let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+        let (s, v) = api.raw("/v1/jobs", body).await;
+        assert_eq!((s, code(&v)), (status, expected), "{shown}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // The refusal names the field.
+    let (_, v) =
+        api.post("/v1/jobs", json!({"criteria": {"any": [{"field": "city", "op": "like", "value": "x"}]}})).await;
+    assert_eq!(v["error"]["field"], "criteria.any[0].op");
+    let (_, v) = api.post("/v1/jobs", json!({"criteria": {"all_leads": true}, "options": {"create_deal": true, "deal": {"closing_date": "+1m", "stage": "Won"}}})).await;
+    assert_eq!((code(&v), v["error"]["field"].as_str()), ("stage_not_in_pipeline", Some("deal.stage")));
+    // SQL in values is data: the job simply matches nothing.
+    let (s, v) = api
+        .post("/v1/jobs", json!({"criteria": {"field": "lead_source", "op": "eq", "value": "'; DROP TABLE leads; --"}}))
+        .await;
+    assert_eq!((s, v["total_count"].as_i64()), (StatusCode::ACCEPTED, Some(0)));
+    assert_eq!(api.crm.count("SELECT count(*) FROM leads").await, before.1, "leads intact");
+    assert_eq!(api.jobs().await, before.0 + 1, "only the harmless job was written");
+    assert_eq!(api.crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await, 0);
+    assert_eq!(leads.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_one_lead_now() {
+    let api = Api::new().await;
+    let leads = api.leads(2).await;
+    let existing = api.crm.contact(json!({"owner_id": api.rep, "last_name": "Old", "email": "l1@example.com"})).await;
+
+    // Without a worker the answer is 202 with the job after the timeout.
+    let (s, pending) = api.post(&format!("/v1/leads/{}/convert", leads[0]), json!({"timeout_ms": 0})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{pending}");
+    assert_eq!(
+        api.broker.depth(&api.broker.topology.work_queue(Lane::Workflow)).await,
+        1,
+        "it went to the workflow lane"
+    );
+
+    let mut cfg = leadconv::worker::WorkerConfig::new(amqp_url(), api.broker.topology.clone());
+    cfg.tick = Duration::from_millis(100);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w = tokio::spawn(leadconv::worker::run(api.crm.pool().clone(), cfg, stop.clone()));
+    wait_for("the pending job completes", Duration::from_secs(30), || async {
+        api.crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await == 1
+    })
+    .await;
+
+    let (s, r) = api
+        .post(&format!("/v1/leads/{}/convert", leads[1]), json!({"options": with_deal(), "timeout_ms": 10000}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["outcome"].as_str(), r["contact_action"].as_str(), r["contact_id"].as_i64()),
+        (Some("converted"), Some("merged"), Some(existing))
+    );
+    assert_eq!(r["is_repeat"], true);
+    assert!(r["deal_id"].is_i64());
+
+    let (s, v) = api.post(&format!("/v1/leads/{}/convert", leads[1]), json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_converted"));
+    let (s, v) = api.post("/v1/leads/999999/convert", json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "lead_not_found"));
+    let (s, v) = api.post("/v1/leads/abc/convert", json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_id"));
+    let third = api.leads(1).await[0];
+    let (s, v) = api.post(&format!("/v1/leads/{third}/convert"), json!({"options": {"create_deal": true}})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "missing_mandatory_field"));
+    let (s, v) = api.post(&format!("/v1/leads/{third}/convert"), json!({"timeout": 5})).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_body"));
+    stop.cancel();
+    w.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let api = Api::new().await;
+    let doc: Value = serde_json::from_str(leadconv::api::OPENAPI).unwrap();
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let served: BTreeSet<(String, String)> =
+        leadconv::api::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(documented, served, "every documented route is served and every served route documented");
+    // And the server really routes each one (no fallback "not_found"/405).
+    for (method, path) in &served {
+        let concrete = path
+            .replace("{job_id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{lead_id}", "1")
+            .replace("{rule_id}", "1")
+            .replace("{schedule_id}", "1");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let (s, v) = api.call(m, &concrete, if method == "POST" { Some(json!({})) } else { None }).await;
+        assert!(
+            s != StatusCode::METHOD_NOT_ALLOWED && code(&v) != "not_found",
+            "{method} {path} is not routed: {s} {v}"
+        );
+    }
+}
+
+/// Parses Prometheus text and sums a counter's samples whose labels match.
+fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_count_what_the_job_did() {
+    let api = Api::new().await;
+    let rep = api.rep;
+    api.crm.contact(json!({"owner_id": rep, "last_name": "Old", "email": "l0@example.com"})).await;
+    let leads = api.leads(6).await;
+    let converted_elsewhere = leads[5];
+    let (_, created) = api.post("/v1/jobs", json!({"criteria": {"ids": leads}, "options": with_deal()})).await;
+    let id = created["job_id"].as_str().unwrap().to_owned();
+    // One lead is converted by another job meanwhile: it will be skipped.
+    api.crm.convert(rep, json!({}), converted_elsewhere).await;
+
+    let port = free_port();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv"))
+        .args(["worker", "--metrics", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", api.crm.url())
+        .env("AMQP_URL", amqp_url())
+        .env("LEADCONV_QUEUE_PREFIX", api.broker.prefix())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let scrape_url = format!("http://127.0.0.1:{port}/metrics");
+    wait_for("the job completes", Duration::from_secs(60), || async {
+        api.get(&format!("/v1/jobs/{id}")).await.1["status"] == "completed"
+    })
+    .await;
+    let text = api.http.get(&scrape_url).send().await.unwrap().text().await.unwrap();
+    let (_, job) = api.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(
+        sum(&text, "leadconv_conversions_total", &[("outcome", "converted")]),
+        job["converted_count"].as_f64().unwrap()
+    );
+    assert_eq!(
+        sum(&text, "leadconv_conversions_total", &[("outcome", "skipped")]),
+        job["skipped_count"].as_f64().unwrap()
+    );
+    assert_eq!(
+        sum(&text, "leadconv_conversions_total", &[("contact_action", "merged")]),
+        job["merged_count"].as_f64().unwrap()
+    );
+    assert_eq!(sum(&text, "leadconv_conversion_failures_total", &[("code", "already_converted")]), 1.0);
+    assert_eq!(
+        sum(&text, "leadconv_conversion_duration_seconds_count", &[]),
+        6.0,
+        "a real histogram, one sample per lead"
+    );
+    assert!(text.contains("leadconv_conversion_duration_seconds_bucket{le=\"0.005\"}"));
+    assert!(text.contains("# TYPE leadconv_conversions_total counter"));
+    assert!(!text.contains(&id), "no per-job labels");
+    drop(out);
+
+    // The API's own /metrics parses too, with the jobs by status.
+    let served = api.http.get(api.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(sum(&served, "leadconv_jobs", &[("status", "completed")]), 2.0);
+    assert_eq!(sum(&served, "leadconv_leads_enqueued_total", &[]), 6.0);
+}

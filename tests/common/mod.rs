@@ -1,0 +1,226 @@
+//! Test helpers: a fresh, migrated database per test, and a small CRM
+//! vocabulary (users, leads, contacts, accounts) to set up cases briefly.
+#![allow(dead_code)]
+
+pub mod broker;
+pub mod proxy;
+pub mod server;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use leadconv::convert::{self, LeadResult};
+use leadconv::job::{self, Trigger};
+use leadconv::record::Record;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::types::Json;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+/// The server's maintenance database; tests create their own next to it.
+pub fn admin_url() -> String {
+    std::env::var("LEADCONV_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn url_for(db: &str) -> String {
+    let admin = admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{db}")
+}
+
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A database migrated once per test binary, copied for every test: copying
+/// a template is much faster than running the migrations again.
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let mut admin =
+                PgConnection::connect(&admin_url()).await.expect("connect to Postgres (is it running? see README)");
+            drop_leftovers(&mut admin).await;
+            let name = format!("leadconv_t_{}_template", std::process::id());
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await.unwrap();
+            create(&mut admin, &name, "template0").await;
+            let pool = PgPoolOptions::new().max_connections(1).connect(&url_for(&name)).await.unwrap();
+            leadconv::db::migrate(&pool).await.expect("migrations run");
+            pool.close().await;
+            name
+        })
+        .await
+}
+
+async fn create(admin: &mut PgConnection, name: &str, template: &str) {
+    // C.UTF-8 so that lower() folds Polish, Vietnamese and Turkish letters
+    // whatever the server's default locale is.
+    sqlx::query(&format!(
+        "CREATE DATABASE {name} TEMPLATE {template} ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
+    ))
+    .execute(admin)
+    .await
+    .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+}
+
+/// Databases left by test processes that are gone (a panicking test cannot
+/// drop its database in every case).
+async fn drop_leftovers(admin: &mut PgConnection) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'leadconv\\_t\\_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap();
+    for name in names {
+        let pid = name.trim_start_matches("leadconv_t_").split('_').next().unwrap_or("");
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut *admin).await;
+        }
+    }
+}
+
+/// A test's own database, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        Self::with_connections(10).await
+    }
+
+    pub async fn with_connections(n: u32) -> TestDb {
+        let template = template().await;
+        let name = format!("leadconv_t_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        create(&mut admin, &name, template).await;
+        let pool = PgPoolOptions::new().max_connections(n).connect(&url_for(&name)).await.unwrap();
+        TestDb { name, pool }
+    }
+
+    pub fn url(&self) -> String {
+        url_for(&self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async; a thread with its own runtime does the
+        // async work. FORCE ends the pool's connections.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// Users, records and conversions in a test database.
+pub struct Crm {
+    pub db: TestDb,
+}
+
+impl std::ops::Deref for Crm {
+    type Target = TestDb;
+    fn deref(&self) -> &TestDb {
+        &self.db
+    }
+}
+
+impl Crm {
+    pub async fn new() -> Crm {
+        Crm { db: TestDb::new().await }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    /// A user who may convert (override with `can_convert`, `active`,
+    /// `is_admin`, `manager_id` in `extra`).
+    pub async fn user(&self, name: &str, extra: Value) -> i64 {
+        let mut v = json!({"name": name, "active": true, "can_convert": true, "is_admin": false});
+        merge(&mut v, extra);
+        self.insert("users", v).await
+    }
+
+    /// Inserts any row from JSON; returns its id.
+    pub async fn insert(&self, table: &str, values: Value) -> i64 {
+        let obj = values.as_object().expect("an object");
+        let cols: Vec<&str> = obj.keys().map(String::as_str).collect();
+        let list = cols.join(", ");
+        sqlx::query_scalar(&format!(
+            "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_record(NULL::{table}, $1) RETURNING id"
+        ))
+        .bind(Json(&values))
+        .fetch_one(self.pool())
+        .await
+        .unwrap_or_else(|e| panic!("insert into {table}: {e}"))
+    }
+
+    pub async fn lead(&self, values: Value) -> i64 {
+        self.insert("leads", values).await
+    }
+
+    pub async fn contact(&self, values: Value) -> i64 {
+        self.insert("contacts", values).await
+    }
+
+    pub async fn account(&self, values: Value) -> i64 {
+        self.insert("accounts", values).await
+    }
+
+    /// A row as JSON, `None` when it does not exist.
+    pub async fn row(&self, table: &str, id: i64) -> Option<Record> {
+        sqlx::query_scalar::<_, Json<Record>>(&format!("SELECT to_jsonb(t) FROM {table} t WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .unwrap()
+            .map(|j| j.0)
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.pool()).await.unwrap()
+    }
+
+    /// Creates a job over `leads` and converts them one after another.
+    pub async fn convert_all(&self, acting: i64, options: Value, leads: &[i64]) -> (Uuid, Vec<LeadResult>) {
+        let job_id =
+            job::create_for_leads(self.pool(), acting, Trigger::Manual, &options, leads).await.expect("job accepted");
+        let job = job::get(self.pool(), job_id).await.unwrap().unwrap();
+        let settings = job::settings(self.pool(), &job).await.unwrap();
+        let mut out = Vec::new();
+        for &l in leads {
+            out.push(convert::convert_lead(self.pool(), job_id, &settings, l).await.expect("conversion runs"));
+        }
+        // Bring conversion_jobs' own columns up to date, as a worker does.
+        job::rollup(self.pool(), job_id).await.unwrap();
+        (job_id, out)
+    }
+
+    /// Converts one lead in a job of its own.
+    pub async fn convert(&self, acting: i64, options: Value, lead: i64) -> LeadResult {
+        self.convert_all(acting, options, &[lead]).await.1.remove(0)
+    }
+}
+
+/// Shallow merge of JSON objects.
+pub fn merge(base: &mut Value, extra: Value) {
+    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
+        for (k, v) in e {
+            b.insert(k, v);
+        }
+    }
+}
+
+/// Options asking for a deal with the mandatory fields.
+pub fn with_deal() -> Value {
+    json!({"create_deal": true, "deal": {"closing_date": "2026-12-31", "stage": "Qualification"}})
+}

@@ -1,0 +1,243 @@
+//! Bulk jobs through the real RabbitMQ (issue 3): producer, worker pool,
+//! exact progress, dead letters, the workflow lane, cancellation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::broker::{wait_for, TestBroker};
+use common::*;
+use leadconv::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::queue::{Lane, LeadMessage};
+use leadconv::seed::{self, SeedSpec};
+use leadconv::{producer, worker};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Checks, creates and publishes a job, as `leadconv enqueue` does.
+async fn enqueue(
+    crm: &Crm,
+    broker: &TestBroker,
+    criteria: Value,
+    options: Value,
+    acting: i64,
+    trigger: Trigger,
+) -> Uuid {
+    let checked = job::check(crm.pool(), NewJob { criteria, options, requested_by: acting, trigger }).await.unwrap();
+    let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease: LEASE }).await.unwrap();
+    producer::publish_job(
+        crm.pool(),
+        &broker.channel,
+        &broker.topology,
+        created.id,
+        Lane::for_trigger(trigger.as_str()),
+        LEASE,
+        producer::BATCH,
+    )
+    .await
+    .unwrap();
+    created.id
+}
+
+fn start_worker(
+    crm: &Crm,
+    broker: &TestBroker,
+    concurrency: u16,
+    exit_when_idle: bool,
+) -> (JoinHandle<()>, CancellationToken) {
+    let mut cfg = worker::WorkerConfig::new(common::broker::amqp_url(), broker.topology.clone());
+    cfg.concurrency = concurrency;
+    cfg.exit_when_idle = exit_when_idle;
+    cfg.tick = Duration::from_millis(100);
+    let stop = CancellationToken::new();
+    let (pool, token) = (crm.pool().clone(), stop.clone());
+    (tokio::spawn(async move { worker::run(pool, cfg, token).await.expect("worker runs") }), stop)
+}
+
+async fn job_status(crm: &Crm, id: Uuid) -> job::Job {
+    job::get(crm.pool(), id).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_leads_with_duplicates_complete_with_exact_counts() {
+    let crm = Crm { db: TestDb::with_connections(16).await };
+    let broker = TestBroker::new().await;
+    let seeded = seed::seed(crm.pool(), &SeedSpec { leads: 10_000, duplicates: 0.4, rng_seed: 7 }).await.unwrap();
+    let email_dups = crm
+        .count(
+            "SELECT count(*) FROM leads l WHERE EXISTS (SELECT 1 FROM contacts c WHERE leadconv_norm_email(c.email) = leadconv_norm_email(l.email))
+                OR EXISTS (SELECT 1 FROM leads o WHERE o.id < l.id AND leadconv_norm_email(o.email) = leadconv_norm_email(l.email))",
+        )
+        .await;
+    assert!(email_dups >= 2_000, "at least 20% of leads share an e-mail: {email_dups}");
+    let contacts_before = crm.count("SELECT count(*) FROM contacts").await;
+    let accounts_before = crm.count("SELECT count(*) FROM accounts").await;
+
+    let job_id =
+        enqueue(&crm, &broker, json!({"all_leads": true}), with_deal(), seeded.acting_user, Trigger::Schedule).await;
+    assert_eq!(job_status(&crm, job_id).await.total_count, 10_000);
+    let (w, _stop) = start_worker(&crm, &broker, 8, true);
+    tokio::time::timeout(Duration::from_secs(600), w).await.expect("the job drains").unwrap();
+    job::rollup(crm.pool(), job_id).await.unwrap();
+
+    // The stored row itself (not only the exact view) is complete and exact.
+    let (status, total, converted, merged, skipped, failed): (String, i32, i32, i32, i32, i32) = sqlx::query_as(
+        "SELECT status, total_count, converted_count, merged_count, skipped_count, failed_count FROM conversion_jobs WHERE id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(crm.pool())
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), total, converted, skipped, failed), ("completed", 10_000, 10_000, 0, 0));
+    let merged_results = crm.count("SELECT count(*) FROM conversion_results WHERE contact_action = 'merged'").await;
+    assert_eq!(i64::from(merged), merged_results);
+    assert!(merged_results >= 2_000);
+
+    // Results, leads and CRM tables agree.
+    assert_eq!(crm.count("SELECT count(*) FROM leads WHERE converted_at IS NULL").await, 0);
+    assert_eq!(
+        crm.count(
+            "SELECT count(*) FROM conversion_results r JOIN leads l ON l.id = r.lead_id
+             WHERE l.converted_contact_id IS DISTINCT FROM r.contact_id OR l.converted_deal_id IS DISTINCT FROM r.deal_id
+                OR l.converted_account_id IS DISTINCT FROM r.account_id"
+        )
+        .await,
+        0
+    );
+    let created_contacts = crm.count("SELECT count(*) FROM conversion_results WHERE contact_action = 'created'").await;
+    let created_accounts = crm.count("SELECT count(*) FROM conversion_results WHERE account_action = 'created'").await;
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, contacts_before + created_contacts);
+    assert_eq!(crm.count("SELECT count(*) FROM accounts").await, accounts_before + created_accounts);
+    assert_eq!(crm.count("SELECT count(*) FROM deals WHERE deal_name <> '' AND stage = 'Qualification'").await, 10_000);
+    // No duplicates were created.
+    assert_eq!(
+        crm.count("SELECT count(*) FROM (SELECT 1 FROM contacts GROUP BY leadconv_norm_email(email) HAVING count(*) > 1 AND leadconv_norm_email(email) IS NOT NULL) d").await,
+        0
+    );
+    assert_eq!(
+        crm.count("SELECT count(*) FROM (SELECT 1 FROM accounts GROUP BY leadconv_norm_company(account_name) HAVING count(*) > 1) d").await,
+        0
+    );
+    assert_eq!(broker.depth(&broker.topology.dead_queue()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_twice_converts_once() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let lead = crm
+        .lead(json!({"owner_id": rep, "last_name": "Twice", "email": "twice@example.com", "company": "Twice Co"}))
+        .await;
+    let job_id = enqueue(&crm, &broker, json!({"ids": [lead]}), with_deal(), rep, Trigger::Manual).await;
+    // The same message again, as RabbitMQ would redeliver it.
+    let body = serde_json::to_vec(&LeadMessage { job_id, lead_id: lead }).unwrap();
+    broker.publish_raw(Lane::Bulk, &body).await;
+    assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Bulk)).await, 2);
+
+    let (w, _stop) = start_worker(&crm, &broker, 2, true);
+    tokio::time::timeout(Duration::from_secs(60), w).await.unwrap().unwrap();
+    let j = job_status(&crm, job_id).await;
+    assert_eq!((j.total_count, j.converted_count, j.skipped_count, j.failed_count), (1, 1, 0, 0));
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 1);
+    assert_eq!(crm.count("SELECT count(*) FROM deals").await, 1);
+    assert_eq!(crm.count("SELECT attempts::bigint FROM conversion_results").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_is_dead_lettered_and_the_worker_goes_on() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    broker.publish_raw(Lane::Bulk, b"this is not json {").await;
+    broker.publish_raw(Lane::Bulk, br#"{"job_id": "not-a-uuid", "lead_id": 1}"#).await;
+    let leads = [
+        crm.lead(json!({"owner_id": rep, "last_name": "After", "email": "a@example.com"})).await,
+        crm.lead(json!({"owner_id": rep, "last_name": "Poison", "email": "b@example.com"})).await,
+    ];
+    let job_id = enqueue(&crm, &broker, json!({"ids": leads}), json!({}), rep, Trigger::Manual).await;
+
+    let (w, _stop) = start_worker(&crm, &broker, 2, true);
+    tokio::time::timeout(Duration::from_secs(60), w).await.unwrap().unwrap();
+    assert_eq!(job_status(&crm, job_id).await.converted_count, 2, "the worker converted past the bad messages");
+    assert_eq!(broker.depth(&broker.topology.dead_queue()).await, 2, "both bad messages are parked");
+    assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Bulk)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workflow_lead_is_converted_before_a_bulk_backlog_drains() {
+    let crm = Crm { db: TestDb::with_connections(12).await };
+    let broker = TestBroker::new().await;
+    let seeded = seed::seed(crm.pool(), &SeedSpec { leads: 50_000, duplicates: 0.0, rng_seed: 3 }).await.unwrap();
+    let bulk =
+        enqueue(&crm, &broker, json!({"all_leads": true}), json!({}), seeded.acting_user, Trigger::Schedule).await;
+    assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Bulk)).await, 50_000);
+    // One more lead, fired by a workflow rule after the backlog was queued.
+    let rep = crm.user("Rep", json!({})).await;
+    let urgent = crm.lead(json!({"owner_id": rep, "last_name": "Urgent", "email": "urgent@example.com"})).await;
+    let flow = enqueue(&crm, &broker, json!({"ids": [urgent]}), json!({}), rep, Trigger::Workflow).await;
+
+    let (w, stop) = start_worker(&crm, &broker, 8, false);
+    wait_for("the workflow job completes", Duration::from_secs(120), || async {
+        job_status(&crm, flow).await.status == "completed"
+    })
+    .await;
+    let backlog = job_status(&crm, bulk).await;
+    assert!(backlog.pending_count() > 40_000, "the backlog is still there: {} pending", backlog.pending_count());
+    let converted_before: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversion_results b WHERE b.job_id = $1 AND b.outcome <> 'pending'
+           AND b.finished_at < (SELECT finished_at FROM conversion_results WHERE job_id = $2)",
+    )
+    .bind(bulk)
+    .bind(flow)
+    .fetch_one(crm.pool())
+    .await
+    .unwrap();
+    assert!(
+        converted_before < 5_000,
+        "the workflow lead did not wait for the backlog ({converted_before} bulk leads before it)"
+    );
+    stop.cancel();
+    w.await.unwrap();
+    job::cancel(crm.pool(), bulk).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_mid_job_stops_conversion_and_counts_add_up() {
+    let crm = Crm { db: TestDb::with_connections(12).await };
+    let broker = TestBroker::new().await;
+    let seeded = seed::seed(crm.pool(), &SeedSpec { leads: 3_000, duplicates: 0.2, rng_seed: 5 }).await.unwrap();
+    let job_id =
+        enqueue(&crm, &broker, json!({"all_leads": true}), with_deal(), seeded.acting_user, Trigger::Manual).await;
+    let (w, _stop) = start_worker(&crm, &broker, 4, true);
+    wait_for("some leads are converted", Duration::from_secs(120), || async {
+        job_status(&crm, job_id).await.converted_count >= 200
+    })
+    .await;
+
+    let cancelled = job::cancel(crm.pool(), job_id).await.unwrap();
+    let converted_at_cancel = crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await;
+    assert_eq!(cancelled.status, "cancelled");
+    assert!(cancelled.skipped_count > 0, "pending leads were skipped");
+
+    // The worker drains the remaining messages without converting them.
+    tokio::time::timeout(Duration::from_secs(300), w).await.unwrap().unwrap();
+    let after = job_status(&crm, job_id).await;
+    assert_eq!(crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await, converted_at_cancel);
+    assert_eq!(after.status, "cancelled");
+    assert_eq!(i64::from(after.converted_count), converted_at_cancel);
+    assert_eq!(after.converted_count + after.skipped_count + after.failed_count, after.total_count);
+    assert_eq!(
+        i64::from(after.skipped_count),
+        crm.count("SELECT count(*) FROM conversion_results WHERE outcome = 'skipped' AND error_code = 'cancelled'")
+            .await
+    );
+    assert_eq!(crm.count("SELECT count(*) FROM conversion_results WHERE outcome = 'pending'").await, 0);
+    // Cancelling twice is refused, with a reason.
+    let again = job::cancel(crm.pool(), job_id).await.unwrap_err();
+    assert!(matches!(again, leadconv::Error::Refused(r) if r.code == leadconv::ErrorCode::JobFinished));
+}
