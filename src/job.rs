@@ -193,7 +193,12 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
 
 async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     let mut tx = pool.begin().await?;
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR UPDATE")
+    // FOR NO KEY UPDATE, not FOR UPDATE: a conversion in flight that counts
+    // itself inserts a counter shard, whose foreign key takes FOR KEY SHARE
+    // on this row. FOR UPDATE would make it wait on us while we wait on its
+    // result row below: a deadlock.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR NO KEY UPDATE")
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;

@@ -41,7 +41,7 @@ pub async fn claim_orphan(pool: &PgPool, lease: Duration) -> sqlx::Result<Option
          WHERE id = (SELECT id FROM conversion_jobs
                      WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress')
                        AND (publisher_lease_until IS NULL OR publisher_lease_until < now())
-                     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     ORDER BY created_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED)
          RETURNING id, trigger",
     )
     .bind(lease.as_secs_f64())

@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use leadconv::convert;
@@ -190,4 +191,64 @@ async fn concurrent_conversions_create_no_duplicates_and_convert_each_lead_once(
         .unwrap();
         assert_eq!(j.merged_count as i64, merged);
     }
+}
+
+/// A conversion in flight holds its result row, then counts itself (a new
+/// counter shard, whose foreign key share-locks the job row). `cancel` locks
+/// the job row, then waits for that result row. The two locks must not form a
+/// cycle: the conversion commits and the cancel goes through, neither chosen
+/// as a deadlock victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_while_a_conversion_counts_itself_does_not_deadlock() {
+    let crm = Crm { db: TestDb::with_connections(6).await };
+    let boss = crm.user("Boss", json!({"is_admin": true})).await;
+    let mut leads = Vec::new();
+    for i in 0..5 {
+        leads.push(crm.lead(json!({"owner_id": boss, "last_name": format!("L{i}")})).await);
+    }
+    let job_id = job::create_for_leads(crm.pool(), boss, Trigger::Manual, &json!({}), &leads).await.unwrap();
+
+    // The conversion in flight, as `convert` runs it: the result row first.
+    let mut conversion = crm.pool().begin().await.unwrap();
+    // This session looks for deadlocks long before `cancel`'s session does,
+    // so if there is a cycle, the conversion is the victim and fails below.
+    sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *conversion).await.unwrap();
+    sqlx::query("SELECT 1 FROM conversion_results WHERE job_id = $1 AND lead_id = $2 FOR UPDATE")
+        .bind(job_id)
+        .bind(leads[0])
+        .execute(&mut *conversion)
+        .await
+        .unwrap();
+
+    let pool = crm.pool().clone();
+    let cancel = tokio::spawn(async move { job::cancel(&pool, job_id).await });
+    common::broker::wait_for("cancel waits for the result row", Duration::from_secs(30), || async {
+        crm.count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'UPDATE conversion_results%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    sqlx::query(
+        "UPDATE conversion_results SET outcome = 'failed', error_code = 'internal_error', finished_at = now()
+         WHERE job_id = $1 AND lead_id = $2",
+    )
+    .bind(job_id)
+    .bind(leads[0])
+    .execute(&mut *conversion)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO conversion_job_counters (job_id, shard, failed) VALUES ($1, 0, 1)")
+        .bind(job_id)
+        .execute(&mut *conversion)
+        .await
+        .expect("the conversion counts itself while cancel waits, without being a deadlock victim");
+    conversion.commit().await.unwrap();
+
+    let cancelled = tokio::time::timeout(Duration::from_secs(30), cancel).await.unwrap().unwrap().unwrap();
+    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!((cancelled.failed_count, cancelled.skipped_count, cancelled.total_count), (1, 4, 5));
 }
