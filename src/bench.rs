@@ -2,10 +2,13 @@
 //! same conversions run directly against Postgres with the same
 //! parallelism and no queue.
 //!
-//! Both runs use their own freshly seeded leads of the same shape in a
-//! database of their own (`<database>_bench`), so neither warms the other's
-//! matches. The queue run spawns the real `leadconv enqueue` and `leadconv
-//! worker` processes, so their peak memory is measured as deployed.
+//! Each run gets a database of its own, created afresh
+//! (`<database>_bench_direct`, `<database>_bench_queue`), seeded with leads
+//! of the same shape, analyzed and checkpointed before its clock starts: the
+//! second run must not pay for the first one's dead rows, autovacuum or
+//! dirty pages, nor match against its contacts. The queue run spawns the
+//! real `leadconv enqueue` and `leadconv worker` processes, so their peak
+//! memory is measured as deployed.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -67,40 +70,49 @@ impl RunReport {
     }
 }
 
-fn bench_url(database_url: &str) -> anyhow::Result<String> {
+fn bench_url(database_url: &str, run: &str) -> anyhow::Result<String> {
     let options: PgConnectOptions = database_url.parse()?;
     let db = options.get_database().unwrap_or("leadconv");
     let (base, _) = database_url.split_once('?').unwrap_or((database_url, ""));
     let prefix = base.rsplit_once('/').map(|(p, _)| p).unwrap_or(base);
-    Ok(format!("{prefix}/{db}_bench"))
+    Ok(format!("{prefix}/{db}_bench_{run}"))
 }
 
-pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
-    let url = bench_url(database_url)?;
-    // A fresh database each time: figures do not depend on earlier runs.
-    {
-        use sqlx::{ConnectOptions, Connection};
-        let options: PgConnectOptions = url.parse()?;
-        let name = options.get_database().expect("a database name").to_owned();
-        let mut admin = options.clone().database("postgres").connect().await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await?;
-        admin.close().await?;
-    }
+/// Drops and recreates the run's database, migrated: figures never depend
+/// on earlier runs.
+async fn fresh_database(database_url: &str, run: &str, args: &BenchArgs) -> anyhow::Result<(String, PgPool)> {
+    use sqlx::{ConnectOptions, Connection};
+    let url = bench_url(database_url, run)?;
+    let options: PgConnectOptions = url.parse()?;
+    let name = options.get_database().expect("a database name").to_owned();
+    let mut admin = options.clone().database("postgres").connect().await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await?;
+    admin.close().await?;
     db::create_database_if_missing(&url).await?;
     let pool = db::connect(&url, u32::from(args.workers) + 4).await?;
     db::migrate(&pool).await?;
+    Ok((url, pool))
+}
+
+pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
     println!(
-        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; database {url}",
+        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; databases {}, {}",
         args.leads,
         args.duplicates * 100.0,
-        args.workers
+        args.workers,
+        bench_url(database_url, "direct")?,
+        bench_url(database_url, "queue")?,
     );
 
     let mut reports = Vec::new();
     if !args.skip_direct {
+        let (_, pool) = fresh_database(database_url, "direct", args).await?;
         reports.push(direct(&pool, args).await?);
+        pool.close().await;
     }
+    let (url, pool) = fresh_database(database_url, "queue", args).await?;
     reports.push(through_queue(&pool, &url, amqp_url, args).await?);
+    pool.close().await;
 
     println!();
     println!("| run | leads | wall | leads/s | conversion p50 | p99 | enqueue→commit p50 | p99 | peak RSS |");
@@ -131,7 +143,6 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
             100.0 * queue.per_sec() / direct.per_sec()
         );
     }
-    pool.close().await;
     Ok(())
 }
 
@@ -142,6 +153,12 @@ async fn seed_run(pool: &PgPool, args: &BenchArgs, rng_seed: u64) -> anyhow::Res
     // them the first run plans its lookups for empty tables and the
     // comparison measures the planner, not the queue.
     sqlx::query("ANALYZE").execute(pool).await?;
+    // Dirty pages of the seeding (or of the other run) are written now, not
+    // by a checkpoint in the middle of the timed run. Needs superuser; a
+    // run without it is merely noisier.
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
+        println!("(no CHECKPOINT before the run: {e})");
+    }
     println!("seeded {} leads in {:.1?}", seeded.lead_ids.len(), t.elapsed());
     let (first, last) = (seeded.lead_ids[0], *seeded.lead_ids.last().expect("leads"));
     Ok((seeded, json!({"field": "id", "op": "between", "value": [first, last]})))
@@ -269,6 +286,8 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     if let Ok(conn) = crate::queue::connect(amqp_url).await {
         if let Ok(ch) = conn.create_channel().await {
             let _ = Topology::new(prefix).delete(&ch).await;
+            // The channel before the connection, or lapin logs an error.
+            let _ = ch.close(200, "bye").await;
         }
         let _ = conn.close(200, "bye").await;
     }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
@@ -51,12 +51,24 @@ const LOCAL_TRIES: u32 = 5;
 /// same lead (a redelivered message): a lead whose result is recorded is not
 /// touched, and its recorded result is returned.
 pub async fn convert_lead(pool: &PgPool, job_id: Uuid, settings: &Settings, lead_id: i64) -> Result<LeadResult, Error> {
+    convert_enqueued(pool, job_id, settings, lead_id, None).await
+}
+
+/// [`convert_lead`] for a lead that waited in a queue since `enqueued_at`,
+/// which is recorded with its result (the enqueue→commit latency).
+pub async fn convert_enqueued(
+    pool: &PgPool,
+    job_id: Uuid,
+    settings: &Settings,
+    lead_id: i64,
+    enqueued_at: Option<DateTime<Utc>>,
+) -> Result<LeadResult, Error> {
     let span = tracing::info_span!("convert", %job_id, lead_id);
     async move {
         let mut tries = 0;
         loop {
             tries += 1;
-            match try_convert(pool, job_id, settings, lead_id, tries).await {
+            match try_convert(pool, job_id, settings, lead_id, tries, enqueued_at).await {
                 Ok(r) => {
                     tracing::debug!(outcome = %r.outcome, "lead done");
                     return Ok(r);
@@ -105,7 +117,7 @@ async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u3
         return Err(not_in_job(job_id, lead_id));
     };
     let (r, fresh) = match status {
-        Pending::Yes => (finish(&mut tx, job_id, lead_id, f, tries, None).await?, true),
+        Pending::Yes => (finish(&mut tx, job_id, lead_id, f, tries, None, None).await?, true),
         Pending::No(r) => (*r, false),
     };
     tx.commit().await?;
@@ -147,6 +159,7 @@ async fn try_convert(
     settings: &Settings,
     lead_id: i64,
     tries: u32,
+    enqueued_at: Option<DateTime<Utc>>,
 ) -> Result<LeadResult, Error> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
@@ -172,7 +185,7 @@ async fn try_convert(
             Verdict::Failed { code, message } => Finish::failed(*code, message.clone()),
         }
     };
-    let result = finish(&mut tx, job_id, lead_id, &finish_with, tries, Some(started)).await?;
+    let result = finish(&mut tx, job_id, lead_id, &finish_with, tries, Some(started), enqueued_at).await?;
     tx.commit().await?;
     crate::metrics::record_result(&result, started.elapsed());
     Ok(result)
@@ -244,13 +257,15 @@ async fn finish(
     f: &Finish,
     tries: u32,
     started: Option<std::time::Instant>,
+    enqueued_at: Option<DateTime<Utc>>,
 ) -> sqlx::Result<LeadResult> {
     let converted = f.ids.contact_id != 0;
     let duration_ms = started.map(|s| i32::try_from(s.elapsed().as_millis()).unwrap_or(i32::MAX));
     let result: LeadResult = sqlx::query_as(&format!(
         "UPDATE conversion_results SET outcome = $3, contact_action = $4, account_action = $5, deal_action = $6,
                 contact_id = $7, account_id = $8, deal_id = $9, is_repeat = $10, error_code = $11,
-                error_message = $12, attempts = attempts + $13, duration_ms = $14, finished_at = now()
+                error_message = $12, attempts = attempts + $13, duration_ms = $14,
+                enqueued_at = coalesce($15, enqueued_at), finished_at = now()
          WHERE job_id = $1 AND lead_id = $2 AND outcome = 'pending'
          RETURNING {RESULT_COLUMNS}"
     ))
@@ -268,6 +283,7 @@ async fn finish(
     .bind(f.error.as_ref().map(|(_, m)| m.as_str()))
     .bind(i32::try_from(tries).unwrap_or(i32::MAX))
     .bind(duration_ms)
+    .bind(enqueued_at)
     .fetch_one(&mut *conn)
     .await?;
     let n = |b: bool| i32::from(b);

@@ -1,12 +1,13 @@
 //! Publishing a job's leads to RabbitMQ: the outbox relay.
 //!
-//! A job's `pending` result rows without `enqueued_at` are its outbox.
-//! Whoever holds the job's publisher lease (the `enqueue` command that
-//! created it, or later any worker's sweeper once the lease has run out)
-//! publishes them in batches: every message of a batch is sent before any
-//! confirm is awaited (pipelined), and the batch is marked `enqueued_at`
-//! only once RabbitMQ confirmed all of it. A publisher killed half-way
-//! leaves unmarked rows that the next lease holder sends again; a message
+//! A job's `pending` result rows above its watermark `published_through`
+//! are its outbox. Whoever holds the job's publisher lease (the `enqueue`
+//! command that created it, or later any worker's sweeper once the lease has
+//! run out) publishes them in lead id order, in batches: every message of a
+//! batch is sent before any confirm is awaited (pipelined), and the
+//! watermark moves to the batch's last lead only once RabbitMQ confirmed all
+//! of it. A publisher killed half-way leaves the watermark at its last
+//! confirmed batch, and the next lease holder sends the rest again; a message
 //! sent twice is harmless, since a lead is converted at most once.
 
 use std::time::Duration;
@@ -64,13 +65,17 @@ pub async fn publish_job(
 ) -> Result<u64, PublishError> {
     let exchange = topology.convert_exchange();
     let key = Topology::routing_key(lane, None);
-    let mut after: i64 = 0;
+    let mut after: i64 = sqlx::query_scalar("SELECT published_through FROM conversion_jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(i64::MAX);
     let mut published = 0u64;
     loop {
         // Keyset pages: memory stays at one batch whatever the job's size.
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT lead_id FROM conversion_results
-             WHERE job_id = $1 AND outcome = 'pending' AND enqueued_at IS NULL AND lead_id > $2
+             WHERE job_id = $1 AND outcome = 'pending' AND lead_id > $2
              ORDER BY lead_id LIMIT $3",
         )
         .bind(job_id)
@@ -79,9 +84,10 @@ pub async fn publish_job(
         .fetch_all(pool)
         .await?;
         let Some(&last) = ids.last() else { break };
+        let enqueued_at = Some(chrono::Utc::now());
         let mut confirms = Vec::with_capacity(ids.len());
         for &lead_id in &ids {
-            let body = serde_json::to_vec(&LeadMessage { job_id, lead_id }).expect("a message serialises");
+            let body = serde_json::to_vec(&LeadMessage { job_id, lead_id, enqueued_at }).expect("a message serialises");
             confirms.push(
                 ch.basic_publish(&exchange, &key, BasicPublishOptions::default(), &body, queue::properties(0)).await?,
             );
@@ -91,31 +97,17 @@ pub async fn publish_job(
                 return Err(PublishError::Nacked(job_id));
             }
         }
-        // Rows a worker holds are being converted, so their message is
-        // plainly out: SKIP LOCKED marks the others without queueing behind
-        // conversions (which would also risk deadlocks with them).
+        // Confirmed: move the watermark and renew the lease, which keeps
+        // sweepers away while this publisher lives. If it stalls past the
+        // lease, a sweeper publishes the rest too, which costs duplicates,
+        // never lost or doubled conversions.
         sqlx::query(
-            // One index probe per lead (LATERAL), then a TID scan: the cost
-            // is the batch's, whatever the job's size. (A plain IN over the
-            // ids may be planned as a scan of the whole job.)
-            "UPDATE conversion_results SET enqueued_at = now()
-             WHERE ctid = ANY(ARRAY(
-                 SELECT r.ctid FROM unnest($2::bigint[]) AS u(lead_id),
-                 LATERAL (SELECT ctid FROM conversion_results
-                          WHERE job_id = $1 AND lead_id = u.lead_id AND enqueued_at IS NULL AND outcome = 'pending'
-                          FOR UPDATE SKIP LOCKED) r))",
+            "UPDATE conversion_jobs SET published_through = greatest(published_through, $2),
+                    publisher_lease_until = now() + make_interval(secs => $3)
+             WHERE id = $1",
         )
         .bind(job_id)
-        .bind(&ids)
-        .execute(pool)
-        .await?;
-        // Renewing the lease keeps sweepers away while this publisher lives;
-        // if it stalls past the lease, a sweeper publishes the rest too,
-        // which costs duplicates, never lost or doubled conversions.
-        sqlx::query(
-            "UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $2) WHERE id = $1",
-        )
-        .bind(job_id)
+        .bind(last)
         .bind(lease.as_secs_f64())
         .execute(pool)
         .await?;

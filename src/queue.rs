@@ -31,6 +31,10 @@ use uuid::Uuid;
 pub struct LeadMessage {
     pub job_id: Uuid,
     pub lead_id: i64,
+    /// When the producer published it: the start of the enqueue→commit
+    /// latency, recorded with the result. Absent in hand-made messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueued_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Which work queue a job's messages go to.

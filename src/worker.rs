@@ -304,7 +304,9 @@ impl Handler {
                 tracing::warn!(%job_id, lead_id, "message for a job that no longer exists; dropping it");
                 Ok(())
             }
-            Ok(Some(settings)) => convert::convert_lead(&self.pool, job_id, &settings, lead_id).await.map(|_| ()),
+            Ok(Some(settings)) => {
+                convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at).await.map(|_| ())
+            }
             Err(e) => Err(e),
         };
         match outcome {

@@ -140,12 +140,16 @@ async fn a_producer_killed_mid_publish_leaves_an_outbox_that_a_worker_publishes(
         .unwrap();
     let mut out = BufReader::new(producer.stdout.take().unwrap()).lines();
     let job_id: Uuid = out.next_line().await.unwrap().unwrap().trim().parse().unwrap();
+    // The watermark: every lead up to it is confirmed by RabbitMQ.
     let enqueued = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(enqueued_at) FROM conversion_results WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_one(crm.pool())
-            .await
-            .unwrap()
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM conversion_results r JOIN conversion_jobs j ON j.id = r.job_id
+             WHERE r.job_id = $1 AND r.lead_id <= j.published_through",
+        )
+        .bind(job_id)
+        .fetch_one(crm.pool())
+        .await
+        .unwrap()
     };
     wait_for("the producer publishes a few batches", Duration::from_secs(60), || async { enqueued().await >= 200 })
         .await;

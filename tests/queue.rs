@@ -123,6 +123,18 @@ async fn ten_thousand_leads_with_duplicates_complete_with_exact_counts() {
         0
     );
     assert_eq!(broker.depth(&broker.topology.dead_queue()).await, 0);
+    // Every result carries when its message was published, before the
+    // commit: the enqueue→commit latency.
+    assert_eq!(
+        crm.count("SELECT count(*) FROM conversion_results WHERE enqueued_at IS NOT NULL AND enqueued_at <= finished_at")
+            .await,
+        10_000
+    );
+    // The outbox watermark reached the last lead.
+    assert_eq!(
+        crm.count("SELECT published_through FROM conversion_jobs").await,
+        crm.count("SELECT max(lead_id) FROM conversion_results").await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +147,7 @@ async fn a_message_delivered_twice_converts_once() {
         .await;
     let job_id = enqueue(&crm, &broker, json!({"ids": [lead]}), with_deal(), rep, Trigger::Manual).await;
     // The same message again, as RabbitMQ would redeliver it.
-    let body = serde_json::to_vec(&LeadMessage { job_id, lead_id: lead }).unwrap();
+    let body = serde_json::to_vec(&LeadMessage { job_id, lead_id: lead, enqueued_at: None }).unwrap();
     broker.publish_raw(Lane::Bulk, &body).await;
     assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Bulk)).await, 2);
 
