@@ -17,6 +17,7 @@ pub enum ErrorCode {
     Cancelled,
     ConstraintViolation,
     RetriesExhausted,
+    PoisonMessage,
     InternalError,
     // Refusals of a job, discovered before anything is written.
     StageNotInPipeline,
@@ -50,6 +51,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::ConstraintViolation => "constraint_violation",
             ErrorCode::RetriesExhausted => "retries_exhausted",
+            ErrorCode::PoisonMessage => "poison_message",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::StageNotInPipeline => "stage_not_in_pipeline",
             ErrorCode::UnknownPipeline => "unknown_pipeline",
@@ -84,6 +86,9 @@ impl ErrorCode {
             ErrorCode::Cancelled => "the job was cancelled before this lead was converted",
             ErrorCode::ConstraintViolation => "the database refused a write; nothing of this lead was changed",
             ErrorCode::RetriesExhausted => "a transient error (database or broker unreachable) outlasted every retry",
+            ErrorCode::PoisonMessage => {
+                "every attempt at this lead ended with its worker gone before the result was written; it is not tried again"
+            }
             ErrorCode::InternalError => "an unexpected database error; nothing of this lead was changed",
             ErrorCode::StageNotInPipeline => "the deal stage does not exist in the pipeline",
             ErrorCode::UnknownPipeline => "the pipeline does not exist",

@@ -199,9 +199,9 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     // result row below: a deadlock.
     let status: Option<String> =
         sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     match status.as_deref() {
         None => return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into()),
         Some("scheduled" | "in_progress") => {}

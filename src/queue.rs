@@ -66,6 +66,13 @@ impl Lane {
 /// crashes count (a retry is a new message), so this is generous.
 pub const DELIVERY_LIMIT: i64 = 20;
 
+/// A message handed out this many times before without being settled is
+/// taken for one that kills its worker: instead of converting, the worker
+/// records its lead as failed (`poison_message`), so the job still
+/// completes. Well below [`DELIVERY_LIMIT`], where the broker would park it
+/// and leave its lead pending for ever.
+pub const POISON_REDELIVERIES: u32 = 10;
+
 /// Back-off for transient failures: the n-th retry waits `RETRY_DELAYS[n]`.
 /// After the last one the lead is recorded as failed.
 pub const RETRY_DELAYS: &[Duration] = &[
@@ -198,18 +205,25 @@ pub fn properties(attempt: u32) -> BasicProperties {
 
 /// The retry count a delivery carries (0 on its first way through).
 pub fn attempt_of(props: &BasicProperties) -> u32 {
-    props
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(ATTEMPT_HEADER))
-        .and_then(|v| match v {
-            AMQPValue::LongUInt(n) => Some(*n),
-            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
-            _ => None,
-        })
-        .unwrap_or(0)
+    int_header(props, ATTEMPT_HEADER).unwrap_or(0)
+}
+
+/// How many times the quorum queue handed this message out before without
+/// it being settled (its consumer died or lost its connection): the
+/// broker's `x-delivery-count` header, absent on a first delivery.
+pub fn redeliveries_of(props: &BasicProperties) -> u32 {
+    int_header(props, "x-delivery-count").unwrap_or(0)
+}
+
+fn int_header(props: &BasicProperties, name: &str) -> Option<u32> {
+    props.headers().as_ref().and_then(|h| h.inner().get(name)).and_then(|v| match v {
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+        _ => None,
+    })
 }
 
 /// Connects to RabbitMQ.

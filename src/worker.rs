@@ -299,6 +299,14 @@ impl Handler {
         };
         let attempt = queue::attempt_of(&delivery.properties);
         let (job_id, lead_id) = (msg.job_id, msg.lead_id);
+        let redelivered = queue::redeliveries_of(&delivery.properties);
+        if redelivered >= queue::POISON_REDELIVERIES {
+            // Converting it again would most likely take this worker down
+            // too; recording the failure lets the job complete.
+            tracing::error!(%job_id, lead_id, redelivered, "message handed out again and again without a result; recording the lead as failed");
+            let reason = format!("handed out {redelivered} times before, each time without a result");
+            return self.fail(delivery, msg, ErrorCode::PoisonMessage, &reason).await;
+        }
         let outcome = match self.cache.get(&self.pool, job_id).await {
             Ok(None) => {
                 tracing::warn!(%job_id, lead_id, "message for a job that no longer exists; dropping it");

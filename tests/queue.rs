@@ -126,8 +126,10 @@ async fn ten_thousand_leads_with_duplicates_complete_with_exact_counts() {
     // Every result carries when its message was published, before the
     // commit: the enqueue→commit latency.
     assert_eq!(
-        crm.count("SELECT count(*) FROM conversion_results WHERE enqueued_at IS NOT NULL AND enqueued_at <= finished_at")
-            .await,
+        crm.count(
+            "SELECT count(*) FROM conversion_results WHERE enqueued_at IS NOT NULL AND enqueued_at <= finished_at"
+        )
+        .await,
         10_000
     );
     // The outbox watermark reached the last lead.
@@ -158,6 +160,51 @@ async fn a_message_delivered_twice_converts_once() {
     assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 1);
     assert_eq!(crm.count("SELECT count(*) FROM deals").await, 1);
     assert_eq!(crm.count("SELECT attempts::bigint FROM conversion_results").await, 1);
+}
+
+/// A message whose consumers keep dying before they settle it (a lead that
+/// crashes workers) must not crash-loop until the broker parks it and its
+/// job never completes: past a number of redeliveries its lead is recorded
+/// failed instead of converted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redelivered_again_and_again_fails_its_lead_and_the_job_completes() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let poison = crm.lead(json!({"owner_id": rep, "last_name": "Poison", "email": "p@example.com"})).await;
+    let job_id = enqueue(&crm, &broker, json!({"ids": [poison]}), json!({}), rep, Trigger::Manual).await;
+
+    // Consumers that die holding the message: each takes it and its
+    // channel closes without an ack, which RabbitMQ counts as a delivery.
+    let queue_name = broker.topology.work_queue(Lane::Bulk);
+    for _ in 0..leadconv::queue::POISON_REDELIVERIES {
+        let ch = broker.conn.create_channel().await.unwrap();
+        let got = ch
+            .basic_get(&queue_name, lapin::options::BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("the message is back in the queue");
+        assert_eq!(serde_json::from_slice::<LeadMessage>(&got.delivery.data).unwrap().lead_id, poison);
+        ch.close(200, "crash").await.unwrap();
+        wait_for("the message is ready again", Duration::from_secs(30), || async {
+            broker.depth(&queue_name).await == 1
+        })
+        .await;
+    }
+
+    let (w, _stop) = start_worker(&crm, &broker, 2, true);
+    tokio::time::timeout(Duration::from_secs(60), w).await.unwrap().unwrap();
+    let j = job_status(&crm, job_id).await;
+    assert_eq!(j.status, "completed");
+    assert_eq!((j.total_count, j.converted_count, j.failed_count), (1, 0, 1));
+    assert_eq!(
+        crm.count("SELECT count(*) FROM conversion_results WHERE outcome = 'failed' AND error_code = 'poison_message'")
+            .await,
+        1
+    );
+    assert_eq!(crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await, 0);
+    assert_eq!(broker.depth(&queue_name).await, 0);
+    assert_eq!(broker.depth(&broker.topology.dead_queue()).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
