@@ -4,6 +4,7 @@
 //! locks (`snapshot`), decide (`plan`), write (`apply`), record the result
 //! and the job's counts, commit. Either all of it happens or none of it.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,7 +17,8 @@ use crate::apply::{apply, Converted};
 use crate::criteria::Criteria;
 use crate::error::{self, Error, ErrorCode, Refusal};
 use crate::options::Settings;
-use crate::plan::{self, Action, Plan, Verdict};
+use crate::plan::{self, Action, Conversion, Facts, MatchRule, Plan, Planned, Verdict};
+use crate::record::Record;
 use crate::snapshot::{self, Locking};
 
 /// A `conversion_results` row.
@@ -309,6 +311,10 @@ async fn finish(
 /// one consistent snapshot of the database and written nowhere: the dry
 /// run. Plans are handed to `each` as they are made, so a dry run over a
 /// million leads does not hold a million plans.
+///
+/// Leads are planned as a job converts them one after another: a lead
+/// sharing its e-mail (or company) with an earlier lead of the run is
+/// planned as merging into the contact (account) that lead creates.
 pub async fn dry_run(
     pool: &PgPool,
     settings: &Settings,
@@ -317,17 +323,107 @@ pub async fn dry_run(
 ) -> Result<u64, Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-    let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND ");
+    // The keys are normalised by the same SQL functions the matching uses.
+    let mut qb = sqlx::QueryBuilder::new(
+        "SELECT l.id, leadconv_norm_email(l.email), leadconv_norm_company(l.company) FROM leads l
+         WHERE l.converted_at IS NULL AND ",
+    );
     criteria.push_sql(&mut qb);
     qb.push(" ORDER BY l.id");
-    let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+    let leads: Vec<(i64, Option<String>, Option<String>)> = qb.build_query_as().fetch_all(&mut *tx).await?;
     let today = Utc::now().date_naive();
-    for &id in &ids {
-        let facts = snapshot::load(&mut tx, settings, id, Locking::None).await?;
-        each(plan::decide(&facts, settings, today)).map_err(|e| Error::Database(sqlx::Error::Io(e)))?;
+    let mut ahead = Ahead::default();
+    for (id, email, company) in &leads {
+        let mut facts = snapshot::load(&mut tx, settings, *id, Locking::None).await?;
+        facts.contact_planned = email.as_ref().and_then(|e| ahead.contacts.get(e)).cloned();
+        facts.account_planned = company.as_ref().and_then(|c| ahead.accounts.get(c)).cloned();
+        let plan = plan::decide(&facts, settings, today);
+        if let Verdict::Convert(c) = &plan.verdict {
+            ahead.note(*id, email, company, &facts, c);
+        }
+        each(plan).map_err(|e| Error::Database(sqlx::Error::Io(e)))?;
     }
     tx.rollback().await?;
-    Ok(ids.len() as u64)
+    Ok(leads.len() as u64)
+}
+
+/// Records a dry run creates, by normalised e-mail (contacts) and company
+/// (accounts), as they would be at this point of the run.
+#[derive(Default)]
+struct Ahead {
+    contacts: HashMap<String, Planned>,
+    accounts: HashMap<String, Planned>,
+}
+
+impl Ahead {
+    /// Notes what lead `lead_id`'s conversion `c` creates or fills. A new
+    /// record is remembered (the first one wins, as the oldest wins the
+    /// matching); the fills of one created earlier in the run are applied
+    /// to it, so the next lead fills only what is still empty.
+    fn note(&mut self, lead_id: i64, email: &Option<String>, company: &Option<String>, facts: &Facts, c: &Conversion) {
+        let account = c.account.as_ref().map(|a| {
+            let record = match (&a.matched_by, a.id) {
+                (Some(MatchRule::CompanyOfEarlierLead(_)), _) => {
+                    company.as_ref().and_then(|k| self.accounts.get(k)).map(|p| p.record.clone()).unwrap_or_default()
+                }
+                (_, Some(id)) => existing_account(facts, id).map(|r| filled(r, &a.values)).unwrap_or_default(),
+                (_, None) => a.values.clone(),
+            };
+            let rule = match &a.matched_by {
+                Some(rule @ MatchRule::CompanyOfEarlierLead(_)) => rule.clone(),
+                Some(_) => MatchRule::ContactAccount,
+                None => MatchRule::CompanyOfEarlierLead(lead_id),
+            };
+            (a, rule, record)
+        });
+        if let Some(key) = email {
+            match (c.contact.action, &c.contact.matched_by) {
+                (Action::Created, _) => {
+                    let account = account.as_ref().map(|(_, rule, record)| (rule.clone(), record.clone()));
+                    let record = c.contact.values.clone();
+                    self.contacts.entry(key.clone()).or_insert(Planned { lead_id, record, account });
+                }
+                (_, Some(MatchRule::EmailOfEarlierLead(_))) => {
+                    if let Some(p) = self.contacts.get_mut(key) {
+                        p.record.extend(c.contact.values.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let (Some(key), Some((a, _, _))) = (company, &account) {
+            match (a.action, &a.matched_by) {
+                (Action::Created, _) => {
+                    let record = a.values.clone();
+                    self.accounts.entry(key.clone()).or_insert(Planned { lead_id, record, account: None });
+                }
+                (_, Some(MatchRule::CompanyOfEarlierLead(_))) => {
+                    if let Some(p) = self.accounts.get_mut(key) {
+                        p.record.extend(a.values.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The existing account `id` among those the facts hold.
+fn existing_account(facts: &Facts, id: i64) -> Option<&Record> {
+    let by_id = |a: &&Record| crate::record::id(a, "id") == Some(id);
+    facts
+        .account_by_unique
+        .as_ref()
+        .map(|(_, a)| a)
+        .filter(by_id)
+        .or_else(|| facts.account_by_company.as_ref().filter(by_id))
+        .or_else(|| facts.contact_accounts.iter().find(by_id))
+}
+
+fn filled(record: &Record, fills: &Record) -> Record {
+    let mut r = record.clone();
+    r.extend(fills.clone());
+    r
 }
 
 /// All result rows of a job, in lead order.

@@ -38,6 +38,25 @@ pub struct Facts {
     /// The managers above each user concerned (acting user, lead owner,
     /// owners of candidate records), nearest first.
     pub managers_above: HashMap<i64, Vec<i64>>,
+    /// Dry run only: the contact an earlier lead of the same run creates
+    /// with this lead's e-mail, and the account one creates with its
+    /// company: (that lead, the record as it would be). A conversion finds
+    /// such records in the database instead; a dry run writes nothing, so
+    /// without these it would plan a second contact for every shared e-mail.
+    pub contact_planned: Option<Planned>,
+    pub account_planned: Option<Planned>,
+}
+
+/// Dry run only: a record an earlier lead of the run creates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// The lead whose conversion creates it.
+    pub lead_id: i64,
+    /// Its values as they would be at this point of the run.
+    pub record: Record,
+    /// For a contact: the account it is linked to, and how that account was
+    /// found, so a later lead merging into the contact gets it too.
+    pub account: Option<(MatchRule, Record)>,
 }
 
 impl Facts {
@@ -56,6 +75,10 @@ pub enum MatchRule {
     /// The matched contact's own account.
     ContactAccount,
     Company,
+    /// Dry run: the contact created by this earlier lead of the run.
+    EmailOfEarlierLead(i64),
+    /// Dry run: the account created by this earlier lead of the run.
+    CompanyOfEarlierLead(i64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -149,13 +172,17 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
 
     // 7. Hierarchy block: a subordinate may not convert their superior's
     // lead into someone's existing contact.
-    if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), &facts.contact_by_email) {
+    let email_duplicate = match (&facts.contact_by_email, &facts.contact_planned) {
+        (Some(dup), _) => Some(format!("contact {}", dup["id"])),
+        (None, Some(planned)) => Some(format!("the contact lead {} creates", planned.lead_id)),
+        (None, None) => None,
+    };
+    if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), email_duplicate) {
         if owner != acting && facts.is_above(owner, acting) {
             return Verdict::Failed {
                 code: ErrorCode::BlockedByHierarchy,
                 message: format!(
-                    "lead owner {owner} is above acting user {acting} in the hierarchy and contact {} has the same e-mail",
-                    dup["id"]
+                    "lead owner {owner} is above acting user {acting} in the hierarchy and {dup} has the same e-mail"
                 ),
             };
         }
@@ -175,7 +202,8 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
         .contact_by_unique
         .as_ref()
         .map(|(f, c)| (MatchRule::UniqueField(f.clone()), c))
-        .or_else(|| facts.contact_by_email.as_ref().map(|c| (MatchRule::Email, c)));
+        .or_else(|| facts.contact_by_email.as_ref().map(|c| (MatchRule::Email, c)))
+        .or_else(|| facts.contact_planned.as_ref().map(|p| (MatchRule::EmailOfEarlierLead(p.lead_id), &p.record)));
     let contact_values = fields.values_for(lead, Module::Contact);
     let existing_contact = matched_contact.as_ref().map(|(_, c)| *c);
     let contact = match matched_contact {
@@ -187,15 +215,22 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
 
     // 3, 5. Account: unique field, the contact's own account, company; a new
     // one only when the lead names a company.
-    let contact_account = existing_contact
-        .and_then(|c| record::id(c, "account_id"))
-        .and_then(|aid| facts.contact_accounts.iter().find(|a| record::id(a, "id") == Some(aid)));
+    let contact_account = match &contact.matched_by {
+        Some(MatchRule::EmailOfEarlierLead(_)) => {
+            facts.contact_planned.as_ref().and_then(|p| p.account.as_ref()).map(|(rule, a)| (rule.clone(), a))
+        }
+        _ => existing_contact
+            .and_then(|c| record::id(c, "account_id"))
+            .and_then(|aid| facts.contact_accounts.iter().find(|a| record::id(a, "id") == Some(aid)))
+            .map(|a| (MatchRule::ContactAccount, a)),
+    };
     let matched_account = facts
         .account_by_unique
         .as_ref()
         .map(|(f, a)| (MatchRule::UniqueField(f.clone()), a))
-        .or_else(|| contact_account.map(|a| (MatchRule::ContactAccount, a)))
-        .or_else(|| facts.account_by_company.as_ref().map(|a| (MatchRule::Company, a)));
+        .or(contact_account)
+        .or_else(|| facts.account_by_company.as_ref().map(|a| (MatchRule::Company, a)))
+        .or_else(|| facts.account_planned.as_ref().map(|p| (MatchRule::CompanyOfEarlierLead(p.lead_id), &p.record)));
     let account_values = fields.values_for(lead, Module::Account);
     let account = match matched_account {
         Some((rule, existing)) => {

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::convert::{LeadResult, RESULT_COLUMNS};
 use crate::error::{ErrorCode, Refusal};
 use crate::job::{self, Job};
-use crate::plan::{Plan, Verdict};
+use crate::plan::{Action, MatchRule, Plan, Verdict};
 
 /// A job with what a person watching it wants to know.
 #[derive(Debug, Clone, Serialize)]
@@ -143,14 +143,21 @@ pub fn plan_line(p: &Plan) -> String {
         Verdict::Skipped { code, message } => format!("lead {}: skip ({code}): {message}", p.lead_id),
         Verdict::Failed { code, message } => format!("lead {}: FAIL ({code}): {message}", p.lead_id),
         Verdict::Convert(c) => {
-            let target = |t: &crate::plan::Target, what: &str| match (&t.id, &t.matched_by) {
-                (Some(id), Some(rule)) => format!(
-                    "{what} {} {id} by {}{}",
-                    serde_json::to_value(t.action).map(|v| v.as_str().unwrap_or("").to_owned()).unwrap_or_default(),
-                    serde_json::to_value(rule).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default(),
-                    if t.writable { "" } else { " (read-only)" }
-                ),
-                _ => format!("new {what}"),
+            let target = |t: &crate::plan::Target, what: &str| {
+                let read_only = if t.writable { "" } else { " (read-only)" };
+                match (&t.id, &t.matched_by) {
+                    (Some(id), Some(rule)) => format!(
+                        "{what} {} {id} by {}{read_only}",
+                        serde_json::to_value(t.action).map(|v| v.as_str().unwrap_or("").to_owned()).unwrap_or_default(),
+                        serde_json::to_value(rule)
+                            .map(|v| v.to_string().trim_matches('"').to_owned())
+                            .unwrap_or_default(),
+                    ),
+                    (None, Some(MatchRule::EmailOfEarlierLead(l) | MatchRule::CompanyOfEarlierLead(l))) => {
+                        format!("{what} merged into the one lead {l} creates{read_only}")
+                    }
+                    _ => format!("new {what}"),
+                }
             };
             let mut parts = vec![target(&c.contact, "contact")];
             parts.push(c.account.as_ref().map_or("no account".into(), |a| target(a, "account")));
@@ -176,7 +183,7 @@ pub struct PlanSummary(BTreeMap<String, u64>);
 impl PlanSummary {
     pub fn add(&mut self, p: &Plan) {
         let key = match &p.verdict {
-            Verdict::Convert(c) if c.contact.id.is_some() => "merge".to_owned(),
+            Verdict::Convert(c) if c.contact.action == Action::Merged => "merge".to_owned(),
             Verdict::Convert(_) => "create".to_owned(),
             Verdict::Skipped { code, .. } => format!("skip {code}"),
             Verdict::Failed { code, .. } => format!("fail {code}"),

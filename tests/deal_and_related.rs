@@ -1147,3 +1147,64 @@ async fn dry_run_reports_the_plan_and_writes_nothing() {
         assert_ne!(l["lead_status"], "Converted", "lead {lead}");
     }
 }
+
+// A dry run plans leads as the job converts them, one after another: leads
+// sharing an e-mail or a company with an earlier lead of the same run merge
+// into the contact and account that lead creates, and the plan agrees with
+// what the conversion then does.
+#[tokio::test]
+async fn dry_run_plans_leads_sharing_an_email_or_company_as_the_conversion_does() {
+    let crm = Crm::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let first = crm
+        .lead(json!({"owner_id": rep, "last_name": "Wiśniewska", "email": "ola@hanoi.vn", "company": "Công ty Sao"}))
+        .await;
+    let second = crm
+        .lead(json!({"owner_id": rep, "last_name": "Wiśniewska", "email": " OLA@hanoi.vn ", "company": "công ty  sao", "phone": "+84 1"}))
+        .await;
+    let third = crm.lead(json!({"owner_id": rep, "last_name": "W", "email": "ola@hanoi.vn", "phone": "+84 2"})).await;
+    let colleague =
+        crm.lead(json!({"owner_id": rep, "last_name": "Trần", "email": "tran@sao.vn", "company": "CÔNG TY SAO"})).await;
+    let leads = [first, second, third, colleague];
+
+    let new = job::NewJob {
+        criteria: json!({"ids": leads}),
+        options: with_deal(),
+        requested_by: rep,
+        trigger: Trigger::Manual,
+    };
+    let checked = job::check(crm.pool(), new).await.expect("valid job");
+    let mut plans = Vec::new();
+    convert::dry_run(crm.pool(), &checked.settings, &checked.criteria, |p| {
+        plans.push(serde_json::to_value(&p).unwrap());
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 0, "the dry run wrote nothing");
+
+    let p = &plans[0];
+    assert_eq!((&p["contact"]["action"], &p["account"]["action"]), (&json!("created"), &json!("created")), "{p}");
+    let p = &plans[1];
+    assert_eq!(p["contact"]["action"], "merged", "{p}");
+    assert_eq!(p["contact"]["matched_by"], json!({"email_of_earlier_lead": first}), "{p}");
+    assert_eq!(p["contact"]["values"]["phone"], "+84 1", "fills the empty phone: {p}");
+    assert_eq!(p["account"]["matched_by"], json!({"company_of_earlier_lead": first}), "{p}");
+    assert_eq!(p["deal"]["is_repeat_inquiry"], json!(true), "{p}");
+    let p = &plans[2];
+    assert_eq!(p["contact"]["matched_by"], json!({"email_of_earlier_lead": first}), "{p}");
+    assert_eq!(p["contact"]["values"].get("phone"), None, "the phone was filled by the second lead: {p}");
+    let p = &plans[3];
+    assert_eq!(p["contact"]["action"], "created", "{p}");
+    assert_eq!(p["account"]["matched_by"], json!({"company_of_earlier_lead": first}), "{p}");
+
+    // The conversion does what the plan said, lead by lead.
+    let (_, results) = crm.convert_all(rep, with_deal(), &leads).await;
+    for (plan, result) in plans.iter().zip(&results) {
+        assert_eq!(plan["lead_id"], json!(result.lead_id));
+        assert_eq!(plan["contact"]["action"], json!(result.contact_action), "{plan} vs {result:?}");
+        assert_eq!(plan["account"]["action"], json!(result.account_action), "{plan} vs {result:?}");
+    }
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 2);
+    assert_eq!(crm.count("SELECT count(*) FROM accounts").await, 1);
+}
