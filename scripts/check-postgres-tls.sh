@@ -7,7 +7,7 @@
 #   sslmode=verify-full without sslrootcert refused (unknown issuer)
 #   sslmode=disable                         refused by the server (no TLS)
 # Needs the Debian postgresql package (initdb, pg_ctl), openssl, and root
-# (runs the server as the postgres user). Not run by CI; run it by hand.
+# (runs the server as the postgres user). CI runs it (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PGBIN=/usr/lib/postgresql/$(ls /usr/lib/postgresql | sort -V | tail -1)/bin

@@ -136,8 +136,11 @@ async fn create_read_list_results_cancel_a_job() {
         api.post("/v1/jobs?dry_run=true", json!({"criteria": {"ids": leads}, "options": with_deal()})).await;
     assert_eq!(s, StatusCode::OK, "{plan}");
     assert_eq!(plan["total_count"], 3);
-    // Each lead is planned against the database as it is now.
-    assert_eq!(plan["plans"][1]["account"]["action"], "created", "{plan}");
+    // Leads are planned as the job converts them: the second one's account
+    // is the one the first creates (all three share a company).
+    assert_eq!(plan["plans"][0]["account"]["action"], "created", "{plan}");
+    assert_eq!(plan["plans"][1]["account"]["action"], "matched", "{plan}");
+    assert_eq!(plan["plans"][1]["account"]["matched_by"], json!({"company_of_earlier_lead": leads[0]}), "{plan}");
     assert_eq!(plan["summary"], "create 3");
     assert_eq!(api.jobs().await, 0);
 
