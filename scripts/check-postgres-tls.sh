@@ -10,6 +10,9 @@
 # (runs the server as the postgres user). CI runs it (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v openssl >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 PGBIN=/usr/lib/postgresql/$(ls /usr/lib/postgresql | sort -V | tail -1)/bin
 PORT=${PORT:-55432}
 D=$(mktemp -d)

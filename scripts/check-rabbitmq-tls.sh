@@ -9,6 +9,9 @@
 # the rabbitmq user) and the local Postgres. CI runs it (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v openssl >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 PORT=${PORT:-55671}
 NODE=leadconv_tls_$$@localhost
 D=$(mktemp -d)
