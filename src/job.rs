@@ -236,6 +236,33 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     Ok(get(pool, id).await?.expect("the job exists"))
 }
 
+/// Rewinds the outbox of job `id` to its first lead and takes its
+/// publisher lease, so that whoever publishes it next (the caller, or a
+/// worker's sweeper when the lease runs out) sends every lead still pending
+/// again: for messages lost with the broker. A message that was not lost is
+/// then delivered twice, which converts nothing twice. Returns the job's
+/// trigger, which names its lane.
+pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: std::time::Duration) -> Result<String, crate::Error> {
+    let trigger: Option<String> = sqlx::query_scalar(
+        "UPDATE conversion_jobs SET published_through = 0, published_at = NULL,
+                publisher_lease_until = now() + make_interval(secs => $2)
+         WHERE id = $1 AND status IN ('scheduled', 'in_progress')
+         RETURNING trigger",
+    )
+    .bind(id)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    if let Some(t) = trigger {
+        return Ok(t);
+    }
+    Err(match get(pool, id).await? {
+        None => Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")),
+        Some(j) => Refusal::new(ErrorCode::JobFinished, "job_id", format!("job {id} is {} already", j.status)),
+    }
+    .into())
+}
+
 /// Creates a job over an explicit list of leads and converts nothing: for
 /// in-process conversion (demo, tests).
 pub async fn create_for_leads(

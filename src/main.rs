@@ -155,6 +155,15 @@ enum Command {
     },
     /// Cancel a job: its pending leads become skipped (cancelled).
     Cancel { job_id: Uuid },
+    /// Publish every pending lead of a job again, e.g. after RabbitMQ lost
+    /// its queues' contents. Leads whose message was not lost get it twice,
+    /// which is harmless: a lead is converted once.
+    Republish {
+        job_id: Uuid,
+        /// Publisher lease, renewed after each confirmed batch.
+        #[arg(long, default_value = "30", value_parser = parse_secs)]
+        lease_secs: Duration,
+    },
     /// Insert sample users, contacts, accounts and leads.
     Seed {
         #[arg(long, default_value_t = 1000)]
@@ -441,6 +450,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "cancelled job {}: converted {}, skipped {}, failed {} of {}",
                 job.id, job.converted_count, job.skipped_count, job.failed_count, job.total_count
             );
+        }
+        Command::Republish { job_id, lease_secs } => {
+            let pool = db::connect(&cli.database_url, 2).await?;
+            let conn = queue::connect(&cli.amqp_url).await?;
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            topology.declare(&ch).await?;
+            let trigger = job::rewind_outbox(&pool, job_id, lease_secs).await?;
+            let lane = Lane::for_trigger(&trigger);
+            let published =
+                producer::publish_job(&pool, &ch, &topology, job_id, lane, lease_secs, producer::BATCH).await?;
+            println!("republished job {job_id}: {published} pending leads");
+            let _ = ch.close(200, "bye").await;
+            let _ = conn.close(200, "bye").await;
         }
         Command::Seed { leads, duplicates, rng_seed } => {
             let pool = db::connect(&cli.database_url, 2).await?;

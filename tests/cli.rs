@@ -335,3 +335,48 @@ async fn bench_runs_the_direct_baseline_and_the_queue_and_prints_their_ratio() {
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
     }
 }
+
+/// RabbitMQ lost a job's messages (its queue was purged): `leadconv
+/// republish` sends every pending lead again, and a worker completes the job
+/// exactly. An unknown or finished job is refused with exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_sends_the_pending_leads_of_a_job_whose_messages_were_lost() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    for i in 0..40 {
+        crm.lead(json!({"owner_id": rep, "last_name": format!("L{i}"), "email": format!("l{}@example.com", i % 30)}))
+            .await;
+    }
+    let rep_s = rep.to_string();
+    let out =
+        leadconv(&crm, &broker, &["enqueue", "--criteria", r#"{"all_leads": true}"#, "--requested-by", &rep_s]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job_id = text(&out.stdout).trim().to_owned();
+    let queue = broker.topology.work_queue(Lane::Bulk);
+    assert_eq!(broker.depth(&queue).await, 40);
+
+    // The broker loses the queue's contents.
+    broker.channel.queue_purge(&queue, lapin::options::QueuePurgeOptions::default()).await.unwrap();
+    assert_eq!(broker.depth(&queue).await, 0);
+
+    let out = leadconv(&crm, &broker, &["republish", &job_id]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("40 pending leads"), "{}", text(&out.stdout));
+    assert_eq!(broker.depth(&queue).await, 40);
+
+    let out = leadconv(&crm, &broker, &["worker", "--exit-when-idle"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await, 40);
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 30, "shared e-mails merged");
+    let status: Value =
+        serde_json::from_str(&text(&leadconv(&crm, &broker, &["status", &job_id, "--json"]).await.stdout)).unwrap();
+    assert_eq!((&status["status"], &status["converted_count"]), (&json!("completed"), &json!(40)), "{status}");
+
+    for (job, code) in [(job_id.as_str(), "job_finished"), ("8d7ef0a4-40a6-4d4e-9d3b-3f8f1c0d2a11", "job_not_found")] {
+        let out = leadconv(&crm, &broker, &["republish", job]).await;
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(code), "{}", text(&out.stderr));
+    }
+    assert_eq!(broker.depth(&queue).await, 0, "a refused republish publishes nothing");
+}
