@@ -4,7 +4,6 @@
 //! locks (`snapshot`), decide (`plan`), write (`apply`), record the result
 //! and the job's counts, commit. Either all of it happens or none of it.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,8 +16,8 @@ use crate::apply::{apply, Converted};
 use crate::criteria::Criteria;
 use crate::error::{self, Error, ErrorCode, Refusal};
 use crate::options::Settings;
-use crate::plan::{self, Action, Conversion, Facts, MatchRule, Plan, Planned, Verdict};
-use crate::record::Record;
+use crate::plan::{self, Action, Plan, Verdict};
+use crate::run::Run;
 use crate::snapshot::{self, Locking};
 
 /// A `conversion_results` row.
@@ -34,6 +33,8 @@ pub struct LeadResult {
     pub account_id: Option<i64>,
     pub deal_id: Option<i64>,
     pub is_repeat: Option<bool>,
+    /// The lead's e-mail opt-out switched the merged contact's on.
+    pub email_opt_out_applied: Option<bool>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub attempts: i32,
@@ -43,7 +44,7 @@ pub struct LeadResult {
 }
 
 pub const RESULT_COLUMNS: &str = "job_id, lead_id, outcome, contact_action, account_action, deal_action, contact_id, \
-     account_id, deal_id, is_repeat, error_code, error_message, attempts, duration_ms, enqueued_at, finished_at";
+     account_id, deal_id, is_repeat, email_opt_out_applied, error_code, error_message, attempts, duration_ms, enqueued_at, finished_at";
 
 /// Deadlocks and serialization failures are resolved by trying again at
 /// once; this many tries, then the error goes to the caller as transient.
@@ -201,6 +202,7 @@ struct Finish {
     deal_action: Option<&'static str>,
     ids: Converted,
     is_repeat: Option<bool>,
+    email_opt_out_applied: Option<bool>,
     error: Option<(ErrorCode, String)>,
     merged: bool,
 }
@@ -220,6 +222,7 @@ impl Finish {
             deal_action: Some(if c.deal.is_some() { "created" } else { "none" }),
             ids,
             is_repeat: Some(c.lead_is_repeat),
+            email_opt_out_applied: Some(c.contact.email_opt_out_applied),
             error: None,
             merged: c.contact.action == Action::Merged,
         }
@@ -233,6 +236,7 @@ impl Finish {
             deal_action: None,
             ids: Converted::default(),
             is_repeat: None,
+            email_opt_out_applied: None,
             error: Some((code, message)),
             merged: false,
         }
@@ -267,7 +271,7 @@ async fn finish(
         "UPDATE conversion_results SET outcome = $3, contact_action = $4, account_action = $5, deal_action = $6,
                 contact_id = $7, account_id = $8, deal_id = $9, is_repeat = $10, error_code = $11,
                 error_message = $12, attempts = attempts + $13, duration_ms = $14,
-                enqueued_at = coalesce($15, enqueued_at), finished_at = now()
+                enqueued_at = coalesce($15, enqueued_at), email_opt_out_applied = $16, finished_at = now()
          WHERE job_id = $1 AND lead_id = $2 AND outcome = 'pending'
          RETURNING {RESULT_COLUMNS}"
     ))
@@ -286,6 +290,7 @@ async fn finish(
     .bind(i32::try_from(tries).unwrap_or(i32::MAX))
     .bind(duration_ms)
     .bind(enqueued_at)
+    .bind(f.email_opt_out_applied)
     .fetch_one(&mut *conn)
     .await?;
     let n = |b: bool| i32::from(b);
@@ -312,9 +317,9 @@ async fn finish(
 /// run. Plans are handed to `each` as they are made, so a dry run over a
 /// million leads does not hold a million plans.
 ///
-/// Leads are planned as a job converts them one after another: a lead
-/// sharing its e-mail (or company) with an earlier lead of the run is
-/// planned as merging into the contact (account) that lead creates.
+/// Leads are planned as a job converts them one after another: each lead
+/// sees what the earlier leads of the run create, fill and link (see
+/// [`Run`]), so the plan is what the conversion then does.
 pub async fn dry_run(
     pool: &PgPool,
     settings: &Settings,
@@ -323,107 +328,33 @@ pub async fn dry_run(
 ) -> Result<u64, Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-    // The keys are normalised by the same SQL functions the matching uses.
-    let mut qb = sqlx::QueryBuilder::new(
-        "SELECT l.id, leadconv_norm_email(l.email), leadconv_norm_company(l.company) FROM leads l
-         WHERE l.converted_at IS NULL AND ",
-    );
+    let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND ");
     criteria.push_sql(&mut qb);
     qb.push(" ORDER BY l.id");
-    let leads: Vec<(i64, Option<String>, Option<String>)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+    let leads: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+    let deals_are_won = match &settings.deal {
+        Some(d) => sqlx::query_scalar("SELECT is_won FROM deal_stages WHERE pipeline = $1 AND stage = $2")
+            .bind(&d.pipeline)
+            .bind(&d.stage)
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or(false),
+        None => false,
+    };
     let today = Utc::now().date_naive();
-    let mut ahead = Ahead::default();
-    for (id, email, company) in &leads {
-        let mut facts = snapshot::load(&mut tx, settings, *id, Locking::None).await?;
-        facts.contact_planned = email.as_ref().and_then(|e| ahead.contacts.get(e)).cloned();
-        facts.account_planned = company.as_ref().and_then(|c| ahead.accounts.get(c)).cloned();
-        let plan = plan::decide(&facts, settings, today);
-        if let Verdict::Convert(c) = &plan.verdict {
-            ahead.note(*id, email, company, &facts, c);
+    let mut run = Run::new(deals_are_won);
+    for &id in &leads {
+        let mut facts = snapshot::load(&mut tx, settings, id, Locking::None).await?;
+        let owners = run.overlay(&mut facts, settings);
+        if !owners.is_empty() {
+            facts.managers_above.extend(snapshot::managers_above(&mut tx, &owners).await?);
         }
+        let plan = plan::decide(&facts, settings, today);
+        run.note(&facts, &plan);
         each(plan).map_err(|e| Error::Database(sqlx::Error::Io(e)))?;
     }
     tx.rollback().await?;
     Ok(leads.len() as u64)
-}
-
-/// Records a dry run creates, by normalised e-mail (contacts) and company
-/// (accounts), as they would be at this point of the run.
-#[derive(Default)]
-struct Ahead {
-    contacts: HashMap<String, Planned>,
-    accounts: HashMap<String, Planned>,
-}
-
-impl Ahead {
-    /// Notes what lead `lead_id`'s conversion `c` creates or fills. A new
-    /// record is remembered (the first one wins, as the oldest wins the
-    /// matching); the fills of one created earlier in the run are applied
-    /// to it, so the next lead fills only what is still empty.
-    fn note(&mut self, lead_id: i64, email: &Option<String>, company: &Option<String>, facts: &Facts, c: &Conversion) {
-        let account = c.account.as_ref().map(|a| {
-            let record = match (&a.matched_by, a.id) {
-                (Some(MatchRule::CompanyOfEarlierLead(_)), _) => {
-                    company.as_ref().and_then(|k| self.accounts.get(k)).map(|p| p.record.clone()).unwrap_or_default()
-                }
-                (_, Some(id)) => existing_account(facts, id).map(|r| filled(r, &a.values)).unwrap_or_default(),
-                (_, None) => a.values.clone(),
-            };
-            let rule = match &a.matched_by {
-                Some(rule @ MatchRule::CompanyOfEarlierLead(_)) => rule.clone(),
-                Some(_) => MatchRule::ContactAccount,
-                None => MatchRule::CompanyOfEarlierLead(lead_id),
-            };
-            (a, rule, record)
-        });
-        if let Some(key) = email {
-            match (c.contact.action, &c.contact.matched_by) {
-                (Action::Created, _) => {
-                    let account = account.as_ref().map(|(_, rule, record)| (rule.clone(), record.clone()));
-                    let record = c.contact.values.clone();
-                    self.contacts.entry(key.clone()).or_insert(Planned { lead_id, record, account });
-                }
-                (_, Some(MatchRule::EmailOfEarlierLead(_))) => {
-                    if let Some(p) = self.contacts.get_mut(key) {
-                        p.record.extend(c.contact.values.clone());
-                    }
-                }
-                _ => {}
-            }
-        }
-        if let (Some(key), Some((a, _, _))) = (company, &account) {
-            match (a.action, &a.matched_by) {
-                (Action::Created, _) => {
-                    let record = a.values.clone();
-                    self.accounts.entry(key.clone()).or_insert(Planned { lead_id, record, account: None });
-                }
-                (_, Some(MatchRule::CompanyOfEarlierLead(_))) => {
-                    if let Some(p) = self.accounts.get_mut(key) {
-                        p.record.extend(a.values.clone());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-/// The existing account `id` among those the facts hold.
-fn existing_account(facts: &Facts, id: i64) -> Option<&Record> {
-    let by_id = |a: &&Record| crate::record::id(a, "id") == Some(id);
-    facts
-        .account_by_unique
-        .as_ref()
-        .map(|(_, a)| a)
-        .filter(by_id)
-        .or_else(|| facts.account_by_company.as_ref().filter(by_id))
-        .or_else(|| facts.contact_accounts.iter().find(by_id))
-}
-
-fn filled(record: &Record, fills: &Record) -> Record {
-    let mut r = record.clone();
-    r.extend(fills.clone());
-    r
 }
 
 /// All result rows of a job, in lead order.

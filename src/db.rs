@@ -17,8 +17,35 @@ pub async fn connect(url: &str, connections: u32) -> sqlx::Result<PgPool> {
         .await
 }
 
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+/// Checks the database can match (see [`check_matching_locale`]), then
+/// brings its schema up to date.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    check_matching_locale(pool).await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Refuses a database where `lower()` folds only ASCII (`LC_CTYPE` `C` or
+/// `POSIX`) or that is not UTF-8: there "ŁÓDŹ" and "łódź", "İPEK" and "ipek"
+/// are different, so matching silently creates duplicates of Polish,
+/// Turkish, Greek and Vietnamese contacts and accounts. Such a database
+/// cannot be changed in place (`LC_CTYPE` is fixed at creation).
+pub async fn check_matching_locale(pool: &PgPool) -> anyhow::Result<()> {
+    let (ok, name, encoding, ctype): (bool, String, String, String) = sqlx::query_as(
+        "SELECT getdatabaseencoding() = 'UTF8' AND lower('ĄΣÀ') = 'ąσà', current_database(), getdatabaseencoding(),
+                (SELECT datctype FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !ok {
+        anyhow::bail!(
+            "Postgres database {name:?} has encoding {encoding} and LC_CTYPE {ctype:?}, where lower() folds only ASCII \
+             letters: e-mails and companies in Polish, Turkish, Greek or Vietnamese would not match. Create a database \
+             with ENCODING 'UTF8' LC_CTYPE 'C.UTF-8' TEMPLATE template0 (`leadconv migrate --create-database` with a \
+             new database name in DATABASE_URL does), then migrate and move the data there"
+        );
+    }
+    Ok(())
 }
 
 /// Creates the database named in `url` when it does not exist, in UTF-8 with

@@ -28,6 +28,7 @@ pub mod queue;
 pub mod record;
 pub mod report;
 pub mod rules;
+pub mod run;
 pub mod schedule;
 pub mod seed;
 pub mod serve;

@@ -135,14 +135,16 @@ impl FieldMapping {
 
     /// The values a lead gives a new record of `module`: standard fields by
     /// the table, custom fields by `conversion_mappings`. Empty values are
-    /// left out so that they never count as "something to fill".
+    /// left out so that they never count as "something to fill"; text is
+    /// trimmed of white space (SPEC §3: values written to new records are
+    /// trimmed), so " 北京科技有限公司 " names its account "北京科技有限公司".
     pub fn values_for(&self, lead: &Record, module: Module) -> Record {
         let mut out = Record::new();
         for f in STANDARD {
             if let Some(target) = f.target(module) {
                 let v = lead.get(f.lead);
-                if !record::is_empty(v) {
-                    out.insert(target.to_owned(), v.cloned().unwrap_or(Value::Null));
+                if let Some(v) = v.filter(|v| !record::is_empty(Some(v))) {
+                    out.insert(target.to_owned(), record::trimmed(v));
                 }
             }
         }
@@ -150,8 +152,8 @@ impl FieldMapping {
         let mut custom = Map::new();
         for m in self.custom.iter().filter(|m| m.target_module == module.as_str()) {
             let v = lead_custom.get(&m.lead_field);
-            if !record::is_empty(v) {
-                custom.insert(m.target_field.clone(), v.cloned().unwrap_or(Value::Null));
+            if let Some(v) = v.filter(|v| !record::is_empty(Some(v))) {
+                custom.insert(m.target_field.clone(), record::trimmed(v));
             }
         }
         if !custom.is_empty() {

@@ -16,47 +16,60 @@ use crate::options::Settings;
 use crate::record::{self, Module, Record};
 
 /// Everything the rules look at for one lead.
+///
+/// A record that an earlier lead of the same run creates (the dry run, see
+/// `run`) has the id `-lead_id` of that lead: the rules treat it like any
+/// other record, and [`Target`] reports it as `created_by_lead`.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
     pub lead_id: i64,
     /// `None`: the lead was deleted since the job was created.
     pub lead: Option<Record>,
+    /// The lead's e-mail, company and names, normalised by Postgres.
+    pub keys: LeadKeys,
     pub acting_is_admin: bool,
     /// The first contact matched by a unique custom field: (field, contact).
     pub contact_by_unique: Option<(String, Record)>,
     /// The oldest contact with the lead's e-mail.
     pub contact_by_email: Option<Record>,
+    /// For a lead without e-mail: the oldest contact of the account matched
+    /// by unique field or company with the lead's first and last name.
+    pub contact_by_name: Option<Record>,
     /// The first account matched by a unique custom field: (field, account).
     pub account_by_unique: Option<(String, Record)>,
     /// The oldest account named like the lead's company.
     pub account_by_company: Option<Record>,
     /// Accounts the candidate contacts belong to.
     pub contact_accounts: Vec<Record>,
+    /// The keys of every contact above, by id, normalised by Postgres.
+    pub contact_keys: HashMap<i64, ContactKeys>,
+    /// The normalised name of every account above, by id.
+    pub account_names: HashMap<i64, String>,
     /// Candidate contacts and accounts that already have a won deal.
     pub won_contacts: Vec<i64>,
     pub won_accounts: Vec<i64>,
     /// The managers above each user concerned (acting user, lead owner,
     /// owners of candidate records), nearest first.
     pub managers_above: HashMap<i64, Vec<i64>>,
-    /// Dry run only: the contact an earlier lead of the same run creates
-    /// with this lead's e-mail, and the account one creates with its
-    /// company: (that lead, the record as it would be). A conversion finds
-    /// such records in the database instead; a dry run writes nothing, so
-    /// without these it would plan a second contact for every shared e-mail.
-    pub contact_planned: Option<Planned>,
-    pub account_planned: Option<Planned>,
 }
 
-/// Dry run only: a record an earlier lead of the run creates.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Planned {
-    /// The lead whose conversion creates it.
-    pub lead_id: i64,
-    /// Its values as they would be at this point of the run.
-    pub record: Record,
-    /// For a contact: the account it is linked to, and how that account was
-    /// found, so a later lead merging into the contact gets it too.
-    pub account: Option<(MatchRule, Record)>,
+/// A lead's matching keys: `leadconv_norm_email(email)`,
+/// `leadconv_norm_company(company)`, `leadconv_norm(first_name)` and
+/// `leadconv_norm(last_name)`, computed by Postgres (migration 0009).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeadKeys {
+    pub email: Option<String>,
+    pub company: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+}
+
+/// A contact's matching keys, as [`LeadKeys`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContactKeys {
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
 }
 
 impl Facts {
@@ -64,6 +77,30 @@ impl Facts {
     pub fn is_above(&self, upper: i64, lower: i64) -> bool {
         self.managers_above.get(&lower).is_some_and(|m| m.contains(&upper))
     }
+
+    /// Every contact the rules may pick.
+    pub fn candidate_contacts(&self) -> impl Iterator<Item = &Record> {
+        self.contact_by_unique
+            .iter()
+            .map(|(_, c)| c)
+            .chain(self.contact_by_email.iter())
+            .chain(self.contact_by_name.iter())
+    }
+
+    /// Every account the rules may pick.
+    pub fn candidate_accounts(&self) -> impl Iterator<Item = &Record> {
+        self.account_by_unique
+            .iter()
+            .map(|(_, a)| a)
+            .chain(self.account_by_company.iter())
+            .chain(self.contact_accounts.iter())
+    }
+}
+
+/// The lead whose conversion creates the record `id`, when it is one an
+/// earlier lead of the run creates (see [`Facts`]).
+pub fn created_by_lead(id: i64) -> Option<i64> {
+    (id < 0).then_some(-id)
 }
 
 /// By which rule an existing record was matched (SPEC §3.3).
@@ -72,13 +109,12 @@ impl Facts {
 pub enum MatchRule {
     UniqueField(String),
     Email,
-    /// The matched contact's own account.
+    /// A contact of the matched account with the lead's first and last name.
+    Name,
+    /// The matched contact's own account, which the lead's company does not
+    /// name: linked, never filled.
     ContactAccount,
     Company,
-    /// Dry run: the contact created by this earlier lead of the run.
-    EmailOfEarlierLead(i64),
-    /// Dry run: the account created by this earlier lead of the run.
-    CompanyOfEarlierLead(i64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,12 +129,21 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Target {
     pub action: Action,
-    /// The existing record's id; `None` for one to create.
+    /// The existing record's id; `None` for one to create, or one that an
+    /// earlier lead of the run creates.
     pub id: Option<i64>,
+    /// Dry run: the earlier lead of the run whose conversion creates the
+    /// matched record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by_lead: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matched_by: Option<MatchRule>,
     /// Whether the acting user may write the matched record (SPEC §3.6).
     pub writable: bool,
+    /// The lead's e-mail opt-out switched the matched contact's on (SPEC
+    /// §3.4: an opt-out is never lost, even in a read-only merge).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub email_opt_out_applied: bool,
     /// For a new record, all its values; for a matched one, the empty
     /// fields to fill (nothing when it is read-only).
     pub values: Record,
@@ -168,21 +213,28 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
             message: format!("lead {} was converted at {}", facts.lead_id, lead["converted_at"]),
         };
     }
+    // 12. The contact's one mandatory field, checked before anything is
+    // written (the database would refuse it with a message of its own).
+    if record::text(lead, "last_name").is_none() {
+        return Verdict::Failed {
+            code: ErrorCode::MissingMandatoryField,
+            message: format!(
+                "lead {} has an empty last_name, which a contact needs: fill it in and convert the lead again",
+                facts.lead_id
+            ),
+        };
+    }
     let acting = settings.acting_user;
 
     // 7. Hierarchy block: a subordinate may not convert their superior's
     // lead into someone's existing contact.
-    let email_duplicate = match (&facts.contact_by_email, &facts.contact_planned) {
-        (Some(dup), _) => Some(format!("contact {}", dup["id"])),
-        (None, Some(planned)) => Some(format!("the contact lead {} creates", planned.lead_id)),
-        (None, None) => None,
-    };
-    if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), email_duplicate) {
+    if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), &facts.contact_by_email) {
         if owner != acting && facts.is_above(owner, acting) {
             return Verdict::Failed {
                 code: ErrorCode::BlockedByHierarchy,
                 message: format!(
-                    "lead owner {owner} is above acting user {acting} in the hierarchy and {dup} has the same e-mail"
+                    "lead owner {owner} is above acting user {acting} in the hierarchy and {} has the same e-mail",
+                    describe_contact(dup)
                 ),
             };
         }
@@ -197,60 +249,87 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
     let lead_tags = if settings.carry_over_tags { record::tags(lead) } else { Vec::new() };
     let fields = &settings.fields;
 
-    // 3–4. Contact: unique field, then e-mail; else a new one.
+    // 3–4. Contact: unique field, then e-mail, then (no e-mail) the name
+    // within the matched account; else a new one.
     let matched_contact = facts
         .contact_by_unique
         .as_ref()
         .map(|(f, c)| (MatchRule::UniqueField(f.clone()), c))
         .or_else(|| facts.contact_by_email.as_ref().map(|c| (MatchRule::Email, c)))
-        .or_else(|| facts.contact_planned.as_ref().map(|p| (MatchRule::EmailOfEarlierLead(p.lead_id), &p.record)));
+        .or_else(|| facts.contact_by_name.as_ref().map(|c| (MatchRule::Name, c)));
     let contact_values = fields.values_for(lead, Module::Contact);
     let existing_contact = matched_contact.as_ref().map(|(_, c)| *c);
     let contact = match matched_contact {
         Some((rule, existing)) => {
-            merge_target(Action::Merged, rule, existing, &contact_values, &lead_tags, may_write(existing))
+            let mut t = merge_target(Action::Merged, rule, existing, &contact_values, &lead_tags, may_write(existing));
+            // 4. An opt-out is never lost, not even in a read-only merge.
+            if lead.get("email_opt_out") == Some(&Value::Bool(true))
+                && existing.get("email_opt_out") != Some(&Value::Bool(true))
+            {
+                t.values.insert("email_opt_out".into(), true.into());
+                t.email_opt_out_applied = true;
+            }
+            t
         }
         None => create_target(contact_values, owner, &lead_tags),
     };
 
-    // 3, 5. Account: unique field, the contact's own account, company; a new
-    // one only when the lead names a company.
-    let contact_account = match &contact.matched_by {
-        Some(MatchRule::EmailOfEarlierLead(_)) => {
-            facts.contact_planned.as_ref().and_then(|p| p.account.as_ref()).map(|(rule, a)| (rule.clone(), a))
+    // 3, 5. Account. The matched contact's own account stands, so that a
+    // contact never sits in one company while its deal points to another;
+    // it is filled only when the lead names it (by unique field or company).
+    // Otherwise unique field, then company; a new one only when the lead
+    // names a company.
+    let contact_account = existing_contact
+        .and_then(|c| record::id(c, "account_id"))
+        .and_then(|aid| facts.contact_accounts.iter().find(|a| record::id(a, "id") == Some(aid)));
+    let same = |a: &Record, b: Option<&Record>| b.is_some_and(|b| record::id(a, "id") == record::id(b, "id"));
+    let matched_account = match contact_account {
+        Some(a) => {
+            let rule = match &facts.account_by_unique {
+                Some((f, u)) if same(a, Some(u)) => MatchRule::UniqueField(f.clone()),
+                _ if same(a, facts.account_by_company.as_ref())
+                    || (facts.keys.company.is_some()
+                        && record::id(a, "id").and_then(|id| facts.account_names.get(&id))
+                            == facts.keys.company.as_ref()) =>
+                {
+                    MatchRule::Company
+                }
+                _ => MatchRule::ContactAccount,
+            };
+            Some((rule, a))
         }
-        _ => existing_contact
-            .and_then(|c| record::id(c, "account_id"))
-            .and_then(|aid| facts.contact_accounts.iter().find(|a| record::id(a, "id") == Some(aid)))
-            .map(|a| (MatchRule::ContactAccount, a)),
+        None => facts
+            .account_by_unique
+            .as_ref()
+            .map(|(f, a)| (MatchRule::UniqueField(f.clone()), a))
+            .or_else(|| facts.account_by_company.as_ref().map(|a| (MatchRule::Company, a))),
     };
-    let matched_account = facts
-        .account_by_unique
-        .as_ref()
-        .map(|(f, a)| (MatchRule::UniqueField(f.clone()), a))
-        .or(contact_account)
-        .or_else(|| facts.account_by_company.as_ref().map(|a| (MatchRule::Company, a)))
-        .or_else(|| facts.account_planned.as_ref().map(|p| (MatchRule::CompanyOfEarlierLead(p.lead_id), &p.record)));
     let account_values = fields.values_for(lead, Module::Account);
+    let matched_account_id = matched_account.as_ref().and_then(|(_, a)| record::id(a, "id"));
     let account = match matched_account {
+        Some((MatchRule::ContactAccount, existing)) => {
+            // Another company than the lead's: linked, never filled.
+            let writable = may_write(existing);
+            Some(merge_target(Action::Matched, MatchRule::ContactAccount, existing, &Record::new(), &[], writable))
+        }
         Some((rule, existing)) => {
             Some(merge_target(Action::Matched, rule, existing, &account_values, &lead_tags, may_write(existing)))
         }
         None if account_values.contains_key("account_name") => Some(create_target(account_values, owner, &lead_tags)),
         None => None,
     };
-
-    let link_contact_to_account = account.is_some()
-        && match existing_contact {
-            None => true,
-            Some(c) => contact.writable && record::id(c, "account_id").is_none(),
-        };
+    // 5. The contact is linked to the account when it has none yet: a new
+    // contact, or a matched one (also read-only: the link is the
+    // conversion's, not a fill of the contact's data).
+    let link_contact_to_account =
+        account.is_some() && existing_contact.is_none_or(|c| record::id(c, "account_id").is_none());
     let merged = contact.action == Action::Merged || account.as_ref().is_some_and(|a| a.action == Action::Matched);
 
     // 8. Deal, with the repeat marks of seed 002.
     let deal = settings.deal.as_ref().map(|d| {
-        let won_before = contact.id.is_some_and(|id| facts.won_contacts.contains(&id))
-            || account.as_ref().and_then(|a| a.id).is_some_and(|id| facts.won_accounts.contains(&id));
+        let won_before =
+            existing_contact.and_then(|c| record::id(c, "id")).is_some_and(|id| facts.won_contacts.contains(&id))
+                || matched_account_id.is_some_and(|id| facts.won_accounts.contains(&id));
         let deal_name = d.name.render(lead);
         let closing_date = d.closing_date.resolve(today);
         let mut values = fields.values_for(lead, Module::Deal);
@@ -303,12 +382,24 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
         account,
         deal,
         link_contact_to_account,
-        lead_is_repeat: merged,
+        // 12. A lead marked repeat by hand (seed 002) stays so.
+        lead_is_repeat: merged || lead.get("is_repeat") == Some(&Value::Bool(true)),
         notes_to,
         note_copies_to,
         attachments_to,
         activities_to,
     }))
+}
+
+/// "contact 42", or for a dry run "the contact lead 7 creates".
+fn describe_contact(c: &Record) -> String {
+    match record::id(c, "id") {
+        Some(id) => match created_by_lead(id) {
+            Some(lead) => format!("the contact lead {lead} creates"),
+            None => format!("contact {id}"),
+        },
+        None => "a contact".into(),
+    }
 }
 
 fn set_owner_and_tags(values: &mut Record, owner: Option<i64>, tags: &[String]) {
@@ -322,7 +413,15 @@ fn set_owner_and_tags(values: &mut Record, owner: Option<i64>, tags: &[String]) 
 
 fn create_target(mut values: Record, owner: Option<i64>, tags: &[String]) -> Target {
     set_owner_and_tags(&mut values, owner, tags);
-    Target { action: Action::Created, id: None, matched_by: None, writable: true, values }
+    Target {
+        action: Action::Created,
+        id: None,
+        created_by_lead: None,
+        matched_by: None,
+        writable: true,
+        email_opt_out_applied: false,
+        values,
+    }
 }
 
 fn merge_target(
@@ -342,5 +441,14 @@ fn merge_target(
             values.insert("tags".into(), all.into());
         }
     }
-    Target { action, id: record::id(existing, "id"), matched_by: Some(rule), writable, values }
+    let id = record::id(existing, "id");
+    Target {
+        action,
+        id: id.filter(|&id| id > 0),
+        created_by_lead: id.and_then(created_by_lead),
+        matched_by: Some(rule),
+        writable,
+        email_opt_out_applied: false,
+        values,
+    }
 }

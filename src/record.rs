@@ -53,6 +53,15 @@ pub fn is_empty(v: Option<&Value>) -> bool {
     }
 }
 
+/// `v` with text trimmed of white space at both ends (Unicode White_Space:
+/// NBSP, tabs and new lines too); other values as they are.
+pub fn trimmed(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(s.trim().to_owned()),
+        other => other.clone(),
+    }
+}
+
 pub fn text<'a>(r: &'a Record, field: &str) -> Option<&'a str> {
     r.get(field).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty())
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::convert::{LeadResult, RESULT_COLUMNS};
 use crate::error::{ErrorCode, Refusal};
 use crate::job::{self, Job};
-use crate::plan::{Action, MatchRule, Plan, Verdict};
+use crate::plan::{Action, Plan, Verdict};
 
 /// A job with what a person watching it wants to know.
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +146,11 @@ pub fn plan_line(p: &Plan) -> String {
             let target = |t: &crate::plan::Target, what: &str| {
                 let read_only = if t.writable { "" } else { " (read-only)" };
                 match (&t.id, &t.matched_by) {
+                    (None, Some(_)) if t.created_by_lead.is_some() => format!(
+                        "{what} {} the one lead {} creates{read_only}",
+                        if t.action == Action::Merged { "merged into" } else { "matched:" },
+                        t.created_by_lead.unwrap_or_default()
+                    ),
                     (Some(id), Some(rule)) => format!(
                         "{what} {} {id} by {}{read_only}",
                         serde_json::to_value(t.action).map(|v| v.as_str().unwrap_or("").to_owned()).unwrap_or_default(),
@@ -153,13 +158,13 @@ pub fn plan_line(p: &Plan) -> String {
                             .map(|v| v.to_string().trim_matches('"').to_owned())
                             .unwrap_or_default(),
                     ),
-                    (None, Some(MatchRule::EmailOfEarlierLead(l) | MatchRule::CompanyOfEarlierLead(l))) => {
-                        format!("{what} merged into the one lead {l} creates{read_only}")
-                    }
                     _ => format!("new {what}"),
                 }
             };
             let mut parts = vec![target(&c.contact, "contact")];
+            if c.contact.email_opt_out_applied {
+                parts.push("e-mail opt-out set".into());
+            }
             parts.push(c.account.as_ref().map_or("no account".into(), |a| target(a, "account")));
             if let Some(d) = &c.deal {
                 let mark = if d.is_repeat {

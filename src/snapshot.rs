@@ -5,6 +5,12 @@
 //! on its normalised e-mail, company and unique values (so two concurrent
 //! conversions never both decide to create the same contact or account),
 //! then the candidate records themselves. A dry run reads without locks.
+//!
+//! "The same" e-mail, company and name are decided by Postgres alone
+//! (`leadconv_norm*`, migration 0009): the lead's keys, the lock keys, the
+//! lookups and the keys of every record read are all computed there, so the
+//! rules in `plan` and the dry run's memory in `run` compare keys and never
+//! normalise text themselves.
 
 use std::collections::HashMap;
 
@@ -14,7 +20,7 @@ use sqlx::PgConnection;
 
 use crate::mapping::UniqueKey;
 use crate::options::Settings;
-use crate::plan::Facts;
+use crate::plan::{ContactKeys, Facts, LeadKeys};
 use crate::record::{self, Module, Record};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,118 +40,171 @@ impl Locking {
     }
 }
 
-/// The keys serialising conversions that could create the same record.
-/// Sorted, so that every transaction takes them in one global order and two
-/// conversions cannot deadlock on them.
-pub fn lock_keys(lead: &Record, settings: &Settings) -> Vec<String> {
-    let mut keys = Vec::new();
-    if let Some(email) = record::text(lead, "email") {
-        keys.push(format!("email:{}", normalize_email(email)));
-    }
-    if let Some(company) = record::text(lead, "company") {
-        keys.push(format!("company:{}", normalize_company(company)));
-    }
+/// A contact as read: the row and its keys, normalised by Postgres.
+const CONTACT: &str =
+    "to_jsonb(c), leadconv_norm_email(c.email), leadconv_norm(c.first_name), leadconv_norm(c.last_name)";
+/// An account as read: the row and its normalised name.
+const ACCOUNT: &str = "to_jsonb(a), leadconv_norm_company(a.account_name)";
+
+type ContactRow = (Json<Record>, Option<String>, Option<String>, Option<String>);
+type AccountRow = (Json<Record>, Option<String>);
+
+/// The advisory locks of a lead, taken in one statement in the order of
+/// their 64-bit keys, so every transaction takes them in one global order
+/// and two conversions cannot deadlock on them. The keys come from the same
+/// SQL functions as the lookups (`leadconv_lock_key` over `leadconv_norm*`).
+/// Unique values are compared as jsonb (numbers by value), as `@>` does.
+const LOCK_KEYS: &str = "
+    SELECT pg_advisory_xact_lock(k) FROM (
+        SELECT DISTINCT k FROM unnest(
+            ARRAY[leadconv_lock_key('email', leadconv_norm_email($1)),
+                  leadconv_lock_key('company', leadconv_norm_company($2))]
+            || ARRAY(SELECT leadconv_lock_key('unique:' || f,
+                                              CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
+                                                                   ELSE v::text END)
+                     FROM unnest($3::text[], $4::jsonb[]) AS u(f, v))
+        ) AS k WHERE k IS NOT NULL ORDER BY k
+    ) AS sorted";
+
+/// The unique values of a lead: `module.field` and the lead's value, for
+/// the unique custom fields some lead field maps into.
+fn unique_values(lead: &Record, settings: &Settings) -> (Vec<String>, Vec<Json<Value>>) {
     let custom = record::custom_fields(lead);
+    let mut fields = Vec::new();
+    let mut values = Vec::new();
     for module in [Module::Contact, Module::Account] {
         for k in settings.fields.unique_keys(module) {
             if let Some(v) = custom.get(&k.lead_field).filter(|v| !record::is_empty(Some(v))) {
-                keys.push(format!("unique:{}:{}:{}", module.as_str(), k.target_field, v));
+                fields.push(format!("{}.{}", module.as_str(), k.target_field));
+                values.push(Json(v.clone()));
             }
         }
     }
-    keys.sort();
-    keys.dedup();
-    keys
+    (fields, values)
 }
 
-/// Mirrors SQL `leadconv_norm_email`: trimmed, lower-case.
-pub fn normalize_email(s: &str) -> String {
-    s.trim().to_lowercase()
+/// Takes the advisory locks of `lead` (see [`LOCK_KEYS`]).
+pub async fn lock(conn: &mut PgConnection, lead: &Record, settings: &Settings) -> sqlx::Result<()> {
+    let (fields, values) = unique_values(lead, settings);
+    sqlx::query(LOCK_KEYS)
+        .bind(lead.get("email").and_then(Value::as_str))
+        .bind(lead.get("company").and_then(Value::as_str))
+        .bind(&fields)
+        .bind(&values)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
-/// Mirrors SQL `leadconv_norm_company`: trimmed, lower-case, inner white
-/// space collapsed to one space.
-pub fn normalize_company(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+/// The lock keys [`lock`] takes for `lead`, sorted: for tests that check
+/// that the locks and the matching agree on what is "the same".
+pub async fn lock_keys(conn: &mut PgConnection, lead: &Record, settings: &Settings) -> sqlx::Result<Vec<i64>> {
+    let (fields, values) = unique_values(lead, settings);
+    let sql = LOCK_KEYS.replacen("SELECT pg_advisory_xact_lock(k) FROM", "SELECT k FROM", 1);
+    sqlx::query_scalar(&sql)
+        .bind(lead.get("email").and_then(Value::as_str))
+        .bind(lead.get("company").and_then(Value::as_str))
+        .bind(&fields)
+        .bind(&values)
+        .fetch_all(conn)
+        .await
 }
 
 pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, locking: Locking) -> sqlx::Result<Facts> {
     let lock = locking.clause();
     let mut facts = Facts { lead_id, ..Facts::default() };
-    let lead: Option<Json<Record>> =
-        sqlx::query_scalar(&format!("SELECT to_jsonb(l) FROM leads l WHERE id = $1{lock}"))
-            .bind(lead_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(Json(lead)) = lead else { return Ok(facts) };
+    let lead: Option<(Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>)> =
+        sqlx::query_as(&format!(
+            "SELECT to_jsonb(l), leadconv_norm_email(l.email), leadconv_norm_company(l.company),
+                    leadconv_norm(l.first_name), leadconv_norm(l.last_name)
+             FROM leads l WHERE id = $1{lock}"
+        ))
+        .bind(lead_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some((Json(lead), email, company, first_name, last_name)) = lead else { return Ok(facts) };
+    facts.keys = LeadKeys { email, company, first_name, last_name };
     if !record::is_empty(lead.get("converted_at")) {
         facts.lead = Some(lead);
         return Ok(facts);
     }
 
     if locking == Locking::ForUpdate {
-        let keys = lock_keys(&lead, settings);
-        if !keys.is_empty() {
-            // unnest yields the keys in array order, so locks are taken in
-            // the sorted order of `keys`.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k")
-                .bind(&keys)
-                .execute(&mut *conn)
-                .await?;
-        }
+        self::lock(conn, &lead, settings).await?;
     }
 
     let custom = record::custom_fields(&lead);
-    facts.contact_by_unique =
-        by_unique(conn, "contacts", &settings.fields.unique_keys(Module::Contact), &custom, lock).await?;
-    if let Some(email) = record::text(&lead, "email") {
-        facts.contact_by_email = one(
-            conn,
-            &format!(
-                "SELECT to_jsonb(c) FROM contacts c WHERE leadconv_norm_email(email) = leadconv_norm_email($1)
-                 ORDER BY created_at, id LIMIT 1{lock}"
-            ),
-            email,
-        )
+    let contact_by_unique = by_unique::<ContactRow>(
+        conn,
+        "contacts c",
+        CONTACT,
+        &settings.fields.unique_keys(Module::Contact),
+        &custom,
+        lock,
+    )
+    .await?;
+    facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, facts.note_contact(row)));
+    if let Some(email) = &facts.keys.email {
+        let row: Option<ContactRow> = sqlx::query_as(&format!(
+            "SELECT {CONTACT} FROM contacts c WHERE leadconv_norm_email(email) = $1 ORDER BY created_at, id LIMIT 1{lock}"
+        ))
+        .bind(email)
+        .fetch_optional(&mut *conn)
         .await?;
+        facts.contact_by_email = row.map(|r| facts.note_contact(r));
     }
-    facts.account_by_unique =
-        by_unique(conn, "accounts", &settings.fields.unique_keys(Module::Account), &custom, lock).await?;
-    if let Some(company) = record::text(&lead, "company") {
-        facts.account_by_company = one(
-            conn,
-            &format!(
-                "SELECT to_jsonb(a) FROM accounts a WHERE leadconv_norm_company(account_name) = leadconv_norm_company($1)
-                 ORDER BY created_at, id LIMIT 1{lock}"
-            ),
-            company,
-        )
+    let account_by_unique = by_unique::<AccountRow>(
+        conn,
+        "accounts a",
+        ACCOUNT,
+        &settings.fields.unique_keys(Module::Account),
+        &custom,
+        lock,
+    )
+    .await?;
+    facts.account_by_unique = account_by_unique.map(|(f, row)| (f, facts.note_account(row)));
+    if let Some(company) = &facts.keys.company {
+        let row: Option<AccountRow> = sqlx::query_as(&format!(
+            "SELECT {ACCOUNT} FROM accounts a WHERE leadconv_norm_company(account_name) = $1
+             ORDER BY created_at, id LIMIT 1{lock}"
+        ))
+        .bind(company)
+        .fetch_optional(&mut *conn)
         .await?;
+        facts.account_by_company = row.map(|r| facts.note_account(r));
+    }
+    // SPEC §3.4 (seed 000): a lead without e-mail whose account was matched
+    // merges into the contact of that account with its first and last name.
+    if facts.keys.email.is_none() && facts.contact_by_unique.is_none() {
+        let account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
+        if let (Some(account_id), Some(last)) = (account.and_then(|a| record::id(a, "id")), &facts.keys.last_name) {
+            let row: Option<ContactRow> = sqlx::query_as(&format!(
+                "SELECT {CONTACT} FROM contacts c
+                 WHERE account_id = $1 AND leadconv_norm(last_name) = $2
+                   AND leadconv_norm(first_name) IS NOT DISTINCT FROM $3
+                 ORDER BY created_at, id LIMIT 1{lock}"
+            ))
+            .bind(account_id)
+            .bind(last)
+            .bind(&facts.keys.first_name)
+            .fetch_optional(&mut *conn)
+            .await?;
+            facts.contact_by_name = row.map(|r| facts.note_contact(r));
+        }
     }
 
-    let contacts: Vec<&Record> =
-        facts.contact_by_unique.iter().map(|(_, c)| c).chain(facts.contact_by_email.iter()).collect();
+    let contacts: Vec<&Record> = facts.candidate_contacts().collect();
     let contact_ids: Vec<i64> = contacts.iter().filter_map(|c| record::id(c, "id")).collect();
     let account_ids_of_contacts: Vec<i64> = contacts.iter().filter_map(|c| record::id(c, "account_id")).collect();
     if !account_ids_of_contacts.is_empty() {
-        facts.contact_accounts = sqlx::query_scalar::<_, Json<Record>>(&format!(
-            "SELECT to_jsonb(a) FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"
-        ))
-        .bind(&account_ids_of_contacts)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|j| j.0)
-        .collect();
+        let rows: Vec<AccountRow> =
+            sqlx::query_as(&format!("SELECT {ACCOUNT} FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"))
+                .bind(&account_ids_of_contacts)
+                .fetch_all(&mut *conn)
+                .await?;
+        facts.contact_accounts = rows.into_iter().map(|r| facts.note_account(r)).collect();
     }
-    let account_ids: Vec<i64> = facts
-        .account_by_unique
-        .iter()
-        .map(|(_, a)| a)
-        .chain(facts.account_by_company.iter())
-        .chain(facts.contact_accounts.iter())
-        .filter_map(|a| record::id(a, "id"))
-        .collect();
+    let account_ids: Vec<i64> = facts.candidate_accounts().filter_map(|a| record::id(a, "id")).collect();
 
     if !contact_ids.is_empty() || !account_ids.is_empty() {
         let won: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
@@ -163,15 +222,8 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
 
     let mut users: Vec<i64> = vec![settings.acting_user];
     users.extend(record::id(&lead, "owner_id"));
-    for r in contacts
-        .iter()
-        .copied()
-        .chain(facts.account_by_unique.iter().map(|(_, a)| a))
-        .chain(facts.account_by_company.iter())
-        .chain(facts.contact_accounts.iter())
-    {
-        users.extend(record::id(r, "owner_id"));
-    }
+    users
+        .extend(facts.candidate_contacts().chain(facts.candidate_accounts()).filter_map(|r| record::id(r, "owner_id")));
     users.sort_unstable();
     users.dedup();
     facts.managers_above = managers_above(conn, &users).await?;
@@ -184,33 +236,49 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
     Ok(facts)
 }
 
-async fn one(conn: &mut PgConnection, sql: &str, arg: &str) -> sqlx::Result<Option<Record>> {
-    let r: Option<Json<Record>> = sqlx::query_scalar(sql).bind(arg).fetch_optional(conn).await?;
-    Ok(r.map(|j| j.0))
+impl Facts {
+    fn note_contact(&mut self, (Json(c), email, first_name, last_name): ContactRow) -> Record {
+        if let Some(id) = record::id(&c, "id") {
+            self.contact_keys.insert(id, ContactKeys { email, first_name, last_name });
+        }
+        c
+    }
+
+    fn note_account(&mut self, (Json(a), name): AccountRow) -> Record {
+        if let (Some(id), Some(name)) = (record::id(&a, "id"), name) {
+            self.account_names.insert(id, name);
+        }
+        a
+    }
 }
 
 /// The oldest record whose unique custom field holds the lead's mapped
 /// value, trying the unique fields in their stable order.
-async fn by_unique(
+async fn by_unique<R>(
     conn: &mut PgConnection,
     table: &'static str,
+    columns: &'static str,
     keys: &[UniqueKey],
     lead_custom: &serde_json::Map<String, Value>,
     lock: &str,
-) -> sqlx::Result<Option<(String, Record)>> {
+) -> sqlx::Result<Option<(String, R)>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let alias = table.rsplit(' ').next().unwrap_or(table);
     for k in keys {
         let Some(v) = lead_custom.get(&k.lead_field).filter(|v| !record::is_empty(Some(v))) else { continue };
         // `@>` with a one-key object uses the jsonb_path_ops GIN index for
         // whichever field is unique, without an index per field.
-        let found: Option<Json<Record>> = sqlx::query_scalar(&format!(
-            "SELECT to_jsonb(t) FROM {table} t WHERE custom_fields @> jsonb_build_object($1::text, $2::jsonb)
-             ORDER BY created_at, id LIMIT 1{lock}"
+        let found: Option<R> = sqlx::query_as(&format!(
+            "SELECT {columns} FROM {table} WHERE {alias}.custom_fields @> jsonb_build_object($1::text, $2::jsonb)
+             ORDER BY {alias}.created_at, {alias}.id LIMIT 1{lock}"
         ))
         .bind(&k.target_field)
         .bind(Json(v))
         .fetch_optional(&mut *conn)
         .await?;
-        if let Some(Json(r)) = found {
+        if let Some(r) = found {
             return Ok(Some((k.target_field.clone(), r)));
         }
     }
@@ -219,7 +287,7 @@ async fn by_unique(
 
 /// For each user, the chain of managers above them, nearest first. The depth
 /// bound keeps a cycle in `manager_id` (bad data) from looping forever.
-async fn managers_above(conn: &mut PgConnection, users: &[i64]) -> sqlx::Result<HashMap<i64, Vec<i64>>> {
+pub async fn managers_above(conn: &mut PgConnection, users: &[i64]) -> sqlx::Result<HashMap<i64, Vec<i64>>> {
     let rows: Vec<(i64, i64)> = sqlx::query_as(
         "WITH RECURSIVE up(user_id, manager_id, depth) AS (
              SELECT id, manager_id, 1 FROM users WHERE id = ANY($1) AND manager_id IS NOT NULL

@@ -1187,16 +1187,32 @@ async fn dry_run_plans_leads_sharing_an_email_or_company_as_the_conversion_does(
     assert_eq!((&p["contact"]["action"], &p["account"]["action"]), (&json!("created"), &json!("created")), "{p}");
     let p = &plans[1];
     assert_eq!(p["contact"]["action"], "merged", "{p}");
-    assert_eq!(p["contact"]["matched_by"], json!({"email_of_earlier_lead": first}), "{p}");
+    assert_eq!(
+        (&p["contact"]["matched_by"], &p["contact"]["created_by_lead"]),
+        (&json!("email"), &json!(first)),
+        "{p}"
+    );
     assert_eq!(p["contact"]["values"]["phone"], "+84 1", "fills the empty phone: {p}");
-    assert_eq!(p["account"]["matched_by"], json!({"company_of_earlier_lead": first}), "{p}");
+    assert_eq!(
+        (&p["account"]["matched_by"], &p["account"]["created_by_lead"]),
+        (&json!("company"), &json!(first)),
+        "{p}"
+    );
     assert_eq!(p["deal"]["is_repeat_inquiry"], json!(true), "{p}");
     let p = &plans[2];
-    assert_eq!(p["contact"]["matched_by"], json!({"email_of_earlier_lead": first}), "{p}");
+    assert_eq!(
+        (&p["contact"]["matched_by"], &p["contact"]["created_by_lead"]),
+        (&json!("email"), &json!(first)),
+        "{p}"
+    );
     assert_eq!(p["contact"]["values"].get("phone"), None, "the phone was filled by the second lead: {p}");
     let p = &plans[3];
     assert_eq!(p["contact"]["action"], "created", "{p}");
-    assert_eq!(p["account"]["matched_by"], json!({"company_of_earlier_lead": first}), "{p}");
+    assert_eq!(
+        (&p["account"]["matched_by"], &p["account"]["created_by_lead"]),
+        (&json!("company"), &json!(first)),
+        "{p}"
+    );
 
     // The conversion does what the plan said, lead by lead.
     let (_, results) = crm.convert_all(rep, with_deal(), &leads).await;

@@ -601,7 +601,9 @@ async fn rule3_matched_contacts_own_account_beats_company_match() {
         "the contact stays with its account"
     );
     assert!(row(&crm, "accounts", named).await["industry"].is_null(), "the company match is not used");
-    assert_eq!(row(&crm, "accounts", own).await["industry"], "IT");
+    // SPEC §3.5: the contact's own account is another company than the
+    // lead's, so it is linked but not filled with the lead's company data.
+    assert!(row(&crm, "accounts", own).await["industry"].is_null());
     assert_eq!(id_of(&row(&crm, "leads", lead).await, "converted_account_id"), Some(own));
     assert_eq!(accounts(&crm).await, 2);
 }
@@ -826,9 +828,15 @@ async fn rule6_peer_converts_and_links_without_filling() {
     assert_eq!(id_of(&l, "converted_contact_id"), Some(contact));
     assert_eq!(id_of(&l, "converted_account_id"), Some(account));
     assert_eq!(l["lead_status"], "Converted");
-    // Not a field of either record changed (phone, title, industry, tags,
-    // and the contact's empty account_id).
-    assert_eq!(row(&crm, "contacts", contact).await, contact_before);
+    // Not a field of either record changed (phone, title, industry, tags),
+    // but the contact, which had no account, is linked to the account its
+    // deal would point to (SPEC §3.5: also in a read-only merge).
+    let mut contact_after = row(&crm, "contacts", contact).await;
+    assert_eq!(id_of(&contact_after, "account_id"), Some(account));
+    for k in ["account_id", "updated_at"] {
+        contact_after.insert(k.into(), contact_before[k].clone());
+    }
+    assert_eq!(contact_after, contact_before);
     assert_eq!(row(&crm, "accounts", account).await, account_before);
     assert_eq!((contacts(&crm).await, accounts(&crm).await), (1, 1));
 }
@@ -846,7 +854,8 @@ async fn rule6_record_of_own_manager_is_read_only() {
     converted(&r);
     assert_eq!((r.contact_id, r.account_id), (Some(contact), Some(account)));
     let c = row(&crm, "contacts", contact).await;
-    assert!(c["phone"].is_null() && c["title"].is_null() && c["account_id"].is_null(), "{c:?}");
+    assert!(c["phone"].is_null() && c["title"].is_null(), "{c:?}");
+    assert_eq!(id_of(&c, "account_id"), Some(account), "linked, as the deal is (SPEC §3.5)");
     assert!(row(&crm, "accounts", account).await["industry"].is_null());
 }
 

@@ -101,10 +101,17 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn readyz(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
-    let db = sqlx::query("SELECT 1").execute(&s.pool).await.is_ok();
+    let (db, problem) = match crate::db::check_matching_locale(&s.pool).await {
+        Ok(()) => (true, None),
+        Err(e) => (false, Some(e.to_string())),
+    };
     let broker = s.enqueuer.broker_reachable().await;
     let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"postgres": db, "rabbitmq": broker}))).into_response()
+    let mut body = json!({"postgres": db, "rabbitmq": broker});
+    if let Some(p) = problem {
+        body["postgres_problem"] = p.into();
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(axum::extract::State(s): axum::extract::State<AppState>) -> Response {

@@ -98,6 +98,21 @@ impl TestDb {
         TestDb { name, pool }
     }
 
+    /// An empty, unmigrated database with the given `LC_CTYPE`.
+    pub async fn blank_with_ctype(ctype: &str) -> TestDb {
+        let _ = template().await;
+        let name = format!("leadconv_t_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!(
+            "CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE '{ctype}'"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let pool = PgPoolOptions::new().max_connections(2).connect(&url_for(&name)).await.unwrap();
+        TestDb { name, pool }
+    }
+
     pub fn url(&self) -> String {
         url_for(&self.name)
     }
