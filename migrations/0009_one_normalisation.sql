@@ -15,8 +15,9 @@
 --      "İSTANBUL" and "istanbul" are the same; dotless ı stays ı, as in
 --      Unicode's default case folding), ẞ to ß; then lower() with the
 --      database's LC_CTYPE (which `leadconv migrate` checks is Unicode-aware,
---      see below); then final ς as σ and ß as ss (Greek Σ/σ/ς alike, German
---      "STRASSE" = "Straße").
+--      see below); then i + combining dot above (how Python, JavaScript and
+--      ICU lower-case İ) as i, final ς as σ and ß as ss (Greek Σ/σ/ς alike,
+--      German "STRASSE" = "Straße").
 --   3. White space: every character with the Unicode White_Space property
 --      (tab, new line, vertical tab, form feed, carriage return, space, U+0085,
 --      NBSP, U+1680, U+2000–U+200A, U+2028, U+2029, U+202F, U+205F, U+3000)
@@ -40,7 +41,7 @@ CREATE FUNCTION leadconv_norm(text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURNS NULL ON NULL INPUT
     AS $$
     SELECT NULLIF(btrim(regexp_replace(
-        replace(translate(lower(translate(normalize($1, NFKC), 'İẞ', 'iß')), 'ς', 'σ'), 'ß', 'ss'),
+        replace(replace(translate(lower(translate(normalize($1, NFKC), 'İẞ', 'iß')), 'ς', 'σ'), 'ß', 'ss'), E'i\u0307', 'i'),
         '[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]+', ' ', 'g'), ' '), '')
     $$;
 
