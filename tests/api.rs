@@ -444,3 +444,18 @@ async fn metrics_parse_and_count_what_the_job_did() {
     assert_eq!(sum(&served, "leadconv_jobs", &[("status", "completed")]), 2.0);
     assert_eq!(sum(&served, "leadconv_leads_enqueued_total", &[]), 6.0);
 }
+
+// Issue 8: a database where lower() folds only ASCII is not ready: matching
+// Polish, Turkish or Vietnamese data would silently degrade there.
+#[tokio::test]
+async fn readyz_refuses_a_database_whose_lower_is_ascii_only() {
+    let db = TestDb::blank_with_ctype("C").await;
+    let broker = TestBroker::new().await;
+    let server = serve(&db, &broker).await;
+    let r = reqwest::get(format!("{}/readyz", server.base)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((&body["postgres"], &body["rabbitmq"]), (&json!(false), &json!(true)), "{body}");
+    let problem = body["postgres_problem"].as_str().unwrap_or("");
+    assert!(problem.contains("LC_CTYPE") && problem.contains("C.UTF-8"), "{body}");
+}
