@@ -48,6 +48,8 @@ const ACCOUNT: &str = "to_jsonb(a), leadconv_norm_company(a.account_name)";
 
 type ContactRow = (Json<Record>, Option<String>, Option<String>, Option<String>);
 type AccountRow = (Json<Record>, Option<String>);
+/// The lead and its keys: e-mail, company, first and last name.
+type LeadRow = (Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>);
 
 /// The advisory locks of a lead, taken in one statement in the order of
 /// their 64-bit keys, so every transaction takes them in one global order
@@ -113,15 +115,14 @@ pub async fn lock_keys(conn: &mut PgConnection, lead: &Record, settings: &Settin
 pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, locking: Locking) -> sqlx::Result<Facts> {
     let lock = locking.clause();
     let mut facts = Facts { lead_id, ..Facts::default() };
-    let lead: Option<(Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>)> =
-        sqlx::query_as(&format!(
-            "SELECT to_jsonb(l), leadconv_norm_email(l.email), leadconv_norm_company(l.company),
+    let lead: Option<LeadRow> = sqlx::query_as(&format!(
+        "SELECT to_jsonb(l), leadconv_norm_email(l.email), leadconv_norm_company(l.company),
                     leadconv_norm(l.first_name), leadconv_norm(l.last_name)
              FROM leads l WHERE id = $1{lock}"
-        ))
-        .bind(lead_id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    ))
+    .bind(lead_id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some((Json(lead), email, company, first_name, last_name)) = lead else { return Ok(facts) };
     facts.keys = LeadKeys { email, company, first_name, last_name };
     if !record::is_empty(lead.get("converted_at")) {

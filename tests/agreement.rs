@@ -335,7 +335,9 @@ fn check_target(
     let ok = match (plan.get("id").and_then(Value::as_i64), plan.get("created_by_lead").and_then(Value::as_i64)) {
         (Some(id), _) => got == Some(id),
         (None, Some(lead)) => got_made_by == Some(&lead),
-        (None, None) if plan["action"] == "created" => got.is_some_and(|id| !before.contains(&id)) && got_made_by.is_none(),
+        (None, None) if plan["action"] == "created" => {
+            got.is_some_and(|id| !before.contains(&id)) && got_made_by.is_none()
+        }
         _ => got.is_none(),
     };
     if ok {
@@ -397,10 +399,14 @@ async fn dry_run_equals_conversion(seed: u64, stage: &str) {
                 }
                 let deal = crm.row("deals", r.deal_id.unwrap()).await.unwrap();
                 let d = c.deal.as_ref().unwrap();
-                if (json!(d.is_repeat), json!(d.is_repeat_inquiry)) != (deal["is_repeat"].clone(), deal["is_repeat_inquiry"].clone()) {
+                if (json!(d.is_repeat), json!(d.is_repeat_inquiry))
+                    != (deal["is_repeat"].clone(), deal["is_repeat_inquiry"].clone())
+                {
                     problems.push(format!("deal marks {} / {}", deal["is_repeat"], deal["is_repeat_inquiry"]));
                 }
-                if Some(c.lead_is_repeat) != r.is_repeat || Some(c.contact.email_opt_out_applied) != r.email_opt_out_applied {
+                if Some(c.lead_is_repeat) != r.is_repeat
+                    || Some(c.contact.email_opt_out_applied) != r.email_opt_out_applied
+                {
                     problems.push(format!("lead repeat {:?}, opt-out {:?}", r.is_repeat, r.email_opt_out_applied));
                 }
                 if c.contact.action == plan::Action::Created {
@@ -426,7 +432,13 @@ async fn dry_run_equals_conversion(seed: u64, stage: &str) {
     }
     // The seed covers what it claims to.
     assert!(merged >= 150 && blocked > 0 && read_only > 0 && repeats > 0, "{merged} {blocked} {read_only} {repeats}");
-    assert!(wrong.is_empty(), "{} of {} leads differ from their dry run:\n{}", wrong.len(), results.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {} leads differ from their dry run:\n{}",
+        wrong.len(),
+        results.len(),
+        wrong.join("\n")
+    );
 }
 
 #[tokio::test]

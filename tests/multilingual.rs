@@ -441,3 +441,42 @@ async fn dry_run_sees_the_account_an_earlier_lead_gives_the_shared_contact() {
     assert_eq!(results[2].account_id, Some(won));
     assert_eq!(plans[2]["deal"]["is_repeat"], json!(true));
 }
+
+// Migration 0009 rebuilds the matching indexes: rows stored before it, with
+// keys of the old definition, are found through the index by the new one.
+#[tokio::test]
+async fn existing_data_is_reindexed_under_the_new_normalisation() {
+    let db = TestDb::blank_with_ctype("C.UTF-8").await;
+    let before = std::env::temp_dir().join(format!("leadconv_migrations_{}", std::process::id()));
+    std::fs::create_dir_all(&before).unwrap();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "0009" {
+            std::fs::copy(&path, before.join(name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(before.as_path()).await.unwrap().run(&db.pool).await.unwrap();
+    std::fs::remove_dir_all(&before).unwrap();
+    sqlx::query("INSERT INTO contacts (last_name, email) VALUES ('Carol', E'Carol@Example.com\\n')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO accounts (account_name) VALUES (E'İSTANBUL\\u00a0TİCARET')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    leadconv::db::migrate(&db.pool).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    // Only the indexes may answer.
+    sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await.unwrap();
+    let found: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM contacts WHERE leadconv_norm_email(email) = 'carol@example.com'),
+                (SELECT count(*) FROM accounts WHERE leadconv_norm_company(account_name) = 'istanbul ticaret')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(found, (1, 1));
+}
