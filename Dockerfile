@@ -5,16 +5,18 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that a source change does not rebuild them: a
-# stub crate with the real manifest and lock file.
+# stub crate (and stub domain crate) with the real manifests and lock file.
 COPY Cargo.toml Cargo.lock ./
+COPY domain/Cargo.toml domain/Cargo.toml
 COPY scripts/build-release.sh scripts/build-release.sh
-RUN mkdir -p src migrations \
+RUN mkdir -p src migrations domain/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs domain/src/lib.rs \
     && ./scripts/build-release.sh \
-    && rm -rf src target/release/leadconv target/release/deps/leadconv-* target/release/deps/libleadconv-* \
-              target/release/.fingerprint/leadconv-*
+    && rm -rf src domain/src target/release/leadconv target/release/deps/leadconv* target/release/deps/libleadconv* \
+              target/release/.fingerprint/leadconv*
 # The real sources. migrations/ is embedded into the binary by sqlx::migrate!.
+COPY domain/src domain/src
 COPY src src
 COPY migrations migrations
 COPY openapi.json openapi.json

@@ -329,7 +329,7 @@ pub async fn dry_run(
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND ");
-    criteria.push_sql(&mut qb);
+    crate::criteria::push_sql(criteria, &mut qb);
     qb.push(" ORDER BY l.id");
     let leads: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
     let deals_are_won = match &settings.deal {

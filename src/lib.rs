@@ -13,27 +13,26 @@ pub mod bench;
 pub mod convert;
 pub mod criteria;
 pub mod db;
-pub mod deal;
 pub mod demo;
 pub mod enqueue;
 pub mod error;
 pub mod job;
 pub mod mapping;
-pub mod merge;
 pub mod metrics;
 pub mod options;
-pub mod plan;
 pub mod producer;
 pub mod queue;
-pub mod record;
 pub mod report;
 pub mod rules;
-pub mod run;
 pub mod schedule;
 pub mod seed;
 pub mod serve;
 pub mod shutdown;
 pub mod snapshot;
 pub mod worker;
+
+// The CRM rules live in the `leadconv-domain` crate, which cannot reach the
+// database or the queue; they are re-exported under their usual paths.
+pub use leadconv_domain::{deal, merge, plan, record, run};
 
 pub use error::{Error, ErrorCode, Refusal};

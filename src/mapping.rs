@@ -1,166 +1,41 @@
-//! Which lead field lands in which account, contact and deal field.
-//!
-//! The standard mapping is SPEC §3.10's table, as data. Custom fields follow
-//! `conversion_mappings`; their validity (same data type, text only into text
-//! at least as long) is enforced by a trigger when a mapping is saved, so no
-//! writer can store one that would corrupt data at conversion time.
+//! Reading and saving the field mapping (`custom_field_defs`,
+//! `conversion_mappings`); the mapping itself is the domain's
+//! ([`leadconv_domain::mapping`]).
 
-use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
+pub use leadconv_domain::mapping::*;
+
 use crate::error::{ErrorCode, Refusal};
-use crate::record::{self, Module, Record};
-
-/// One row of the standard mapping table.
-pub struct StandardField {
-    pub lead: &'static str,
-    pub account: Option<&'static str>,
-    pub contact: Option<&'static str>,
-    pub deal: Option<&'static str>,
-}
-
-const fn row(
-    lead: &'static str,
-    account: Option<&'static str>,
-    contact: Option<&'static str>,
-    deal: Option<&'static str>,
-) -> StandardField {
-    StandardField { lead, account, contact, deal }
-}
-
-/// SPEC §3.10. The owner row is not here: owners follow the owner rule
-/// (override or the lead's owner), not a copy.
-pub const STANDARD: &[StandardField] = &[
-    row("salutation", None, Some("salutation"), None),
-    row("first_name", None, Some("first_name"), None),
-    row("last_name", None, Some("last_name"), None),
-    row("title", None, Some("title"), None),
-    row("email", None, Some("email"), None),
-    row("mobile", None, Some("mobile"), None),
-    row("skype_id", None, Some("skype_id"), None),
-    row("email_opt_out", None, Some("email_opt_out"), None),
-    row("company", Some("account_name"), None, None),
-    row("lead_source", None, Some("lead_source"), Some("lead_source")),
-    row("industry", Some("industry"), None, None),
-    row("annual_revenue", Some("annual_revenue"), None, None),
-    row("no_of_employees", Some("no_of_employees"), None, None),
-    row("website", Some("website"), None, None),
-    row("phone", Some("phone"), Some("phone"), None),
-    row("fax", Some("fax"), Some("fax"), None),
-    row("street", Some("street"), Some("street"), None),
-    row("city", Some("city"), Some("city"), None),
-    row("state", Some("state"), Some("state"), None),
-    row("zip_code", Some("zip_code"), Some("zip_code"), None),
-    row("country", Some("country"), Some("country"), None),
-    row("rating", None, None, Some("rating")),
-];
-
-impl StandardField {
-    fn target(&self, module: Module) -> Option<&'static str> {
-        match module {
-            Module::Account => self.account,
-            Module::Contact => self.contact,
-            Module::Deal => self.deal,
-            Module::Lead => Some(self.lead),
-        }
-    }
-}
-
-/// A custom field definition (`custom_field_defs`).
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct CustomFieldDef {
-    pub module: String,
-    pub api_name: String,
-    pub data_type: String,
-    pub max_length: Option<i32>,
-    pub is_unique: bool,
-}
-
-/// A saved `conversion_mappings` row.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct CustomMapping {
-    pub lead_field: String,
-    pub target_module: String,
-    pub target_field: String,
-}
+use crate::record::Module;
 
 /// Everything about fields that a conversion needs, read once per job.
-#[derive(Debug, Clone, Default)]
-pub struct FieldMapping {
-    pub custom: Vec<CustomMapping>,
-    pub defs: Vec<CustomFieldDef>,
-}
-
-/// A unique target field with the lead field that feeds it: how the unique
-/// field matching rule (SPEC §3.3.1) finds an existing record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UniqueKey {
-    pub lead_field: String,
-    pub target_field: String,
-}
-
-impl FieldMapping {
-    pub async fn load(conn: &mut PgConnection) -> sqlx::Result<FieldMapping> {
-        let custom = sqlx::query_as::<_, CustomMapping>(
-            "SELECT lead_field, target_module, target_field FROM conversion_mappings
-             ORDER BY target_module, target_field, lead_field",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        let defs = sqlx::query_as::<_, CustomFieldDef>(
-            "SELECT module, api_name, data_type, max_length, is_unique FROM custom_field_defs
-             ORDER BY module, api_name",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        Ok(FieldMapping { custom, defs })
-    }
-
-    pub fn has_lead_field(&self, api_name: &str) -> bool {
-        self.defs.iter().any(|d| d.module == "lead" && d.api_name == api_name)
-    }
-
-    /// The unique custom fields of `module` that some lead field maps into,
-    /// in a stable order so that the first hit is always the same one.
-    pub fn unique_keys(&self, module: Module) -> Vec<UniqueKey> {
-        self.custom
-            .iter()
-            .filter(|m| m.target_module == module.as_str())
-            .filter(|m| {
-                self.defs.iter().any(|d| d.module == m.target_module && d.api_name == m.target_field && d.is_unique)
-            })
-            .map(|m| UniqueKey { lead_field: m.lead_field.clone(), target_field: m.target_field.clone() })
-            .collect()
-    }
-
-    /// The values a lead gives a new record of `module`: standard fields by
-    /// the table, custom fields by `conversion_mappings`. Empty values are
-    /// left out so that they never count as "something to fill"; text is
-    /// trimmed of white space (SPEC §3: values written to new records are
-    /// trimmed), so " 北京科技有限公司 " names its account "北京科技有限公司".
-    pub fn values_for(&self, lead: &Record, module: Module) -> Record {
-        let mut out = Record::new();
-        for f in STANDARD {
-            if let Some(target) = f.target(module) {
-                let v = lead.get(f.lead);
-                if let Some(v) = v.filter(|v| !record::is_empty(Some(v))) {
-                    out.insert(target.to_owned(), record::trimmed(v));
-                }
-            }
-        }
-        let lead_custom = record::custom_fields(lead);
-        let mut custom = Map::new();
-        for m in self.custom.iter().filter(|m| m.target_module == module.as_str()) {
-            let v = lead_custom.get(&m.lead_field);
-            if let Some(v) = v.filter(|v| !record::is_empty(Some(v))) {
-                custom.insert(m.target_field.clone(), record::trimmed(v));
-            }
-        }
-        if !custom.is_empty() {
-            out.insert("custom_fields".into(), Value::Object(custom));
-        }
-        out
-    }
+pub async fn load(conn: &mut PgConnection) -> sqlx::Result<FieldMapping> {
+    let custom = sqlx::query_as::<_, (String, String, String)>(
+        "SELECT lead_field, target_module, target_field FROM conversion_mappings
+         ORDER BY target_module, target_field, lead_field",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(lead_field, target_module, target_field)| CustomMapping { lead_field, target_module, target_field })
+    .collect();
+    let defs = sqlx::query_as::<_, (String, String, String, Option<i32>, bool)>(
+        "SELECT module, api_name, data_type, max_length, is_unique FROM custom_field_defs
+         ORDER BY module, api_name",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(module, api_name, data_type, max_length, is_unique)| CustomFieldDef {
+        module,
+        api_name,
+        data_type,
+        max_length,
+        is_unique,
+    })
+    .collect();
+    Ok(FieldMapping { custom, defs })
 }
 
 /// Saves a custom field mapping. The database trigger is the judge; this

@@ -1,259 +1,42 @@
-//! Conversion options (SPEC §6) and their validation into [`Settings`].
-//!
-//! Everything that can be known before the first lead is checked here, when
-//! the job is created: the acting user's rights, the owner override, the
-//! deal's mandatory fields, its template, date, pipeline and stage. A job
-//! that passes cannot fail a lead for one of these reasons later.
+//! Reading what options name (users, pipeline stages, field mapping) and
+//! checking them with the domain's rules ([`leadconv_domain::options`]).
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sqlx::PgConnection;
 
-use crate::deal::{ClosingDate, NameTemplate, DEFAULT_NAME};
-use crate::error::{ErrorCode, Refusal};
-use crate::mapping::FieldMapping;
-use crate::record::Module;
+pub use leadconv_domain::options::*;
 
-/// The options as written by callers. Unknown keys are refused: a typo such
-/// as `create_deals` must not silently convert without deals.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConversionOptions {
-    #[serde(default)]
-    pub create_deal: bool,
-    #[serde(default)]
-    pub deal: Option<DealOptions>,
-    #[serde(default)]
-    pub owner_id: Option<i64>,
-    #[serde(default)]
-    pub move_attachments_to: Option<Module>,
-    #[serde(default)]
-    pub carry_over_tags: Option<bool>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DealOptions {
-    pub name: Option<String>,
-    pub closing_date: Option<String>,
-    pub stage: Option<String>,
-    pub pipeline: Option<String>,
-    pub amount: Option<serde_json::Number>,
-    pub contact_role: Option<String>,
-    pub campaign_source: Option<String>,
-}
-
-impl ConversionOptions {
-    /// Reads options from JSON, naming the path of the offending key.
-    pub fn from_json(v: &Value) -> Result<ConversionOptions, Refusal> {
-        serde_path_to_error::deserialize(v).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." { "options".to_owned() } else { path };
-            Refusal::new(ErrorCode::InvalidOption, field, e.into_inner().to_string())
-        })
-    }
-}
-
-/// The deal part of validated options.
-#[derive(Debug, Clone)]
-pub struct DealSettings {
-    pub name: NameTemplate,
-    pub closing_date: ClosingDate,
-    pub stage: String,
-    pub pipeline: String,
-    pub amount: Option<serde_json::Number>,
-    pub contact_role: Option<String>,
-    pub campaign_source: Option<String>,
-}
-
-/// Validated options plus what the engine reads once per job.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// The user who converts: the job's `requested_by`.
-    pub acting_user: i64,
-    pub owner_override: Option<i64>,
-    pub deal: Option<DealSettings>,
-    pub attachments_to: Module,
-    pub carry_over_tags: bool,
-    pub fields: FieldMapping,
-}
-
-#[derive(sqlx::FromRow)]
-struct UserFlags {
-    active: bool,
-    can_convert: bool,
-}
-
-impl Settings {
-    /// Checks `options` for a job requested by `requested_by`.
-    pub async fn prepare(
-        conn: &mut PgConnection,
-        options: &ConversionOptions,
-        requested_by: i64,
-    ) -> Result<Settings, crate::Error> {
-        let requester = sqlx::query_as::<_, UserFlags>("SELECT active, can_convert FROM users WHERE id = $1")
-            .bind(requested_by)
-            .fetch_optional(&mut *conn)
-            .await?;
-        match requester {
-            None => {
-                return Err(Refusal::new(
-                    ErrorCode::RequesterNotFound,
-                    "requested_by",
-                    format!("user {requested_by} does not exist"),
-                )
-                .into())
-            }
-            Some(u) if !u.active => {
-                return Err(Refusal::new(
-                    ErrorCode::RequesterCannotConvert,
-                    "requested_by",
-                    format!("user {requested_by} is inactive"),
-                )
-                .into())
-            }
-            Some(u) if !u.can_convert => {
-                return Err(Refusal::new(
-                    ErrorCode::RequesterCannotConvert,
-                    "requested_by",
-                    format!("user {requested_by} lacks the permission to convert leads (can_convert)"),
-                )
-                .into())
-            }
-            Some(_) => {}
-        }
-
-        if let Some(owner) = options.owner_id {
-            let active = sqlx::query_scalar::<_, bool>("SELECT active FROM users WHERE id = $1")
-                .bind(owner)
-                .fetch_optional(&mut *conn)
-                .await?;
-            match active {
-                None => {
-                    return Err(Refusal::new(
-                        ErrorCode::OwnerNotFound,
-                        "owner_id",
-                        format!("user {owner} does not exist"),
-                    )
-                    .into())
-                }
-                Some(false) => {
-                    return Err(
-                        Refusal::new(ErrorCode::OwnerInactive, "owner_id", format!("user {owner} is inactive")).into()
-                    )
-                }
-                Some(true) => {}
-            }
-        }
-
-        let fields = FieldMapping::load(conn).await?;
-        let deal = match (&options.deal, options.create_deal) {
-            (Some(d), true) => Some(Self::prepare_deal(conn, d, &fields).await?),
-            (None, true) => {
-                return Err(Refusal::new(
-                    ErrorCode::MissingMandatoryField,
-                    "deal",
-                    "create_deal is true: deal.closing_date and deal.stage are required",
-                )
-                .into())
-            }
-            (_, false) => None,
-        };
-
-        let attachments_to = options.move_attachments_to.unwrap_or(Module::Contact);
-        match attachments_to {
-            Module::Lead => {
-                return Err(Refusal::new(
-                    ErrorCode::InvalidOption,
-                    "move_attachments_to",
-                    "must be one of contact, account, deal",
-                )
-                .into())
-            }
-            Module::Deal if deal.is_none() => {
-                return Err(Refusal::new(
-                    ErrorCode::AttachmentsNeedDeal,
-                    "move_attachments_to",
-                    "attachments can move to the deal only when create_deal is true",
-                )
-                .into())
-            }
-            _ => {}
-        }
-
-        Ok(Settings {
-            acting_user: requested_by,
-            owner_override: options.owner_id,
-            deal,
-            attachments_to,
-            carry_over_tags: options.carry_over_tags.unwrap_or(true),
-            fields,
-        })
-    }
-
-    async fn prepare_deal(
-        conn: &mut PgConnection,
-        d: &DealOptions,
-        fields: &FieldMapping,
-    ) -> Result<DealSettings, crate::Error> {
-        let required = |v: &Option<String>, field: &str| -> Result<String, Refusal> {
-            match v.as_deref().map(str::trim) {
-                Some(s) if !s.is_empty() => Ok(s.to_owned()),
-                _ => Err(Refusal::new(
-                    ErrorCode::MissingMandatoryField,
-                    format!("deal.{field}"),
-                    format!("deal.{field} is mandatory when create_deal is true"),
-                )),
-            }
-        };
-        let closing_date = ClosingDate::parse(&required(&d.closing_date, "closing_date")?)?;
-        let stage = required(&d.stage, "stage")?;
-        let name = NameTemplate::parse(d.name.as_deref().unwrap_or(DEFAULT_NAME), fields)?;
-        let pipeline = d.pipeline.as_deref().map(str::trim).unwrap_or("Standard").to_owned();
-        if let Some(amount) = &d.amount {
-            if amount.as_f64().is_none_or(|a| a < 0.0 || !a.is_finite()) {
-                return Err(Refusal::new(
-                    ErrorCode::InvalidOption,
-                    "deal.amount",
-                    format!("{amount} is not a non-negative amount"),
-                )
-                .into());
-            }
-        }
-        // One row per stage; a pipeline without stages gives one NULL row,
-        // an unknown pipeline none at all.
-        let rows: Vec<Option<String>> = sqlx::query_scalar(
-            "SELECT s.stage FROM pipelines p LEFT JOIN deal_stages s ON s.pipeline = p.name
-             WHERE p.name = $1 ORDER BY s.sort_order, s.stage",
-        )
-        .bind(&pipeline)
-        .fetch_all(&mut *conn)
+/// Checks `options` for a job requested by `requested_by`.
+pub async fn prepare(
+    conn: &mut PgConnection,
+    options: &ConversionOptions,
+    requested_by: i64,
+) -> Result<Settings, crate::Error> {
+    let requester: Option<(bool, bool)> = sqlx::query_as("SELECT active, can_convert FROM users WHERE id = $1")
+        .bind(requested_by)
+        .fetch_optional(&mut *conn)
         .await?;
-        if rows.is_empty() {
-            return Err(Refusal::new(
-                ErrorCode::UnknownPipeline,
-                "deal.pipeline",
-                format!("pipeline {pipeline:?} does not exist"),
-            )
-            .into());
+    let owner_active = match options.owner_id {
+        Some(owner) => {
+            sqlx::query_scalar("SELECT active FROM users WHERE id = $1").bind(owner).fetch_optional(&mut *conn).await?
         }
-        let stages: Vec<String> = rows.into_iter().flatten().collect();
-        if !stages.contains(&stage) {
-            return Err(Refusal::new(
-                ErrorCode::StageNotInPipeline,
-                "deal.stage",
-                format!("stage {stage:?} is not in pipeline {pipeline:?} (stages: {})", stages.join(", ")),
+        None => None,
+    };
+    let fields = crate::mapping::load(conn).await?;
+    let pipeline_stages = match options.pipeline() {
+        Some(pipeline) => {
+            // One row per stage; a pipeline without stages gives one NULL
+            // row, an unknown pipeline none at all.
+            let rows: Vec<Option<String>> = sqlx::query_scalar(
+                "SELECT s.stage FROM pipelines p LEFT JOIN deal_stages s ON s.pipeline = p.name
+                 WHERE p.name = $1 ORDER BY s.sort_order, s.stage",
             )
-            .into());
+            .bind(&pipeline)
+            .fetch_all(&mut *conn)
+            .await?;
+            (!rows.is_empty()).then(|| rows.into_iter().flatten().collect())
         }
-        Ok(DealSettings {
-            name,
-            closing_date,
-            stage,
-            pipeline,
-            amount: d.amount.clone(),
-            contact_role: d.contact_role.clone().filter(|s| !s.trim().is_empty()),
-            campaign_source: d.campaign_source.clone().filter(|s| !s.trim().is_empty()),
-        })
-    }
+        None => None,
+    };
+    let facts = OptionFacts { requester, owner_active, fields, pipeline_stages };
+    Ok(Settings::check(options, requested_by, facts)?)
 }

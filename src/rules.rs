@@ -237,7 +237,7 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
         };
         let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND l.id = ANY(");
         qb.push_bind(leads.clone()).push(") AND ");
-        checked.criteria.push_sql(&mut qb);
+        crate::criteria::push_sql(&checked.criteria, &mut qb);
         let matching: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
         if !matching.is_empty() {
             valid.push((rule, checked, matching.into_iter().collect()));

@@ -144,7 +144,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
         lock,
     )
     .await?;
-    facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, facts.note_contact(row)));
+    facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, note_contact(&mut facts, row)));
     if let Some(email) = &facts.keys.email {
         let row: Option<ContactRow> = sqlx::query_as(&format!(
             "SELECT {CONTACT} FROM contacts c WHERE leadconv_norm_email(email) = $1 ORDER BY created_at, id LIMIT 1{lock}"
@@ -152,7 +152,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
         .bind(email)
         .fetch_optional(&mut *conn)
         .await?;
-        facts.contact_by_email = row.map(|r| facts.note_contact(r));
+        facts.contact_by_email = row.map(|r| note_contact(&mut facts, r));
     }
     let account_by_unique = by_unique::<AccountRow>(
         conn,
@@ -163,7 +163,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
         lock,
     )
     .await?;
-    facts.account_by_unique = account_by_unique.map(|(f, row)| (f, facts.note_account(row)));
+    facts.account_by_unique = account_by_unique.map(|(f, row)| (f, note_account(&mut facts, row)));
     if let Some(company) = &facts.keys.company {
         let row: Option<AccountRow> = sqlx::query_as(&format!(
             "SELECT {ACCOUNT} FROM accounts a WHERE leadconv_norm_company(account_name) = $1
@@ -172,7 +172,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
         .bind(company)
         .fetch_optional(&mut *conn)
         .await?;
-        facts.account_by_company = row.map(|r| facts.note_account(r));
+        facts.account_by_company = row.map(|r| note_account(&mut facts, r));
     }
     // SPEC §3.4 (seed 000): a lead without e-mail whose account was matched
     // merges into the contact of that account with its first and last name.
@@ -190,7 +190,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
             .bind(&facts.keys.first_name)
             .fetch_optional(&mut *conn)
             .await?;
-            facts.contact_by_name = row.map(|r| facts.note_contact(r));
+            facts.contact_by_name = row.map(|r| note_contact(&mut facts, r));
         }
     }
 
@@ -203,7 +203,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
                 .bind(&account_ids_of_contacts)
                 .fetch_all(&mut *conn)
                 .await?;
-        facts.contact_accounts = rows.into_iter().map(|r| facts.note_account(r)).collect();
+        facts.contact_accounts = rows.into_iter().map(|r| note_account(&mut facts, r)).collect();
     }
     let account_ids: Vec<i64> = facts.candidate_accounts().filter_map(|a| record::id(a, "id")).collect();
 
@@ -237,20 +237,20 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
     Ok(facts)
 }
 
-impl Facts {
-    fn note_contact(&mut self, (Json(c), email, first_name, last_name): ContactRow) -> Record {
-        if let Some(id) = record::id(&c, "id") {
-            self.contact_keys.insert(id, ContactKeys { email, first_name, last_name });
-        }
-        c
+/// Keeps a contact's keys in `facts` and returns the contact.
+fn note_contact(facts: &mut Facts, (Json(c), email, first_name, last_name): ContactRow) -> Record {
+    if let Some(id) = record::id(&c, "id") {
+        facts.contact_keys.insert(id, ContactKeys { email, first_name, last_name });
     }
+    c
+}
 
-    fn note_account(&mut self, (Json(a), name): AccountRow) -> Record {
-        if let (Some(id), Some(name)) = (record::id(&a, "id"), name) {
-            self.account_names.insert(id, name);
-        }
-        a
+/// Keeps an account's normalised name in `facts` and returns the account.
+fn note_account(facts: &mut Facts, (Json(a), name): AccountRow) -> Record {
+    if let (Some(id), Some(name)) = (record::id(&a, "id"), name) {
+        facts.account_names.insert(id, name);
     }
+    a
 }
 
 /// The oldest record whose unique custom field holds the lead's mapped
