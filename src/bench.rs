@@ -22,10 +22,11 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::job::{self, Dispatch, NewJob, Trigger};
 use crate::queue::Topology;
 use crate::seed::{self, SeedSpec};
-use crate::{convert, db};
+use crate::store::convert;
+use crate::store::db;
+use crate::store::job::{self, Dispatch, NewJob, Trigger};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -363,7 +364,7 @@ async fn convert_calls(
     let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
     let first = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("serve printed nothing"))?;
     let base = first.trim_start_matches("listening on ").trim().to_owned();
-    let token = crate::auth::create_token(pool, acting, "bench").await?;
+    let token = crate::store::auth::create_token(pool, acting, "bench").await?;
     let mut leads = Vec::with_capacity(calls);
     for i in 0..calls {
         let id: i64 = sqlx::query_scalar(

@@ -8,12 +8,13 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::convert;
-use crate::job::{self, Dispatch, NewJob, Trigger};
+use crate::queue::producer;
+use crate::queue::worker;
 use crate::queue::{self, Lane, Topology};
 use crate::report::{self, Progress};
 use crate::seed::{self, SeedSpec};
-use crate::{producer, worker};
+use crate::store::convert;
+use crate::store::job::{self, Dispatch, NewJob, Trigger};
 
 pub struct DemoSpec {
     pub leads: usize,

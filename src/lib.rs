@@ -1,38 +1,36 @@
 //! leadconv: bulk conversion of CRM leads into accounts, contacts and deals.
 //!
-//! One lead's way through the crate: a [`job`] snapshots leads; [`convert`]
-//! converts each in one transaction, gathering facts ([`snapshot`]),
-//! deciding by the rules ([`plan`], with [`mapping`], [`merge`], [`deal`])
-//! and writing ([`apply`]). [`options`] validates what a job asks for
-//! before anything is written.
+//! The house by layer (each folder's module doc says what it may import):
+//!
+//! - `leadconv_domain` (the `domain/` crate, re-exported here as [`plan`],
+//!   [`record`], [`merge`], [`deal`], [`run`]): the CRM rules as plain Rust.
+//! - [`store`]: everything that talks to Postgres.
+//! - [`queue`]: RabbitMQ topology, producer and worker.
+//! - [`maintenance`]: outbox sweep, counter rollup, gauges.
+//! - [`automation`]: conversion rules and schedules.
+//! - [`http`]: the API and `serve`.
+//! - [`report`], [`metrics`], [`error`], [`shutdown`]: shared by the layers.
+//!
+//! One lead's way: [`store::job`] snapshots a job's leads, [`queue`]
+//! carries one message per lead, [`store::convert`] converts each in one
+//! transaction: facts ([`store::snapshot`]), the decision ([`plan`]), the
+//! writes ([`store::apply`]), the result row.
 
-pub mod api;
-pub mod apply;
-pub mod auth;
+pub mod automation;
 pub mod bench;
-pub mod convert;
-pub mod criteria;
-pub mod db;
 pub mod demo;
-pub mod enqueue;
 pub mod error;
-pub mod job;
-pub mod mapping;
+pub mod http;
+pub mod maintenance;
 pub mod metrics;
-pub mod options;
-pub mod producer;
 pub mod queue;
 pub mod report;
-pub mod rules;
-pub mod schedule;
 pub mod seed;
-pub mod serve;
 pub mod shutdown;
-pub mod snapshot;
-pub mod worker;
+pub mod store;
 
 // The CRM rules live in the `leadconv-domain` crate, which cannot reach the
-// database or the queue; they are re-exported under their usual paths.
+// database or the queue.
 pub use leadconv_domain::{deal, merge, plan, record, run};
 
 pub use error::{Error, ErrorCode, Refusal};

@@ -6,10 +6,19 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lapin::options::ConfirmSelectOptions;
+use leadconv::bench;
+use leadconv::demo;
 use leadconv::error::{ErrorCode, Refusal};
-use leadconv::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::http::serve;
+use leadconv::queue::producer;
+use leadconv::queue::worker;
 use leadconv::queue::{self, Lane, Topology};
-use leadconv::{bench, convert, db, demo, producer, report, seed, serve, shutdown, worker};
+use leadconv::report;
+use leadconv::seed;
+use leadconv::shutdown;
+use leadconv::store::convert;
+use leadconv::store::db;
+use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -425,7 +434,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Create { user, name }) => {
             let pool = db::connect(&cli.database_url, 2).await?;
-            println!("{}", leadconv::auth::create_token(&pool, user, &name).await?);
+            println!("{}", leadconv::store::auth::create_token(&pool, user, &name).await?);
         }
         Command::Rule(cmd) => rule_command(&cli.database_url, cmd).await?,
         Command::Schedule(cmd) => schedule_command(&cli.database_url, cmd).await?,
@@ -484,7 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn rule_command(database_url: &str, cmd: RuleCommand) -> anyhow::Result<()> {
-    use leadconv::rules;
+    use leadconv::automation::rules;
     let line = |r: &rules::Rule| {
         format!(
             "{}\t{}\t{}\tacting_user={}\t{}",
@@ -528,7 +537,7 @@ async fn rule_command(database_url: &str, cmd: RuleCommand) -> anyhow::Result<()
 }
 
 async fn schedule_command(database_url: &str, cmd: ScheduleCommand) -> anyhow::Result<()> {
-    use leadconv::schedule;
+    use leadconv::automation::schedule;
     let line = |s: &schedule::Schedule| {
         format!(
             "{}\t{}\t{}\t{}\tnext={}\tlast_job={}",

@@ -12,8 +12,8 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 
-use crate::convert::LeadResult;
 use crate::queue::{Lane, Topology, RETRY_DELAYS};
+use crate::store::convert::LeadResult;
 
 pub const LEADS_ENQUEUED: &str = "leadconv_leads_enqueued_total";
 pub const CONVERSIONS: &str = "leadconv_conversions_total";

@@ -11,10 +11,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::convert::{LeadResult, RESULT_COLUMNS};
 use crate::error::{ErrorCode, Refusal};
-use crate::job::{self, Job};
 use crate::plan::{Action, Plan, Verdict};
+use crate::store::convert::{LeadResult, RESULT_COLUMNS};
+use crate::store::job::{self, Job};
 
 /// A job with what a person watching it wants to know.
 #[derive(Debug, Clone, Serialize)]

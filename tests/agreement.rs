@@ -8,11 +8,12 @@ mod common;
 use std::collections::{HashMap, HashSet};
 
 use common::*;
-use leadconv::job::{self, Trigger};
-use leadconv::options::Settings;
+use leadconv::plan;
 use leadconv::record::Record;
-use leadconv::snapshot::{self, Locking};
-use leadconv::{convert, plan};
+use leadconv::store::convert;
+use leadconv::store::job::{self, Trigger};
+use leadconv::store::options::Settings;
+use leadconv::store::snapshot::{self, Locking};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use rand::rngs::StdRng;
@@ -151,7 +152,7 @@ async fn judge(crm: &Crm, settings: &Settings, rep: i64, a: &str, b: &str) -> [(
     let lead_a = crm.lead(json!({"owner_id": rep, "last_name": "A", "email": a, "company": a})).await;
     let (first, second) = (lead_b.min(lead_a), lead_b.max(lead_a));
     let mut plans = Vec::new();
-    let criteria = leadconv::criteria::Criteria::parse(&json!({"ids": [first, second]}), &[]).unwrap();
+    let criteria = leadconv::store::criteria::Criteria::parse(&json!({"ids": [first, second]}), &[]).unwrap();
     convert::dry_run(pool, settings, &criteria, |p| {
         plans.push(serde_json::to_value(&p).unwrap());
         Ok(())

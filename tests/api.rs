@@ -30,7 +30,7 @@ impl Api {
         let broker = TestBroker::new().await;
         let server = serve(&crm.db, &broker).await;
         let rep = crm.user("Rep", json!({})).await;
-        let token = leadconv::auth::create_token(crm.pool(), rep, "test").await.unwrap();
+        let token = leadconv::store::auth::create_token(crm.pool(), rep, "test").await.unwrap();
         Api { server, crm, broker, http: reqwest::Client::new(), token, rep }
     }
 
@@ -107,7 +107,7 @@ async fn probes_document_and_authentication() {
     let r = api.http.get(api.url("/v1/jobs")).bearer_auth("lcv_not-a-token").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let viewer = api.crm.user("Viewer", json!({"can_convert": false})).await;
-    let viewer_token = leadconv::auth::create_token(api.crm.pool(), viewer, "v").await.unwrap();
+    let viewer_token = leadconv::store::auth::create_token(api.crm.pool(), viewer, "v").await.unwrap();
     let r = api.http.get(api.url("/v1/jobs")).bearer_auth(&viewer_token).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(code(&r.json().await.unwrap()), "forbidden");
@@ -306,10 +306,10 @@ async fn convert_one_lead_now() {
         "it went to the workflow lane"
     );
 
-    let mut cfg = leadconv::worker::WorkerConfig::new(amqp_url(), api.broker.topology.clone());
+    let mut cfg = leadconv::queue::worker::WorkerConfig::new(amqp_url(), api.broker.topology.clone());
     cfg.tick = Duration::from_millis(100);
     let stop = tokio_util::sync::CancellationToken::new();
-    let w = tokio::spawn(leadconv::worker::run(api.crm.pool().clone(), cfg, stop.clone()));
+    let w = tokio::spawn(leadconv::queue::worker::run(api.crm.pool().clone(), cfg, stop.clone()));
     wait_for("the pending job completes", Duration::from_secs(30), || async {
         api.crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await == 1
     })
@@ -344,7 +344,7 @@ async fn convert_one_lead_now() {
 #[tokio::test]
 async fn the_openapi_document_matches_the_routes() {
     let api = Api::new().await;
-    let doc: Value = serde_json::from_str(leadconv::api::OPENAPI).unwrap();
+    let doc: Value = serde_json::from_str(leadconv::http::OPENAPI).unwrap();
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
@@ -352,7 +352,7 @@ async fn the_openapi_document_matches_the_routes() {
         }
     }
     let served: BTreeSet<(String, String)> =
-        leadconv::api::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        leadconv::http::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
     assert_eq!(documented, served, "every documented route is served and every served route documented");
     // And the server really routes each one (no fallback "not_found"/405).
     for (method, path) in &served {

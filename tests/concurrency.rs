@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use leadconv::convert;
-use leadconv::job::{self, Trigger};
+use leadconv::store::convert;
+use leadconv::store::job::{self, Trigger};
 use serde_json::json;
 use tokio::sync::Semaphore;
 

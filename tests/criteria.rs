@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use leadconv::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
 use serde_json::{json, Value};
 
 struct Leads {

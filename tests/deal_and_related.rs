@@ -10,11 +10,13 @@ mod common;
 
 use chrono::{Days, Months, NaiveDate, Utc};
 use common::*;
-use leadconv::convert::{self, LeadResult};
-use leadconv::job::{self, Trigger};
-use leadconv::mapping::{self, CustomMapping};
 use leadconv::record::Record;
-use leadconv::{Error, ErrorCode, Refusal};
+use leadconv::store::convert::{self, LeadResult};
+use leadconv::store::job::{self, Trigger};
+use leadconv::store::mapping::{self, CustomMapping};
+use leadconv::Error;
+use leadconv::ErrorCode;
+use leadconv::Refusal;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------- helpers

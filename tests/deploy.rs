@@ -141,7 +141,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_application_exports() {
     let server = serve(&crm.db, &broker).await;
     let http = reqwest::Client::new();
     let rep = crm.user("Rep", json!({})).await;
-    let token = leadconv::auth::create_token(crm.pool(), rep, "deploy-test").await.unwrap();
+    let token = leadconv::store::auth::create_token(crm.pool(), rep, "deploy-test").await.unwrap();
 
     // A small job: three leads converted, one skipped (converted elsewhere
     // meanwhile: a failure code), and one unreadable message (a dead letter).

@@ -10,11 +10,12 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use leadconv::convert::{self, LeadResult};
-use leadconv::job::{self, Job, Trigger};
-use leadconv::options::Settings;
 use leadconv::record::Record;
-use leadconv::{Error, ErrorCode};
+use leadconv::store::convert::{self, LeadResult};
+use leadconv::store::job::{self, Job, Trigger};
+use leadconv::store::options::Settings;
+use leadconv::Error;
+use leadconv::ErrorCode;
 use serde_json::{json, Value};
 use tokio::sync::Barrier;
 use uuid::Uuid;

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::*;
-use leadconv::convert;
-use leadconv::job::{self, Trigger};
+use leadconv::store::convert;
+use leadconv::store::job::{self, Trigger};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use unicode_normalization::UnicodeNormalization;
@@ -378,7 +378,7 @@ async fn a_lead_without_email_matches_a_namesake_only_within_its_account() {
 #[tokio::test]
 async fn migrate_refuses_a_database_whose_lower_is_ascii_only() {
     let db = TestDb::blank_with_ctype("C").await;
-    let err = leadconv::db::migrate(&db.pool).await.expect_err("a C database is refused").to_string();
+    let err = leadconv::store::db::migrate(&db.pool).await.expect_err("a C database is refused").to_string();
     assert!(err.contains("LC_CTYPE") && err.contains("C.UTF-8") && err.contains("--create-database"), "{err}");
     let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'leads'")
         .fetch_one(&db.pool)
@@ -467,7 +467,7 @@ async fn existing_data_is_reindexed_under_the_new_normalisation() {
         .await
         .unwrap();
 
-    leadconv::db::migrate(&db.pool).await.unwrap();
+    leadconv::store::db::migrate(&db.pool).await.unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
     // Only the indexes may answer.
     sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await.unwrap();

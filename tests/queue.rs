@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use common::broker::{wait_for, TestBroker};
 use common::*;
-use leadconv::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::queue::producer;
+use leadconv::queue::worker;
 use leadconv::queue::{Lane, LeadMessage};
 use leadconv::seed::{self, SeedSpec};
-use leadconv::{producer, worker};
+use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use common::broker::{amqp_url, wait_for, TestBroker};
 use common::server::serve;
 use common::*;
-use leadconv::enqueue::Enqueuer;
-use leadconv::rules::{self, NewRule};
-use leadconv::worker;
+use leadconv::automation::rules::{self, NewRule};
+use leadconv::queue::enqueue::Enqueuer;
+use leadconv::queue::worker;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -321,13 +321,13 @@ async fn rule_api_endpoints_answer_success_and_each_4xx() {
     let http = reqwest::Client::new();
     let api = Api {
         base: server.base.clone(),
-        token: Some(leadconv::auth::create_token(crm.pool(), rep, "test").await.unwrap()),
+        token: Some(leadconv::store::auth::create_token(crm.pool(), rep, "test").await.unwrap()),
         http: http.clone(),
     };
     let anonymous = Api { base: server.base.clone(), token: None, http: http.clone() };
     let forbidden = Api {
         base: server.base.clone(),
-        token: Some(leadconv::auth::create_token(crm.pool(), viewer, "test").await.unwrap()),
+        token: Some(leadconv::store::auth::create_token(crm.pool(), viewer, "test").await.unwrap()),
         http,
     };
     let body = json!({"name": "qualified", "criteria": {"field": "lead_status", "op": "eq", "value": "Qualified"}, "options": with_deal()});

@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::broker::{amqp_url, wait_for, TestBroker};
 use common::server::serve;
 use common::*;
-use leadconv::enqueue::Enqueuer;
-use leadconv::schedule::{self, NewSchedule};
+use leadconv::automation::schedule::{self, NewSchedule};
+use leadconv::queue::enqueue::Enqueuer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -34,7 +34,7 @@ async fn replica(crm: &Crm, broker: &TestBroker) -> Replica {
         .env("DATABASE_URL", crm.url())
         .env("AMQP_URL", amqp_url())
         .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
-        .env("RUST_LOG", "warn,leadconv::schedule=debug")
+        .env("RUST_LOG", "warn,leadconv::automation::schedule=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -138,7 +138,7 @@ async fn missed_ticks_collapse_into_one_run() {
     assert!(s.next_run_at > chrono::Utc::now() && s.next_run_at <= chrono::Utc::now() + chrono::Duration::seconds(61));
     assert_eq!(crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'schedule'").await, 1);
     // A job matching no lead still leaves a trace: completed, total 0.
-    let job = leadconv::job::get(crm.pool(), s.last_job_id.unwrap()).await.unwrap().unwrap();
+    let job = leadconv::store::job::get(crm.pool(), s.last_job_id.unwrap()).await.unwrap().unwrap();
     assert_eq!((job.status.as_str(), job.total_count), ("completed", 0));
 
     // A disabled schedule does not run, and enabling it does not replay the
@@ -317,13 +317,13 @@ async fn schedule_api_endpoints_answer_success_and_each_4xx() {
     let http = reqwest::Client::new();
     let api = Api {
         base: server.base.clone(),
-        token: Some(leadconv::auth::create_token(crm.pool(), rep, "test").await.unwrap()),
+        token: Some(leadconv::store::auth::create_token(crm.pool(), rep, "test").await.unwrap()),
         http: http.clone(),
     };
     let anonymous = Api { base: server.base.clone(), token: None, http: http.clone() };
     let forbidden = Api {
         base: server.base.clone(),
-        token: Some(leadconv::auth::create_token(crm.pool(), viewer, "test").await.unwrap()),
+        token: Some(leadconv::store::auth::create_token(crm.pool(), viewer, "test").await.unwrap()),
         http,
     };
     let body = json!({"name": "nightly", "cron": "0 2 * * *", "criteria": {"field": "lead_status", "op": "eq", "value": "Qualified"}, "options": with_deal()});

@@ -8,9 +8,9 @@ pub mod server;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use leadconv::convert::{self, LeadResult};
-use leadconv::job::{self, Trigger};
 use leadconv::record::Record;
+use leadconv::store::convert::{self, LeadResult};
+use leadconv::store::job::{self, Trigger};
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
@@ -44,7 +44,7 @@ async fn template() -> &'static str {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await.unwrap();
             create(&mut admin, &name, "template0").await;
             let pool = PgPoolOptions::new().max_connections(1).connect(&url_for(&name)).await.unwrap();
-            leadconv::db::migrate(&pool).await.expect("migrations run");
+            leadconv::store::db::migrate(&pool).await.expect("migrations run");
             pool.close().await;
             name
         })

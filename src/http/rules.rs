@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{parse_i64, Acting, ApiError, AppState, Body};
+use crate::automation::rules::{self, NewRule, Rule};
 use crate::error::{Error, ErrorCode};
-use crate::rules::{self, NewRule, Rule};
 
 /// Like `From<Error>`, with the status of the rule and schedule codes:
 /// 404 for unknown ids, 409 for a duplicate name.

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::rules::api_error;
 use super::{parse_i64, Acting, ApiError, AppState, Body};
-use crate::schedule::{self, NewSchedule, Schedule};
+use crate::automation::schedule::{self, NewSchedule, Schedule};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

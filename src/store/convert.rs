@@ -12,13 +12,13 @@ use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::apply::{apply, Converted};
-use crate::criteria::Criteria;
 use crate::error::{self, Error, ErrorCode, Refusal};
-use crate::options::Settings;
 use crate::plan::{self, Action, Plan, Verdict};
 use crate::run::Run;
-use crate::snapshot::{self, Locking};
+use crate::store::apply::{apply, Converted};
+use crate::store::criteria::Criteria;
+use crate::store::options::Settings;
+use crate::store::snapshot::{self, Locking};
 
 /// A `conversion_results` row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -329,7 +329,7 @@ pub async fn dry_run(
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND ");
-    crate::criteria::push_sql(criteria, &mut qb);
+    crate::store::criteria::push_sql(criteria, &mut qb);
     qb.push(" ORDER BY l.id");
     let leads: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
     let deals_are_won = match &settings.deal {

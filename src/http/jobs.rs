@@ -10,9 +10,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{parse_i64, parse_uuid, Acting, ApiError, AppState, Body, Query};
-use crate::convert::{self, LeadResult, RESULT_COLUMNS};
-use crate::job::{self, NewJob, Trigger};
 use crate::report::{PlanSummary, Progress};
+use crate::store::convert::{self, LeadResult, RESULT_COLUMNS};
+use crate::store::job::{self, NewJob, Trigger};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -30,12 +30,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::convert;
 use crate::error::{Error, ErrorCode};
-use crate::job;
-use crate::options::Settings;
-use crate::producer;
 use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
+use crate::store::convert;
+use crate::store::job;
+use crate::store::options::Settings;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -174,7 +173,7 @@ async fn session(
                 // Maintenance runs beside consumption, one round at a time.
                 if sweeper.as_ref().is_none_or(|h| h.is_finished()) {
                     let (pool, ch, topology, lease) = (pool.clone(), sweeper_channel.clone(), cfg.topology.clone(), cfg.lease);
-                    sweeper = Some(tokio::spawn(async move { maintenance(&pool, &ch, &topology, lease).await }));
+                    sweeper = Some(tokio::spawn(async move { crate::maintenance::round(&pool, &ch, &topology, lease).await }));
                 }
                 seen_since_tick = false;
             }
@@ -191,7 +190,7 @@ async fn session(
         h.abort();
     }
     if outcome.is_ok() {
-        rollup_active(pool).await.ok();
+        crate::maintenance::rollup_active(pool).await.ok();
         // Channels first, then the connection: closing a connection with
         // channels still open makes lapin log spurious errors.
         for ch in channels.iter().map(|(ch, _)| ch).chain([&publisher, &sweeper_channel, &probe]) {
@@ -218,38 +217,6 @@ async fn nothing_left(pool: &PgPool, ch: &Channel, topology: &Topology) -> anyho
     .fetch_one(pool)
     .await?;
     Ok(!unpublished)
-}
-
-/// One round of maintenance: publish the outbox of an orphaned job, roll
-/// counters up.
-async fn maintenance(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Duration) {
-    match producer::claim_orphan(pool, lease).await {
-        Ok(Some((job_id, lane))) => {
-            tracing::info!(%job_id, "publishing the rest of a job whose publisher stopped");
-            if let Err(e) = producer::publish_job(pool, ch, topology, job_id, lane, lease, producer::BATCH).await {
-                tracing::warn!(%job_id, error = %e, "outbox sweep failed; will try again");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
-    }
-    if let Err(e) = rollup_active(pool).await {
-        tracing::warn!(error = %e, "counter rollup failed");
-    }
-    if let Err(e) = crate::metrics::refresh_gauges(pool, Some((ch, topology))).await {
-        tracing::debug!(error = %e, "gauge refresh failed");
-    }
-}
-
-/// Moves counter shards into their jobs' rows. Jobs are taken with SKIP
-/// LOCKED so several workers never queue on the same job row.
-async fn rollup_active(pool: &PgPool) -> sqlx::Result<()> {
-    let jobs: Vec<Uuid> =
-        sqlx::query_scalar("SELECT DISTINCT job_id FROM conversion_job_counters").fetch_all(pool).await?;
-    for id in jobs {
-        job::rollup(pool, id).await?;
-    }
-    Ok(())
 }
 
 /// Job settings, read once per job and worker rather than per lead.

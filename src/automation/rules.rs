@@ -20,10 +20,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::criteria::Criteria;
-use crate::enqueue::Enqueuer;
 use crate::error::{ErrorCode, Refusal};
-use crate::job::{self, Checked, Dispatch, NewJob, Trigger};
+use crate::queue::enqueue::Enqueuer;
+use crate::store::criteria::Criteria;
+use crate::store::job::{self, Checked, Dispatch, NewJob, Trigger};
 
 /// The channel the `leads` trigger notifies.
 pub const CHANNEL: &str = "leadconv_lead_changes";
@@ -237,7 +237,7 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
         };
         let mut qb = sqlx::QueryBuilder::new("SELECT l.id FROM leads l WHERE l.converted_at IS NULL AND l.id = ANY(");
         qb.push_bind(leads.clone()).push(") AND ");
-        crate::criteria::push_sql(&checked.criteria, &mut qb);
+        crate::store::criteria::push_sql(&checked.criteria, &mut qb);
         let matching: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
         if !matching.is_empty() {
             valid.push((rule, checked, matching.into_iter().collect()));

@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::criteria::Criteria;
 use crate::error::{ErrorCode, Refusal};
-use crate::options::{ConversionOptions, Settings};
+use crate::store::criteria::Criteria;
+use crate::store::options::{ConversionOptions, Settings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -85,7 +85,7 @@ pub struct Checked {
 pub async fn check(pool: &PgPool, new: NewJob) -> Result<Checked, crate::Error> {
     let options = ConversionOptions::from_json(&new.options)?;
     let mut conn = pool.acquire().await?;
-    let settings = crate::options::prepare(&mut conn, &options, new.requested_by).await?;
+    let settings = crate::store::options::prepare(&mut conn, &options, new.requested_by).await?;
     let criteria = Criteria::parse(&new.criteria, &settings.fields.defs)?;
     Ok(Checked { new, criteria, settings })
 }
@@ -140,7 +140,7 @@ pub async fn create_in(
     .await?;
     let mut qb = sqlx::QueryBuilder::new("INSERT INTO conversion_results (job_id, lead_id) SELECT ");
     qb.push_bind(id).push(", l.id FROM leads l WHERE l.converted_at IS NULL AND ");
-    crate::criteria::push_sql(&checked.criteria, &mut qb);
+    crate::store::criteria::push_sql(&checked.criteria, &mut qb);
     let total = qb.build().execute(&mut *tx).await?.rows_affected();
     let total = i32::try_from(total).map_err(|_| {
         Refusal::new(
@@ -293,5 +293,5 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
 pub async fn settings(pool: &PgPool, job: &Job) -> Result<Settings, crate::Error> {
     let options = ConversionOptions::from_json(&job.options)?;
     let mut conn = pool.acquire().await?;
-    crate::options::prepare(&mut conn, &options, job.requested_by).await
+    crate::store::options::prepare(&mut conn, &options, job.requested_by).await
 }

@@ -193,7 +193,7 @@ fn push_condition(qb: &mut QueryBuilder<'_, Postgres>, c: &Condition) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::CustomFieldDef;
+    use crate::store::mapping::CustomFieldDef;
     use serde_json::json;
 
     #[test]

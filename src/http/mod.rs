@@ -7,6 +7,7 @@
 mod jobs;
 mod rules;
 mod schedules;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -22,9 +23,9 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::auth;
-use crate::enqueue::Enqueuer;
 use crate::error::{Error, ErrorCode};
+use crate::queue::enqueue::Enqueuer;
+use crate::store::auth;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -101,7 +102,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn readyz(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
-    let (db, problem) = match crate::db::check_matching_locale(&s.pool).await {
+    let (db, problem) = match crate::store::db::check_matching_locale(&s.pool).await {
         Ok(()) => (true, None),
         Err(e) => (false, Some(e.to_string())),
     };

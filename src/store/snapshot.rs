@@ -18,10 +18,10 @@ use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::PgConnection;
 
-use crate::mapping::UniqueKey;
-use crate::options::Settings;
 use crate::plan::{ContactKeys, Facts, LeadKeys};
 use crate::record::{self, Module, Record};
+use crate::store::mapping::UniqueKey;
+use crate::store::options::Settings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Locking {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState};
-use crate::enqueue::Enqueuer;
+use crate::http::{self, AppState};
+use crate::queue::enqueue::Enqueuer;
 use crate::queue::Topology;
 
 pub struct ServeConfig {
@@ -21,12 +21,12 @@ pub struct ServeConfig {
 pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
     let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
-    let app = api::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics });
+    let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics });
     // Rule relay and scheduler: every replica runs both; the database
     // (SKIP LOCKED claims) keeps their work from being done twice.
     let background = [
-        tokio::spawn(crate::rules::run_relay(enqueuer.clone(), stop.clone())),
-        tokio::spawn(crate::schedule::run_scheduler(enqueuer.clone(), stop.clone())),
+        tokio::spawn(crate::automation::rules::run_relay(enqueuer.clone(), stop.clone())),
+        tokio::spawn(crate::automation::schedule::run_scheduler(enqueuer.clone(), stop.clone())),
     ];
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     // Printed so that scripts and tests binding port 0 learn the address.

@@ -13,9 +13,9 @@ use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
-use crate::job::{self, Checked, Dispatch, Job};
-use crate::producer;
+use crate::queue::producer;
 use crate::queue::{self, Lane, Topology};
+use crate::store::job::{self, Checked, Dispatch, Job};
 
 pub struct Enqueuer {
     pub pool: PgPool,

@@ -21,7 +21,7 @@ pub async fn prepare(
         }
         None => None,
     };
-    let fields = crate::mapping::load(conn).await?;
+    let fields = crate::store::mapping::load(conn).await?;
     let pipeline_stages = match options.pipeline() {
         Some(pipeline) => {
             // One row per stage; a pipeline without stages gives one NULL

@@ -22,10 +22,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::enqueue::Enqueuer;
+use crate::automation::rules::{check_name, duplicate_name};
 use crate::error::{ErrorCode, Refusal};
-use crate::job::{self, Dispatch, NewJob, Trigger};
-use crate::rules::{check_name, duplicate_name};
+use crate::queue::enqueue::Enqueuer;
+use crate::store::job::{self, Dispatch, NewJob, Trigger};
 
 /// How often each replica looks for due schedules.
 pub const TICK: Duration = Duration::from_secs(1);

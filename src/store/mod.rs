@@ -1,0 +1,21 @@
+//! Everything that talks to Postgres.
+//!
+//! Gathers the facts the domain's rules decide on (`snapshot`, `options`,
+//! `mapping`), writes what they decided (`apply`), runs one conversion in
+//! one transaction and records its result (`convert`), keeps jobs, their
+//! results and counters (`job`), compiles criteria to SQL (`criteria`), API
+//! tokens (`auth`), connections and migrations (`db`).
+//!
+//! May import: `leadconv_domain`, sqlx, `crate::error`, `crate::metrics`.
+//! Never lapin or axum: the queue and HTTP layers call into the store, not
+//! the other way round.
+
+pub mod apply;
+pub mod auth;
+pub mod convert;
+pub mod criteria;
+pub mod db;
+pub mod job;
+pub mod mapping;
+pub mod options;
+pub mod snapshot;
