@@ -4,14 +4,18 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Dependencies first, so that a source change does not rebuild them: a
-# stub crate (and stub domain crate) with the real manifests and lock file.
+# Dependencies first, so that a source change does not rebuild them: stub
+# crates with the real manifests and lock file. The workspace's developer
+# tools (sample/, devtools/) stay stubs: the image builds only `leadconv`.
 COPY Cargo.toml Cargo.lock ./
 COPY domain/Cargo.toml domain/Cargo.toml
+COPY sample/Cargo.toml sample/Cargo.toml
+COPY devtools/Cargo.toml devtools/Cargo.toml
 COPY scripts/build-release.sh scripts/build-release.sh
-RUN mkdir -p src migrations domain/src \
+RUN mkdir -p src migrations domain/src sample/src devtools/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs domain/src/lib.rs \
+    && echo 'fn main() {}' > devtools/src/main.rs \
+    && touch src/lib.rs domain/src/lib.rs sample/src/lib.rs \
     && ./scripts/build-release.sh \
     && rm -rf src domain/src target/release/leadconv target/release/deps/leadconv* target/release/deps/libleadconv* \
               target/release/.fingerprint/leadconv*

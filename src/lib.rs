@@ -17,15 +17,13 @@
 //! writes ([`store::apply`]), the result row.
 
 pub mod automation;
-pub mod bench;
-pub mod demo;
+pub mod config;
 pub mod error;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod queue;
 pub mod report;
-pub mod seed;
 pub mod shutdown;
 pub mod store;
 

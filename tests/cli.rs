@@ -291,51 +291,6 @@ async fn cancel_from_the_command_line_skips_the_pending_leads() {
     assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Bulk)).await, 0);
 }
 
-/// `leadconv bench` (the command BENCHMARKS.md is made with) runs both
-/// conversions for real: each in a fresh database of its own, the second
-/// through the real `enqueue` and `worker` processes, and prints their
-/// figures and ratio.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_runs_the_direct_baseline_and_the_queue_and_prints_their_ratio() {
-    let crm = Crm::new().await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv"))
-        .args(["bench", "--leads", "300", "--workers", "2"])
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "bench failed: {stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("direct: 300 leads in"), "{stdout}");
-    assert!(stdout.contains("through RabbitMQ: 300 of 300 leads in"), "{stdout}");
-    assert!(stdout.contains("| direct to Postgres (baseline) | 300 |"), "{stdout}");
-    assert!(stdout.contains("| enqueue → RabbitMQ → worker | 300 |"), "{stdout}");
-    let ratio = stdout.lines().find(|l| l.starts_with("through RabbitMQ / direct (baseline): ")).expect("a ratio line");
-    assert!(ratio.ends_with('%'), "{ratio}");
-
-    // The queue run's job is in its own database, completed, every lead
-    // converted once, each result stamped with its message's publication.
-    let queue_db = format!("{}_bench_queue", crm.url());
-    let pool = sqlx::PgPool::connect(&queue_db).await.unwrap();
-    let (status, converted, stamped): (String, i64, i64) = sqlx::query_as(
-        "SELECT j.status, count(*) FILTER (WHERE r.outcome = 'converted'), count(r.enqueued_at)
-         FROM conversion_job_progress j JOIN conversion_results r ON r.job_id = j.id GROUP BY j.status",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!((status.as_str(), converted, stamped), ("completed", 300, 300));
-    pool.close().await;
-
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.unwrap();
-    for run in ["direct", "queue"] {
-        let name = format!("{}_bench_{run}", crm.url().rsplit('/').next().unwrap());
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
-    }
-}
-
 /// RabbitMQ lost a job's messages (its queue was purged): `leadconv
 /// republish` sends every pending lead again, and a worker completes the job
 /// exactly. An unknown or finished job is refused with exit code 2.

@@ -18,6 +18,20 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
+/// The `leadconv` binary: cargo's path for it in the `leadconv` package's
+/// tests; for other packages of the workspace (`leadconv-dev`), the one
+/// cargo built in the target directory their test binary runs from.
+pub fn leadconv_bin() -> std::path::PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_leadconv") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let bin = dir.join(format!("leadconv{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} is missing: run the tests with cargo test --workspace", bin.display());
+    bin
+}
+
 /// The server's maintenance database; tests create their own next to it.
 pub fn admin_url() -> String {
     std::env::var("LEADCONV_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())

@@ -16,7 +16,7 @@ pub struct Server {
 
 /// Starts `leadconv serve` on a free port and waits until it listens.
 pub async fn serve(db: &TestDb, broker: &TestBroker) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_leadconv"))
+    let mut child = Command::new(super::leadconv_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("DATABASE_URL", db.url())
         .env("AMQP_URL", amqp_url())

@@ -8,13 +8,13 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::producer;
-use crate::queue::worker;
-use crate::queue::{self, Lane, Topology};
-use crate::report::{self, Progress};
-use crate::seed::{self, SeedSpec};
-use crate::store::convert;
-use crate::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::queue::producer;
+use leadconv::queue::worker;
+use leadconv::queue::{self, Lane, Topology};
+use leadconv::report::{self, Progress};
+use leadconv::store::convert;
+use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv_sample::{self as seed, SeedSpec};
 
 pub struct DemoSpec {
     pub leads: usize,

@@ -22,11 +22,11 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::queue::Topology;
-use crate::seed::{self, SeedSpec};
-use crate::store::convert;
-use crate::store::db;
-use crate::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::queue::Topology;
+use leadconv::store::convert;
+use leadconv::store::db;
+use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv_sample::{self as seed, SeedSpec};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -209,11 +209,26 @@ async fn direct(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
     })
 }
 
+/// The `leadconv` binary the queue run starts: `LEADCONV_BIN`, or the one
+/// cargo built next to this `leadconv-dev`.
+fn leadconv_binary() -> anyhow::Result<std::path::PathBuf> {
+    let path = match std::env::var_os("LEADCONV_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::env::current_exe()?.with_file_name(format!("leadconv{}", std::env::consts::EXE_SUFFIX)),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "no leadconv binary at {}: build it (cargo build --release --bins) or set LEADCONV_BIN",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// The product: `leadconv enqueue` and `leadconv worker` as processes.
 async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<RunReport> {
     let (seeded, criteria) = seed_run(pool, args, 2).await?;
     let prefix = format!("leadconv_bench_{}", std::process::id());
-    let exe = std::env::current_exe()?;
+    let exe = leadconv_binary()?;
     let base = |sub: &str| {
         let mut c = Command::new(&exe);
         c.arg(sub)
@@ -284,7 +299,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     }
 
     // Leave the broker as it was.
-    if let Ok(conn) = crate::queue::connect(amqp_url).await {
+    if let Ok(conn) = leadconv::queue::connect(amqp_url).await {
         if let Ok(ch) = conn.create_channel().await {
             let _ = Topology::new(prefix).delete(&ch).await;
             // The channel before the connection, or lapin logs an error.
@@ -364,7 +379,7 @@ async fn convert_calls(
     let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
     let first = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("serve printed nothing"))?;
     let base = first.trim_start_matches("listening on ").trim().to_owned();
-    let token = crate::store::auth::create_token(pool, acting, "bench").await?;
+    let token = leadconv::store::auth::create_token(pool, acting, "bench").await?;
     let mut leads = Vec::with_capacity(calls);
     for i in 0..calls {
         let id: i64 = sqlx::query_scalar(

@@ -1,0 +1,79 @@
+//! The developer tools, run as their binary against the real Postgres and
+//! RabbitMQ: the benchmark and the demo.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::broker::amqp_url;
+use common::*;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `leadconv-dev bench` (the command BENCHMARKS.md is made with) runs both
+/// conversions for real: each in a fresh database of its own, the second
+/// through the real `enqueue` and `worker` processes, and prints their
+/// figures and ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_the_direct_baseline_and_the_queue_and_prints_their_ratio() {
+    let crm = Crm::new().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv-dev"))
+        .args(["bench", "--leads", "300", "--workers", "2"])
+        .env("LEADCONV_BIN", leadconv_bin())
+        .env("DATABASE_URL", crm.url())
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "bench failed: {stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("direct: 300 leads in"), "{stdout}");
+    assert!(stdout.contains("through RabbitMQ: 300 of 300 leads in"), "{stdout}");
+    assert!(stdout.contains("| direct to Postgres (baseline) | 300 |"), "{stdout}");
+    assert!(stdout.contains("| enqueue → RabbitMQ → worker | 300 |"), "{stdout}");
+    let ratio = stdout.lines().find(|l| l.starts_with("through RabbitMQ / direct (baseline): ")).expect("a ratio line");
+    assert!(ratio.ends_with('%'), "{ratio}");
+
+    // The queue run's job is in its own database, completed, every lead
+    // converted once, each result stamped with its message's publication.
+    let queue_db = format!("{}_bench_queue", crm.url());
+    let pool = sqlx::PgPool::connect(&queue_db).await.unwrap();
+    let (status, converted, stamped): (String, i64, i64) = sqlx::query_as(
+        "SELECT j.status, count(*) FILTER (WHERE r.outcome = 'converted'), count(r.enqueued_at)
+         FROM conversion_job_progress j JOIN conversion_results r ON r.job_id = j.id GROUP BY j.status",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), converted, stamped), ("completed", 300, 300));
+    pool.close().await;
+
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.unwrap();
+    for run in ["direct", "queue"] {
+        let name = format!("{}_bench_{run}", crm.url().rsplit('/').next().unwrap());
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
+    }
+}
+
+/// `leadconv-dev demo` (the README's first command) creates its database,
+/// seeds sample leads and converts them all through RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_seeds_and_converts_every_sample_lead() {
+    let crm = Crm::new().await;
+    let prefix = format!("leadconv_t_demo_{}", std::process::id());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv-dev"))
+        .args(["demo", "--leads", "200", "--concurrency", "4"])
+        .env("DATABASE_URL", crm.url())
+        .env("AMQP_URL", amqp_url())
+        .env("LEADCONV_QUEUE_PREFIX", &prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "demo failed: {}{}", text(&out.stdout), text(&out.stderr));
+    let pending = crm.count("SELECT count(*) FROM conversion_results WHERE outcome = 'pending'").await;
+    let converted = crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await;
+    assert_eq!((pending, converted), (0, 200));
+}

@@ -1,0 +1,70 @@
+//! Long-running services: `worker` and `serve`.
+
+use std::time::Duration;
+
+use clap::Args;
+use leadconv::config::Services;
+use leadconv::http::serve;
+use leadconv::queue::worker;
+use leadconv::shutdown;
+use leadconv::store::db;
+
+use super::parse_secs;
+
+#[derive(Args)]
+pub struct Worker {
+    /// Bulk conversions in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u16,
+    /// Workflow-triggered conversions in flight at once, reserved beside the bulk ones.
+    #[arg(long, default_value_t = 2)]
+    pub workflow_concurrency: u16,
+    /// Exit once the queues are empty and no job waits to be published.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    /// Publisher lease used when this worker takes over an orphaned job's outbox.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub lease_secs: Duration,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+impl Worker {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        let Worker { concurrency, workflow_concurrency, exit_when_idle, lease_secs, metrics } = self;
+        let topology = s.topology();
+        let pool = db::connect(&s.database_url, u32::from(concurrency) + u32::from(workflow_concurrency) + 2).await?;
+        let mut cfg = worker::WorkerConfig::new(s.amqp_url.clone(), topology);
+        cfg.concurrency = concurrency;
+        cfg.workflow_concurrency = workflow_concurrency;
+        cfg.exit_when_idle = exit_when_idle;
+        cfg.lease = lease_secs;
+        let stop = shutdown::on_signal();
+        if let Some(addr) = metrics {
+            leadconv::metrics::install();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve::metrics_only(addr, stop).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+        }
+        worker::run(pool, cfg, stop).await?;
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct Serve {
+    #[arg(long, env = "LEADCONV_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Serve {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        let pool = db::connect(&s.database_url, 16).await?;
+        let cfg = serve::ServeConfig { listen: self.listen, amqp_url: s.amqp_url.clone(), topology: s.topology() };
+        serve::run(pool, cfg, shutdown::on_signal()).await
+    }
+}
