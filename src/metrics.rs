@@ -14,6 +14,7 @@ use sqlx::PgPool;
 
 use crate::queue::{Lane, Topology, RETRY_DELAYS};
 use crate::store::convert::LeadResult;
+use crate::store::types::JobStatus;
 
 pub const LEADS_ENQUEUED: &str = "leadconv_leads_enqueued_total";
 pub const CONVERSIONS: &str = "leadconv_conversions_total";
@@ -84,17 +85,16 @@ fn describe() {
 
 /// Counts one finished lead (called once per result actually recorded).
 pub fn record_result(r: &LeadResult, took: Duration) {
-    let label = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
     counter!(
         CONVERSIONS,
-        "outcome" => r.outcome.clone(),
-        "contact_action" => label(&r.contact_action),
-        "account_action" => label(&r.account_action),
-        "deal_action" => label(&r.deal_action)
+        "outcome" => r.outcome.as_str(),
+        "contact_action" => r.contact_action.map_or("none", |a| a.as_str()),
+        "account_action" => r.account_action.map_or("none", |a| a.as_str()),
+        "deal_action" => r.deal_action.map_or("none", |a| a.as_str())
     )
     .increment(1);
     if let Some(code) = &r.error_code {
-        counter!(FAILURES, "outcome" => r.outcome.clone(), "code" => code.clone()).increment(1);
+        counter!(FAILURES, "outcome" => r.outcome.as_str(), "code" => code.clone()).increment(1);
     }
     if !took.is_zero() {
         histogram!(CONVERSION_SECONDS).record(took.as_secs_f64());
@@ -107,11 +107,11 @@ pub fn record_result(r: &LeadResult, took: Duration) {
 /// Sets the gauges read from Postgres (jobs by status) and, when a channel
 /// is given, RabbitMQ (queue depths).
 pub async fn refresh_gauges(pool: &PgPool, broker: Option<(&lapin::Channel, &Topology)>) -> anyhow::Result<()> {
-    let rows: Vec<(String, i64)> =
+    let rows: Vec<(JobStatus, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM conversion_job_progress GROUP BY status").fetch_all(pool).await?;
-    for status in ["scheduled", "in_progress", "completed", "failed", "cancelled"] {
-        let n = rows.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
-        gauge!(JOBS, "status" => status).set(n as f64);
+    for &status in JobStatus::ALL {
+        let n = rows.iter().find(|(s, _)| *s == status).map_or(0, |(_, n)| *n);
+        gauge!(JOBS, "status" => status.as_str()).set(n as f64);
     }
     if let Some((ch, topology)) = broker {
         let mut queues =

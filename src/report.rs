@@ -15,6 +15,7 @@ use crate::error::{ErrorCode, Refusal};
 use crate::plan::{Action, Plan, Verdict};
 use crate::store::convert::{LeadResult, RESULT_COLUMNS};
 use crate::store::job::{self, Job};
+use crate::store::types::Outcome;
 
 /// A job with what a person watching it wants to know.
 #[derive(Debug, Clone, Serialize)]
@@ -109,7 +110,7 @@ pub enum Format {
 
 /// `leadconv results`: streamed from Postgres, so a million rows never sit
 /// in memory.
-pub async fn results(pool: &PgPool, id: Uuid, outcome: Option<&str>, format: Format) -> anyhow::Result<()> {
+pub async fn results(pool: &PgPool, id: Uuid, outcome: Option<Outcome>, format: Format) -> anyhow::Result<()> {
     load(pool, id).await?;
     let sql = format!(
         "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND ($2::text IS NULL OR outcome = $2) ORDER BY lead_id"
@@ -208,7 +209,12 @@ impl std::fmt::Display for PlanSummary {
 pub fn actions(results: &[LeadResult]) -> BTreeMap<String, usize> {
     let mut actions: BTreeMap<String, usize> = BTreeMap::new();
     for r in results {
-        for (kind, a) in [("contact", &r.contact_action), ("account", &r.account_action), ("deal", &r.deal_action)] {
+        let done = [
+            ("contact", r.contact_action.map(|a| a.as_str())),
+            ("account", r.account_action.map(|a| a.as_str())),
+            ("deal", r.deal_action.map(|a| a.as_str())),
+        ];
+        for (kind, a) in done {
             if let Some(a) = a {
                 *actions.entry(format!("{kind} {a}")).or_default() += 1;
             }

@@ -381,12 +381,11 @@ async fn dry_run_equals_conversion(seed: u64, stage: &str) {
                 if r.outcome != "converted" {
                     problems.push(format!("outcome {}", r.outcome));
                 }
-                let action = |a: &Value| a.as_str().map(str::to_owned);
-                if action(&plan["contact"]["action"]) != r.contact_action {
+                if plan["contact"]["action"].as_str() != r.contact_action.map(|a| a.as_str()) {
                     problems.push(format!("contact action {:?}", r.contact_action));
                 }
                 let account_action = plan["account"].get("action").and_then(Value::as_str).unwrap_or("none");
-                if Some(account_action) != r.account_action.as_deref() {
+                if Some(account_action) != r.account_action.map(|a| a.as_str()) {
                     problems.push(format!("account action {:?}", r.account_action));
                 }
                 problems.extend(

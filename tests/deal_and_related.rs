@@ -341,7 +341,7 @@ async fn new_deal_is_repeat_when_the_matched_contact_or_account_has_a_won_deal()
     existing_deal(&crm, Some(won_contact), None, "Closed Won").await;
     let lead = crm.lead(json!({"owner_id": rep, "last_name": "Nowak", "email": "ANNA@acme.pl"})).await;
     let r = crm.convert(rep, with_deal(), lead).await;
-    assert_eq!(r.contact_action.as_deref(), Some("merged"), "{r:?}");
+    assert_eq!(r.contact_action.map(|a| a.as_str()), Some("merged"), "{r:?}");
     let deal = deal_of(&crm, &r).await;
     assert_eq!(
         (deal["is_repeat"].clone(), deal["is_repeat_inquiry"].clone()),
@@ -356,7 +356,11 @@ async fn new_deal_is_repeat_when_the_matched_contact_or_account_has_a_won_deal()
         .lead(json!({"owner_id": rep, "last_name": "Kowalski", "email": "jan@globex.pl", "company": "globex"}))
         .await;
     let r = crm.convert(rep, with_deal(), lead).await;
-    assert_eq!((r.contact_action.as_deref(), r.account_action.as_deref()), (Some("created"), Some("matched")), "{r:?}");
+    assert_eq!(
+        (r.contact_action.map(|a| a.as_str()), r.account_action.map(|a| a.as_str())),
+        (Some("created"), Some("matched")),
+        "{r:?}"
+    );
     let deal = deal_of(&crm, &r).await;
     assert_eq!(
         (deal["is_repeat"].clone(), deal["is_repeat_inquiry"].clone()),
@@ -394,15 +398,15 @@ async fn merged_lead_is_repeat_and_its_deal_a_repeat_inquiry_while_a_new_lead_is
         .await;
     let (job_id, rs) = crm.convert_all(rep, with_deal(), &[into_contact, into_account, brand_new]).await;
 
-    assert_eq!(rs[0].contact_action.as_deref(), Some("merged"), "{:?}", rs[0]);
+    assert_eq!(rs[0].contact_action.map(|a| a.as_str()), Some("merged"), "{:?}", rs[0]);
     assert_eq!(
-        (rs[1].contact_action.as_deref(), rs[1].account_action.as_deref()),
+        (rs[1].contact_action.map(|a| a.as_str()), rs[1].account_action.map(|a| a.as_str())),
         (Some("created"), Some("matched")),
         "{:?}",
         rs[1]
     );
     assert_eq!(
-        (rs[2].contact_action.as_deref(), rs[2].account_action.as_deref()),
+        (rs[2].contact_action.map(|a| a.as_str()), rs[2].account_action.map(|a| a.as_str())),
         (Some("created"), Some("created")),
         "{:?}",
         rs[2]

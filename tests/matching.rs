@@ -243,7 +243,7 @@ async fn rule1_converting_again_in_the_same_job_returns_the_recorded_result() {
 
     let first = convert::convert_lead(crm.pool(), job_id, &settings, lead).await.unwrap();
     converted(&first);
-    assert_eq!(first.contact_action.as_deref(), Some("merged"));
+    assert_eq!(first.contact_action.map(|a| a.as_str()), Some("merged"));
     let second = convert::convert_lead(crm.pool(), job_id, &settings, lead).await.unwrap();
     assert_eq!(second, first, "the recorded result, attempts included");
 
@@ -323,7 +323,7 @@ async fn rule3_unique_contact_field_beats_email() {
 
     let r = crm.convert(rep, json!({}), lead).await;
     converted(&r);
-    assert_eq!(r.contact_action.as_deref(), Some("merged"));
+    assert_eq!(r.contact_action.map(|a| a.as_str()), Some("merged"));
     assert_eq!(r.contact_id, Some(by_unique));
     assert_eq!(row(&crm, "contacts", by_unique).await["title"], "CTO");
     assert!(row(&crm, "contacts", by_email).await["title"].is_null(), "the e-mail match is left alone");
@@ -375,7 +375,7 @@ async fn rule3_unique_account_field_picks_the_account() {
 
     let r = crm.convert(rep, json!({}), lead).await;
     converted(&r);
-    assert_eq!(r.account_action.as_deref(), Some("matched"));
+    assert_eq!(r.account_action.map(|a| a.as_str()), Some("matched"));
     assert_eq!(r.account_id, Some(by_tax));
     assert_eq!(accounts(&crm).await, 2);
     assert_eq!(row(&crm, "accounts", by_tax).await["industry"], "Retail");
@@ -407,7 +407,7 @@ async fn rule3_email_match_is_trimmed_and_case_insensitive() {
     let (_, results) = crm.convert_all(rep, json!({}), &[padded_lead, plain_lead]).await;
     for (r, (contact, lead)) in results.iter().zip([(anna, padded_lead), (jan, plain_lead)]) {
         converted(r);
-        assert_eq!(r.contact_action.as_deref(), Some("merged"), "{r:?}");
+        assert_eq!(r.contact_action.map(|a| a.as_str()), Some("merged"), "{r:?}");
         assert_eq!(r.contact_id, Some(contact));
         assert_eq!(id_of(&row(&crm, "leads", lead).await, "converted_contact_id"), Some(contact));
     }
@@ -448,11 +448,13 @@ async fn rule3_concurrent_leads_with_one_email_make_one_contact() {
         for h in handles {
             results.push(h.await.unwrap());
         }
-        let mut actions: Vec<_> =
-            results.iter().map(|r| (r.contact_action.clone(), r.account_action.clone())).collect();
+        let mut actions: Vec<_> = results
+            .iter()
+            .map(|r| (r.contact_action.map(|a| a.as_str()), r.account_action.map(|a| a.as_str())))
+            .collect();
         actions.sort();
-        let (c, m) = (Some("created".to_owned()), Some("merged".to_owned()));
-        assert_eq!(actions, [(c.clone(), c), (m, Some("matched".to_owned()))], "round {round}: {results:?}");
+        let (c, m) = (Some("created"), Some("merged"));
+        assert_eq!(actions, [(c, c), (m, Some("matched"))], "round {round}: {results:?}");
         assert_eq!(results[0].contact_id, results[1].contact_id);
         assert_eq!(results[0].account_id, results[1].account_id);
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts WHERE leadconv_norm_email(email) = $1")
@@ -503,7 +505,7 @@ async fn rule3_lead_without_email_never_matches() {
     let mut new_ids = Vec::new();
     for r in &results {
         converted(r);
-        assert_eq!(r.contact_action.as_deref(), Some("created"), "{r:?}");
+        assert_eq!(r.contact_action.map(|a| a.as_str()), Some("created"), "{r:?}");
         let id = r.contact_id.unwrap();
         assert!(![null_email, empty_email, blank_email].contains(&id));
         new_ids.push(id);
@@ -532,13 +534,13 @@ async fn rule3_company_match_is_normalised() {
 
     let (_, results) = crm.convert_all(rep, json!({}), &[lead, other]).await;
     converted(&results[0]);
-    assert_eq!(results[0].account_action.as_deref(), Some("matched"));
+    assert_eq!(results[0].account_action.map(|a| a.as_str()), Some("matched"));
     assert_eq!(results[0].account_id, Some(acme));
     let a = row(&crm, "accounts", acme).await;
     assert_eq!(a["account_name"], "Acme Sp. z o.o.", "the name is kept");
     assert_eq!(a["industry"], "IT");
     converted(&results[1]);
-    assert_eq!(results[1].account_action.as_deref(), Some("created"), "Globex is not Globex Holding");
+    assert_eq!(results[1].account_action.map(|a| a.as_str()), Some("created"), "Globex is not Globex Holding");
     assert_eq!(accounts(&crm).await, 3);
 }
 
@@ -564,7 +566,7 @@ async fn rule3_non_ascii_companies_match_and_names_are_kept() {
 
     for ((account, _, account_name, first, last), r) in expected.iter().zip(&results) {
         converted(r);
-        assert_eq!(r.account_action.as_deref(), Some("matched"), "{account_name}: {r:?}");
+        assert_eq!(r.account_action.map(|a| a.as_str()), Some("matched"), "{account_name}: {r:?}");
         assert_eq!(r.account_id, Some(*account), "{account_name}");
         assert_eq!(row(&crm, "accounts", *account).await["account_name"], *account_name);
         let c = row(&crm, "contacts", r.contact_id.unwrap()).await;
@@ -595,7 +597,7 @@ async fn rule3_matched_contacts_own_account_beats_company_match() {
     let r = crm.convert(rep, json!({}), lead).await;
     converted(&r);
     assert_eq!((r.contact_id, r.account_id), (Some(anna), Some(own)));
-    assert_eq!(r.account_action.as_deref(), Some("matched"));
+    assert_eq!(r.account_action.map(|a| a.as_str()), Some("matched"));
     assert_eq!(
         id_of(&row(&crm, "contacts", anna).await, "account_id"),
         Some(own),
@@ -640,7 +642,7 @@ async fn rule4_merge_fills_only_empty_fields_and_keeps_the_owner() {
     let (job_id, results) = crm.convert_all(contact_owner, json!({}), &[lead]).await;
     let r = &results[0];
     converted(r);
-    assert_eq!(r.contact_action.as_deref(), Some("merged"));
+    assert_eq!(r.contact_action.map(|a| a.as_str()), Some("merged"));
     assert_eq!(r.contact_id, Some(anna));
     assert_eq!(contacts(&crm).await, 1);
 
@@ -672,7 +674,7 @@ async fn rule4_unmatched_lead_creates_a_contact_and_is_not_counted_as_merged() {
         crm.lead(json!({"owner_id": rep, "first_name": "Jan", "last_name": "Kowalski", "email": "jan@acme.pl"})).await;
     let (job_id, results) = crm.convert_all(rep, json!({}), &[lead]).await;
     converted(&results[0]);
-    assert_eq!(results[0].contact_action.as_deref(), Some("created"));
+    assert_eq!(results[0].contact_action.map(|a| a.as_str()), Some("created"));
     let c = row(&crm, "contacts", results[0].contact_id.unwrap()).await;
     assert_eq!((c["first_name"].as_str(), c["email"].as_str()), (Some("Jan"), Some("jan@acme.pl")));
     assert_eq!(id_of(&c, "owner_id"), Some(rep));
@@ -695,7 +697,7 @@ async fn rule5_no_company_no_account() {
     let (_, results) = crm.convert_all(rep, json!({}), &[without, blank]).await;
     for (r, lead) in results.iter().zip([without, blank]) {
         converted(r);
-        assert_eq!(r.account_action.as_deref(), Some("none"), "{r:?}");
+        assert_eq!(r.account_action.map(|a| a.as_str()), Some("none"), "{r:?}");
         assert_eq!(r.account_id, None);
         let c = row(&crm, "contacts", r.contact_id.unwrap()).await;
         assert!(c["account_id"].is_null());
@@ -718,7 +720,10 @@ async fn rule5_new_contact_is_linked_to_the_new_account() {
         .await;
     let r = crm.convert(rep, json!({}), lead).await;
     converted(&r);
-    assert_eq!((r.contact_action.as_deref(), r.account_action.as_deref()), (Some("created"), Some("created")));
+    assert_eq!(
+        (r.contact_action.map(|a| a.as_str()), r.account_action.map(|a| a.as_str())),
+        (Some("created"), Some("created"))
+    );
     let account_id = r.account_id.expect("an account");
     let a = row(&crm, "accounts", account_id).await;
     assert_eq!(a["account_name"], "Acme");
@@ -751,7 +756,7 @@ async fn rule5_matched_account_gets_only_empty_fields_filled() {
     // The boss converts their own lead into their report's account.
     let r = crm.convert(boss, json!({}), lead).await;
     converted(&r);
-    assert_eq!(r.account_action.as_deref(), Some("matched"));
+    assert_eq!(r.account_action.map(|a| a.as_str()), Some("matched"));
     assert_eq!(r.account_id, Some(acme));
     let a = row(&crm, "accounts", acme).await;
     assert_eq!(
@@ -782,13 +787,19 @@ async fn rule5_merged_contact_without_account_gets_linked() {
     let (_, results) = crm.convert_all(rep, json!({}), &[lead_new, lead_matched]).await;
     let (r1, r2) = (&results[0], &results[1]);
     converted(r1);
-    assert_eq!((r1.contact_action.as_deref(), r1.account_action.as_deref()), (Some("merged"), Some("created")));
+    assert_eq!(
+        (r1.contact_action.map(|a| a.as_str()), r1.account_action.map(|a| a.as_str())),
+        (Some("merged"), Some("created"))
+    );
     assert_eq!(r1.contact_id, Some(anna));
     assert_eq!(id_of(&row(&crm, "contacts", anna).await, "account_id"), r1.account_id);
     assert_eq!(row(&crm, "accounts", r1.account_id.unwrap()).await["account_name"], "Acme");
 
     converted(r2);
-    assert_eq!((r2.contact_action.as_deref(), r2.account_action.as_deref()), (Some("merged"), Some("matched")));
+    assert_eq!(
+        (r2.contact_action.map(|a| a.as_str()), r2.account_action.map(|a| a.as_str())),
+        (Some("merged"), Some("matched"))
+    );
     assert_eq!((r2.contact_id, r2.account_id), (Some(jan), Some(globex)));
     assert_eq!(id_of(&row(&crm, "contacts", jan).await, "account_id"), Some(globex));
     assert_eq!((contacts(&crm).await, accounts(&crm).await), (2, 2));
@@ -823,7 +834,10 @@ async fn rule6_peer_converts_and_links_without_filling() {
 
     let r = crm.convert(peer, json!({}), lead).await;
     converted(&r);
-    assert_eq!((r.contact_action.as_deref(), r.account_action.as_deref()), (Some("merged"), Some("matched")));
+    assert_eq!(
+        (r.contact_action.map(|a| a.as_str()), r.account_action.map(|a| a.as_str())),
+        (Some("merged"), Some("matched"))
+    );
     assert_eq!((r.contact_id, r.account_id), (Some(contact), Some(account)));
     let l = row(&crm, "leads", lead).await;
     assert_eq!(id_of(&l, "converted_contact_id"), Some(contact));
@@ -953,7 +967,7 @@ async fn rule7_lead_of_a_superior_without_duplicate_converts() {
 
     let r = crm.convert(rep, json!({}), lead).await;
     converted(&r);
-    assert_eq!(r.contact_action.as_deref(), Some("created"));
+    assert_eq!(r.contact_action.map(|a| a.as_str()), Some("created"));
     assert!(!row(&crm, "leads", lead).await["converted_at"].is_null());
     assert_eq!(contacts(&crm).await, 2);
 }
@@ -974,9 +988,9 @@ async fn rule7_lead_of_a_subordinate_or_peer_with_duplicate_merges() {
 
     let by_manager = crm.convert(manager, json!({}), reports_lead).await;
     converted(&by_manager);
-    assert_eq!((by_manager.contact_action.as_deref(), by_manager.contact_id), (Some("merged"), Some(anna)));
+    assert_eq!((by_manager.contact_action.map(|a| a.as_str()), by_manager.contact_id), (Some("merged"), Some(anna)));
     let by_peer = crm.convert(rep, json!({}), peers_lead).await;
     converted(&by_peer);
-    assert_eq!((by_peer.contact_action.as_deref(), by_peer.contact_id), (Some("merged"), Some(jan)));
+    assert_eq!((by_peer.contact_action.map(|a| a.as_str()), by_peer.contact_id), (Some("merged"), Some(jan)));
     assert_eq!(contacts(&crm).await, 2);
 }

@@ -35,7 +35,7 @@ async fn enqueue(
         &broker.channel,
         &broker.topology,
         created.id,
-        Lane::for_trigger(trigger.as_str()),
+        Lane::for_trigger(trigger),
         LEASE,
         producer::BATCH,
     )

@@ -83,7 +83,7 @@ pub async fn run(pool: &PgPool, amqp_url: &str, topology: &Topology, spec: &Demo
         elapsed,
         results.len() as f64 / elapsed.as_secs_f64().max(1e-9)
     );
-    if let Some(r) = results.iter().find(|r| r.contact_action.as_deref() == Some("merged")) {
+    if let Some(r) = results.iter().find(|r| r.contact_action.map(|a| a.as_str()) == Some("merged")) {
         println!("example merge: {}", serde_json::to_string(r)?);
     }
     println!("see all results with: leadconv results {} --format csv", created.id);

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use lapin::options::ConfirmSelectOptions;
 use leadconv::config::Services;
 use leadconv::queue::{self, producer, Lane};
@@ -12,6 +12,7 @@ use leadconv::report;
 use leadconv::store::convert;
 use leadconv::store::db;
 use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::store::types::Outcome;
 use uuid::Uuid;
 
 use super::{json_arg, parse_secs};
@@ -95,7 +96,7 @@ impl Enqueue {
             &ch,
             &topology,
             created.id,
-            Lane::for_trigger(trigger.as_str()),
+            Lane::for_trigger(trigger),
             lease_secs,
             batch_size,
         )
@@ -123,14 +124,6 @@ impl Status {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Outcome {
-    Pending,
-    Converted,
-    Skipped,
-    Failed,
-}
-
 #[derive(Args)]
 pub struct Results {
     pub job_id: Uuid,
@@ -143,13 +136,7 @@ pub struct Results {
 impl Results {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         let pool = db::connect(&s.database_url, 2).await?;
-        let outcome = self.outcome.map(|o| match o {
-            Outcome::Pending => "pending",
-            Outcome::Converted => "converted",
-            Outcome::Skipped => "skipped",
-            Outcome::Failed => "failed",
-        });
-        report::results(&pool, self.job_id, outcome, self.format).await
+        report::results(&pool, self.job_id, self.outcome, self.format).await
     }
 }
 
@@ -188,7 +175,7 @@ impl Republish {
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         topology.declare(&ch).await?;
         let trigger = job::rewind_outbox(&pool, job_id, lease_secs).await?;
-        let lane = Lane::for_trigger(&trigger);
+        let lane = Lane::for_trigger(trigger);
         let published = producer::publish_job(&pool, &ch, &topology, job_id, lane, lease_secs, producer::BATCH).await?;
         println!("republished job {job_id}: {published} pending leads");
         let _ = ch.close(200, "bye").await;

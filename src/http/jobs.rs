@@ -13,6 +13,7 @@ use super::{parse_i64, parse_uuid, Acting, ApiError, AppState, Body, Query};
 use crate::report::{PlanSummary, Progress};
 use crate::store::convert::{self, LeadResult, RESULT_COLUMNS};
 use crate::store::job::{self, NewJob, Trigger};
+use crate::store::types::{JobStatus, Outcome};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,26 +98,31 @@ fn bounded(v: Option<i64>, default: i64, max: i64, field: &str) -> Result<i64, A
     }
 }
 
+/// A query filter that must name one of `all` (a status, trigger, outcome).
+fn one_of<T: Copy + std::fmt::Display>(
+    raw: Option<&str>,
+    field: &str,
+    parse: fn(&str) -> Option<T>,
+    all: &[T],
+) -> Result<Option<T>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(v) => parse(v).map(Some).ok_or_else(|| {
+            let names: Vec<String> = all.iter().map(T::to_string).collect();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                field,
+                format!("{v:?} is not one of {}", names.join(", ")),
+            )
+        }),
+    }
+}
+
 /// `GET /v1/jobs`: newest first, filtered, paged.
 pub async fn list(State(s): State<AppState>, _: Acting, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
-    const STATUSES: &[&str] = &["scheduled", "in_progress", "completed", "failed", "cancelled"];
-    const TRIGGERS: &[&str] = &["manual", "schedule", "workflow", "api"];
-    if let Some(st) = q.status.as_deref().filter(|st| !STATUSES.contains(st)) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "status",
-            format!("{st:?} is not one of {}", STATUSES.join(", ")),
-        ));
-    }
-    if let Some(t) = q.trigger.as_deref().filter(|t| !TRIGGERS.contains(t)) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "trigger",
-            format!("{t:?} is not one of {}", TRIGGERS.join(", ")),
-        ));
-    }
+    let status = one_of(q.status.as_deref(), "status", JobStatus::parse, JobStatus::ALL)?;
+    let trigger = one_of(q.trigger.as_deref(), "trigger", Trigger::parse, Trigger::ALL)?;
     let limit = bounded(q.limit, 50, 500, "limit")?;
     let offset = bounded(q.offset, 0, i64::from(i32::MAX), "offset")?;
     let jobs: Vec<job::Job> = sqlx::query_as(
@@ -126,8 +132,8 @@ pub async fn list(State(s): State<AppState>, _: Acting, Query(q): Query<ListQuer
          WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
          ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
     )
-    .bind(&q.status)
-    .bind(&q.trigger)
+    .bind(status)
+    .bind(trigger)
     .bind(limit)
     .bind(offset)
     .fetch_all(&s.pool)
@@ -167,15 +173,7 @@ pub async fn results(
     Query(q): Query<ResultsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let job = load(&s, &raw).await?;
-    const OUTCOMES: &[&str] = &["pending", "converted", "skipped", "failed"];
-    if let Some(o) = q.outcome.as_deref().filter(|o| !OUTCOMES.contains(o)) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "outcome",
-            format!("{o:?} is not one of {}", OUTCOMES.join(", ")),
-        ));
-    }
+    let outcome = one_of(q.outcome.as_deref(), "outcome", Outcome::parse, Outcome::ALL)?;
     let limit = bounded(q.limit, 100, 1000, "limit")?;
     let rows: Vec<LeadResult> = sqlx::query_as(&format!(
         "SELECT {RESULT_COLUMNS} FROM conversion_results
@@ -183,7 +181,7 @@ pub async fn results(
          ORDER BY lead_id LIMIT $4"
     ))
     .bind(job.id)
-    .bind(&q.outcome)
+    .bind(outcome)
     .bind(q.after.unwrap_or(0))
     .bind(limit)
     .fetch_all(&s.pool)

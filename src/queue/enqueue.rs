@@ -66,7 +66,7 @@ impl Enqueuer {
     /// returned: the outbox sweeper publishes what this could not.
     pub async fn publish(&self, created: &Job) {
         if created.total_count > 0 {
-            let lane = Lane::for_trigger(&created.trigger);
+            let lane = Lane::for_trigger(created.trigger);
             let published = match self.channel().await {
                 Ok(ch) => producer::publish_job(
                     &self.pool,

@@ -19,6 +19,8 @@ use lapin::Channel;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::store::types::Trigger;
+
 use crate::queue::{self, Lane, LeadMessage, Topology};
 
 /// Messages sent before their confirms are awaited.
@@ -37,7 +39,7 @@ pub enum PublishError {
 /// Takes the publisher lease of one job whose leads are not all published
 /// and whose lease ran out (its publisher died). `None`: nothing to do.
 pub async fn claim_orphan(pool: &PgPool, lease: Duration) -> sqlx::Result<Option<(Uuid, Lane)>> {
-    let row: Option<(Uuid, String)> = sqlx::query_as(
+    let row: Option<(Uuid, Trigger)> = sqlx::query_as(
         "UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $1)
          WHERE id = (SELECT id FROM conversion_jobs
                      WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress')
@@ -48,7 +50,7 @@ pub async fn claim_orphan(pool: &PgPool, lease: Duration) -> sqlx::Result<Option
     .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(id, trigger)| (id, Lane::for_trigger(&trigger))))
+    Ok(row.map(|(id, trigger)| (id, Lane::for_trigger(trigger))))
 }
 
 /// Publishes every unpublished pending lead of `job_id` on `ch` (a channel

@@ -16,6 +16,7 @@
 
 use std::time::Duration;
 
+use crate::store::types::Trigger;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -46,11 +47,10 @@ pub enum Lane {
 }
 
 impl Lane {
-    pub fn for_trigger(trigger: &str) -> Lane {
-        if trigger == "workflow" {
-            Lane::Workflow
-        } else {
-            Lane::Bulk
+    pub fn for_trigger(trigger: Trigger) -> Lane {
+        match trigger {
+            Trigger::Workflow => Lane::Workflow,
+            Trigger::Manual | Trigger::Schedule | Trigger::Api => Lane::Bulk,
         }
     }
 

@@ -19,16 +19,17 @@ use crate::store::apply::{apply, Converted};
 use crate::store::criteria::Criteria;
 use crate::store::options::Settings;
 use crate::store::snapshot::{self, Locking};
+use crate::store::types::{AccountAction, ContactAction, DealAction, JobStatus, Outcome};
 
 /// A `conversion_results` row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct LeadResult {
     pub job_id: Uuid,
     pub lead_id: i64,
-    pub outcome: String,
-    pub contact_action: Option<String>,
-    pub account_action: Option<String>,
-    pub deal_action: Option<String>,
+    pub outcome: Outcome,
+    pub contact_action: Option<ContactAction>,
+    pub account_action: Option<AccountAction>,
+    pub deal_action: Option<DealAction>,
     pub contact_id: Option<i64>,
     pub account_id: Option<i64>,
     pub deal_id: Option<i64>,
@@ -153,7 +154,7 @@ async fn lock_result(conn: &mut PgConnection, job_id: Uuid, lead_id: i64) -> sql
     .bind(lead_id)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|r| if r.outcome == "pending" { Pending::Yes } else { Pending::No(Box::new(r)) }))
+    Ok(row.map(|r| if r.outcome == Outcome::Pending { Pending::Yes } else { Pending::No(Box::new(r)) }))
 }
 
 async fn try_convert(
@@ -172,9 +173,9 @@ async fn try_convert(
     if let Pending::No(done) = status {
         return Ok(*done);
     }
-    let job_status: String =
+    let job_status: JobStatus =
         sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1").bind(job_id).fetch_one(&mut *tx).await?;
-    let finish_with = if job_status == "cancelled" {
+    let finish_with = if job_status == JobStatus::Cancelled {
         Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))
     } else {
         let facts = snapshot::load(&mut tx, settings, lead_id, Locking::ForUpdate).await?;
@@ -196,10 +197,10 @@ async fn try_convert(
 
 /// What goes into the result row.
 struct Finish {
-    outcome: &'static str,
-    contact_action: Option<&'static str>,
-    account_action: Option<&'static str>,
-    deal_action: Option<&'static str>,
+    outcome: Outcome,
+    contact_action: Option<ContactAction>,
+    account_action: Option<AccountAction>,
+    deal_action: Option<DealAction>,
     ids: Converted,
     is_repeat: Option<bool>,
     email_opt_out_applied: Option<bool>,
@@ -210,16 +211,18 @@ struct Finish {
 impl Finish {
     fn converted(plan: &Plan, ids: Converted) -> Finish {
         let Verdict::Convert(c) = &plan.verdict else { unreachable!("only a conversion has ids") };
-        let action = |a: Action| match a {
-            Action::Created => "created",
-            Action::Merged => "merged",
-            Action::Matched => "matched",
-        };
         Finish {
-            outcome: "converted",
-            contact_action: Some(action(c.contact.action)),
-            account_action: Some(c.account.as_ref().map_or("none", |a| action(a.action))),
-            deal_action: Some(if c.deal.is_some() { "created" } else { "none" }),
+            outcome: Outcome::Converted,
+            contact_action: Some(match c.contact.action {
+                Action::Created => ContactAction::Created,
+                Action::Merged | Action::Matched => ContactAction::Merged,
+            }),
+            account_action: Some(match c.account.as_ref().map(|a| a.action) {
+                None => AccountAction::None,
+                Some(Action::Created) => AccountAction::Created,
+                Some(Action::Matched | Action::Merged) => AccountAction::Matched,
+            }),
+            deal_action: Some(if c.deal.is_some() { DealAction::Created } else { DealAction::None }),
             ids,
             is_repeat: Some(c.lead_is_repeat),
             email_opt_out_applied: Some(c.contact.email_opt_out_applied),
@@ -228,7 +231,7 @@ impl Finish {
         }
     }
 
-    fn without_ids(outcome: &'static str, code: ErrorCode, message: String) -> Finish {
+    fn without_ids(outcome: Outcome, code: ErrorCode, message: String) -> Finish {
         Finish {
             outcome,
             contact_action: None,
@@ -243,11 +246,11 @@ impl Finish {
     }
 
     fn skipped(code: ErrorCode, message: String) -> Finish {
-        Finish::without_ids("skipped", code, message)
+        Finish::without_ids(Outcome::Skipped, code, message)
     }
 
     fn failed(code: ErrorCode, message: String) -> Finish {
-        Finish::without_ids("failed", code, message)
+        Finish::without_ids(Outcome::Failed, code, message)
     }
 }
 
@@ -303,10 +306,10 @@ async fn finish(
     )
     .bind(job_id)
     .bind((lead_id.rem_euclid(COUNTER_SHARDS)) as i16)
-    .bind(n(f.outcome == "converted"))
+    .bind(n(f.outcome == Outcome::Converted))
     .bind(n(f.merged))
-    .bind(n(f.outcome == "skipped"))
-    .bind(n(f.outcome == "failed"))
+    .bind(n(f.outcome == Outcome::Skipped))
+    .bind(n(f.outcome == Outcome::Failed))
     .execute(&mut *conn)
     .await?;
     Ok(result)

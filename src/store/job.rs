@@ -4,7 +4,7 @@
 //! lead, so `total_count` is exact from the start and the result rows double
 //! as the list of work still to do.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -13,35 +13,17 @@ use crate::error::{ErrorCode, Refusal};
 use crate::store::criteria::Criteria;
 use crate::store::options::{ConversionOptions, Settings};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    Manual,
-    Schedule,
-    Workflow,
-    Api,
-}
-
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Manual => "manual",
-            Trigger::Schedule => "schedule",
-            Trigger::Workflow => "workflow",
-            Trigger::Api => "api",
-        }
-    }
-}
+pub use crate::store::types::{JobStatus, Trigger};
 
 /// A `conversion_jobs` row.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Job {
     pub id: Uuid,
-    pub status: String,
+    pub status: JobStatus,
     pub criteria: sqlx::types::Json<Value>,
     pub options: sqlx::types::Json<Value>,
     pub requested_by: i64,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub total_count: i32,
     pub converted_count: i32,
     pub merged_count: i32,
@@ -58,7 +40,7 @@ impl Job {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+        self.status.is_finished()
     }
 }
 
@@ -197,14 +179,14 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     // itself inserts a counter shard, whose foreign key takes FOR KEY SHARE
     // on this row. FOR UPDATE would make it wait on us while we wait on its
     // result row below: a deadlock.
-    let status: Option<String> =
+    let status: Option<JobStatus> =
         sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR NO KEY UPDATE")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-    match status.as_deref() {
+    match status {
         None => return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into()),
-        Some("scheduled" | "in_progress") => {}
+        Some(s) if !s.is_finished() => {}
         Some(s) => {
             return Err(Refusal::new(ErrorCode::JobFinished, "job_id", format!("job {id} is {s} already")).into())
         }
@@ -242,8 +224,8 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
 /// again: for messages lost with the broker. A message that was not lost is
 /// then delivered twice, which converts nothing twice. Returns the job's
 /// trigger, which names its lane.
-pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: std::time::Duration) -> Result<String, crate::Error> {
-    let trigger: Option<String> = sqlx::query_scalar(
+pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: std::time::Duration) -> Result<Trigger, crate::Error> {
+    let trigger: Option<Trigger> = sqlx::query_scalar(
         "UPDATE conversion_jobs SET published_through = 0, published_at = NULL,
                 publisher_lease_until = now() + make_interval(secs => $2)
          WHERE id = $1 AND status IN ('scheduled', 'in_progress')

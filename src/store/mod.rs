@@ -19,3 +19,4 @@ pub mod job;
 pub mod mapping;
 pub mod options;
 pub mod snapshot;
+pub mod types;
