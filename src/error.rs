@@ -4,6 +4,20 @@
 
 pub use leadconv_domain::error::{ErrorCode, Refusal};
 
+/// How the edges answer a refusal: the HTTP status and the command line's
+/// exit code. The one table for both; every refusal means nothing was
+/// written, so the CLI exits 2 for all of them.
+pub fn answer(code: ErrorCode) -> (u16, u8) {
+    use ErrorCode::*;
+    let http = match code {
+        JobNotFound | NotFound | RuleNotFound | ScheduleNotFound => 404,
+        RequesterCannotConvert => 403,
+        JobFinished | AlreadyConverted | DuplicateName => 409,
+        _ => 422,
+    };
+    (http, 2)
+}
+
 /// Why a call into the engine did not produce a result.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

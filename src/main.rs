@@ -77,7 +77,7 @@ async fn main() -> ExitCode {
             match refused.or_else(|| e.downcast_ref::<Refusal>().cloned()) {
                 Some(r) => {
                     eprintln!("refused: {}: {} ({})", r.field, r.message, r.code);
-                    ExitCode::from(2)
+                    ExitCode::from(leadconv::error::answer(r.code).1)
                 }
                 None => {
                     eprintln!("error: {e:#}");

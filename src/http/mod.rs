@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::queue::enqueue::Enqueuer;
 use crate::store::auth;
 
@@ -148,12 +148,8 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
         match e {
             Error::Refused(r) => {
-                let status = match r.code {
-                    ErrorCode::JobNotFound | ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                    ErrorCode::RequesterCannotConvert => StatusCode::FORBIDDEN,
-                    ErrorCode::JobFinished | ErrorCode::AlreadyConverted => StatusCode::CONFLICT,
-                    _ => StatusCode::UNPROCESSABLE_ENTITY,
-                };
+                let (http, _) = crate::error::answer(r.code);
+                let status = StatusCode::from_u16(http).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
                 ApiError::new(status, r.code.as_str(), &r.field, r.message)
             }
             Error::Transient(e) => {

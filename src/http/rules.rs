@@ -10,26 +10,6 @@ use serde_json::{json, Value};
 
 use super::{parse_i64, Acting, ApiError, AppState, Body};
 use crate::automation::rules::{self, NewRule, Rule};
-use crate::error::{Error, ErrorCode};
-
-/// Like `From<Error>`, with the status of the rule and schedule codes:
-/// 404 for unknown ids, 409 for a duplicate name.
-pub(super) fn api_error(e: Error) -> ApiError {
-    match &e {
-        Error::Refused(r) => {
-            let status = match r.code {
-                ErrorCode::RuleNotFound | ErrorCode::ScheduleNotFound => Some(StatusCode::NOT_FOUND),
-                ErrorCode::DuplicateName => Some(StatusCode::CONFLICT),
-                _ => None,
-            };
-            match status {
-                Some(st) => ApiError::new(st, r.code.as_str(), &r.field, r.message.clone()),
-                None => e.into(),
-            }
-        }
-        _ => e.into(),
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,7 +35,7 @@ pub async fn create(
         acting_user: user,
         enabled: b.enabled.unwrap_or(true),
     };
-    let rule = rules::create(&s.pool, new).await.map_err(api_error)?;
+    let rule = rules::create(&s.pool, new).await?;
     Ok((StatusCode::CREATED, Json(rule)).into_response())
 }
 
@@ -67,24 +47,24 @@ pub async fn list(State(s): State<AppState>, _: Acting) -> Result<Json<Value>, A
 /// `GET /v1/rules/{id}`.
 pub async fn read(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Rule>, ApiError> {
     let id = parse_i64(&raw, "rule_id")?;
-    Ok(Json(rules::get(&s.pool, id).await.map_err(api_error)?))
+    Ok(Json(rules::get(&s.pool, id).await?))
 }
 
 /// `DELETE /v1/rules/{id}`: 204.
 pub async fn delete(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_i64(&raw, "rule_id")?;
-    rules::delete(&s.pool, id).await.map_err(api_error)?;
+    rules::delete(&s.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/rules/{id}/enable`.
 pub async fn enable(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Rule>, ApiError> {
     let id = parse_i64(&raw, "rule_id")?;
-    Ok(Json(rules::set_enabled(&s.pool, id, true).await.map_err(api_error)?))
+    Ok(Json(rules::set_enabled(&s.pool, id, true).await?))
 }
 
 /// `POST /v1/rules/{id}/disable`.
 pub async fn disable(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Rule>, ApiError> {
     let id = parse_i64(&raw, "rule_id")?;
-    Ok(Json(rules::set_enabled(&s.pool, id, false).await.map_err(api_error)?))
+    Ok(Json(rules::set_enabled(&s.pool, id, false).await?))
 }

@@ -8,7 +8,6 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::rules::api_error;
 use super::{parse_i64, Acting, ApiError, AppState, Body};
 use crate::automation::schedule::{self, NewSchedule, Schedule};
 
@@ -39,7 +38,7 @@ pub async fn create(
         acting_user: user,
         enabled: b.enabled.unwrap_or(true),
     };
-    let created = schedule::create(&s.pool, new).await.map_err(api_error)?;
+    let created = schedule::create(&s.pool, new).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -51,20 +50,20 @@ pub async fn list(State(s): State<AppState>, _: Acting) -> Result<Json<Value>, A
 /// `GET /v1/schedules/{id}`.
 pub async fn read(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Schedule>, ApiError> {
     let id = parse_i64(&raw, "schedule_id")?;
-    Ok(Json(schedule::get(&s.pool, id).await.map_err(api_error)?))
+    Ok(Json(schedule::get(&s.pool, id).await?))
 }
 
 /// `DELETE /v1/schedules/{id}`: 204.
 pub async fn delete(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_i64(&raw, "schedule_id")?;
-    schedule::delete(&s.pool, id).await.map_err(api_error)?;
+    schedule::delete(&s.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/schedules/{id}/enable`: the next run is the first tick after now.
 pub async fn enable(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Schedule>, ApiError> {
     let id = parse_i64(&raw, "schedule_id")?;
-    Ok(Json(schedule::set_enabled(&s.pool, id, true).await.map_err(api_error)?))
+    Ok(Json(schedule::set_enabled(&s.pool, id, true).await?))
 }
 
 /// `POST /v1/schedules/{id}/disable`.
@@ -74,5 +73,5 @@ pub async fn disable(
     Path(raw): Path<String>,
 ) -> Result<Json<Schedule>, ApiError> {
     let id = parse_i64(&raw, "schedule_id")?;
-    Ok(Json(schedule::set_enabled(&s.pool, id, false).await.map_err(api_error)?))
+    Ok(Json(schedule::set_enabled(&s.pool, id, false).await?))
 }
