@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::broker::{amqp_url, wait_for, TestBroker};
 use common::server::serve;
 use common::*;
-use leadconv::automation::rules::{self, NewRule};
+use leadconv::automation;
+use leadconv::automation::rules::{self, NewRule, Rule};
 use leadconv::queue::enqueue::Enqueuer;
 use leadconv::queue::worker;
 use reqwest::StatusCode;
@@ -102,7 +103,7 @@ async fn a_lead_updated_to_match_an_enabled_rule_is_converted_without_an_api_cal
     assert_eq!(crm.count("SELECT count(*) FROM deals").await, 1, "the rule's options apply (create_deal)");
 
     // Disabling the rule stops it; enabling the other one acts on new changes.
-    rules::set_enabled(crm.pool(), qualified, false).await.unwrap();
+    automation::set_enabled::<Rule>(crm.pool(), qualified, false).await.unwrap();
     let late = crm.lead(json!({"owner_id": rep, "last_name": "Late", "lead_status": "Qualified"})).await;
     sqlx::query("UPDATE leads SET city = 'Gdańsk' WHERE id = $1")
         .bind(disabled_only)
@@ -456,7 +457,7 @@ async fn the_first_matching_rule_by_id_wins_and_an_invalid_rule_is_skipped() {
             .await
             .unwrap();
     assert_eq!(jobs.len(), 2, "{jobs:?}");
-    let first_criteria = rules::get(crm.pool(), first).await.unwrap().criteria.0;
+    let first_criteria = automation::get::<Rule>(crm.pool(), first).await.unwrap().criteria.0;
     for (requested_by, criteria) in &jobs {
         assert_eq!(*requested_by, rep, "the first valid rule by id acts");
         assert_eq!(criteria.0["all"][0], first_criteria);

@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::broker::{amqp_url, wait_for, TestBroker};
 use common::server::serve;
 use common::*;
-use leadconv::automation::schedule::{self, NewSchedule};
+use leadconv::automation;
+use leadconv::automation::schedule::{self, NewSchedule, Schedule};
 use leadconv::queue::enqueue::Enqueuer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -134,7 +135,7 @@ async fn missed_ticks_collapse_into_one_run() {
     let enqueuer = Enqueuer::new(crm.pool().clone(), amqp_url(), broker.topology.clone());
     assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), Some(id));
     assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), None, "the next run is in the future");
-    let s = schedule::get(crm.pool(), id).await.unwrap();
+    let s = automation::get::<Schedule>(crm.pool(), id).await.unwrap();
     assert!(s.next_run_at > chrono::Utc::now() && s.next_run_at <= chrono::Utc::now() + chrono::Duration::seconds(61));
     assert_eq!(crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'schedule'").await, 1);
     // A job matching no lead still leaves a trace: completed, total 0.
@@ -143,13 +144,13 @@ async fn missed_ticks_collapse_into_one_run() {
 
     // A disabled schedule does not run, and enabling it does not replay the
     // ticks missed meanwhile.
-    schedule::set_enabled(crm.pool(), id, false).await.unwrap();
+    automation::set_enabled::<Schedule>(crm.pool(), id, false).await.unwrap();
     sqlx::query("UPDATE conversion_schedules SET next_run_at = now() - interval '1 hour'")
         .execute(crm.pool())
         .await
         .unwrap();
     assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), None);
-    let s = schedule::set_enabled(crm.pool(), id, true).await.unwrap();
+    let s = automation::set_enabled::<Schedule>(crm.pool(), id, true).await.unwrap();
     assert!(s.next_run_at > chrono::Utc::now());
     assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), None);
 }

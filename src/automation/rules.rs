@@ -20,7 +20,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::error::{ErrorCode, Refusal};
+use crate::automation::{check_new, duplicate_name, not_found, Automation};
+use crate::error::ErrorCode;
 use crate::queue::enqueue::Enqueuer;
 use crate::store::criteria::Criteria;
 use crate::store::job::{self, Checked, Dispatch, NewJob, Trigger};
@@ -54,45 +55,36 @@ pub struct NewRule {
     pub enabled: bool,
 }
 
-const COLUMNS: &str = "id, name, criteria, options, acting_user, enabled, created_at, updated_at";
+impl Automation for Rule {
+    const WHAT: &'static str = "rule";
+    const PLURAL: &'static str = "rules";
+    const TABLE: &'static str = "conversion_rules";
+    const COLUMNS: &'static str = "id, name, criteria, options, acting_user, enabled, created_at, updated_at";
+    const NOT_FOUND: ErrorCode = ErrorCode::RuleNotFound;
+    const TRIGGER: Trigger = Trigger::Workflow;
 
-/// Checks a name: not blank, at most 200 characters.
-pub(crate) fn check_name(name: &str) -> Result<(), Refusal> {
-    if name.trim().is_empty() {
-        return Err(Refusal::new(ErrorCode::InvalidOption, "name", "must not be blank"));
-    }
-    if name.chars().count() > 200 {
-        return Err(Refusal::new(ErrorCode::InvalidOption, "name", "is longer than 200 characters"));
-    }
-    Ok(())
-}
-
-/// A unique violation on the name becomes a `duplicate_name` refusal.
-pub(crate) fn duplicate_name(e: sqlx::Error, what: &str, name: &str) -> crate::Error {
-    match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-            Refusal::new(ErrorCode::DuplicateName, "name", format!("a {what} named {name:?} exists already")).into()
-        }
-        _ => e.into(),
+    /// Enables or disables a rule. A rule acts on lead changes made while it
+    /// is enabled.
+    async fn set_enabled(pool: &PgPool, id: i64, enabled: bool) -> Result<Rule, crate::Error> {
+        sqlx::query_as(&format!(
+            "UPDATE conversion_rules SET enabled = $2, updated_at = now() WHERE id = $1 RETURNING {}",
+            Rule::COLUMNS
+        ))
+        .bind(id)
+        .bind(enabled)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| not_found::<Rule>(id))
     }
 }
 
 /// Creates a rule after checking its criteria, options and acting user
 /// exactly as a job's (same refusals); nothing is written when refused.
 pub async fn create(pool: &PgPool, new: NewRule) -> Result<Rule, crate::Error> {
-    check_name(&new.name)?;
-    job::check(
-        pool,
-        NewJob {
-            criteria: new.criteria.clone(),
-            options: new.options.clone(),
-            requested_by: new.acting_user,
-            trigger: Trigger::Workflow,
-        },
-    )
-    .await?;
+    check_new::<Rule>(pool, &new.name, &new.criteria, &new.options, new.acting_user).await?;
     sqlx::query_as(&format!(
-        "INSERT INTO conversion_rules (name, criteria, options, acting_user, enabled) VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}"
+        "INSERT INTO conversion_rules (name, criteria, options, acting_user, enabled) VALUES ($1, $2, $3, $4, $5) RETURNING {}",
+        Rule::COLUMNS
     ))
     .bind(&new.name)
     .bind(&new.criteria)
@@ -101,47 +93,7 @@ pub async fn create(pool: &PgPool, new: NewRule) -> Result<Rule, crate::Error> {
     .bind(new.enabled)
     .fetch_one(pool)
     .await
-    .map_err(|e| duplicate_name(e, "rule", &new.name))
-}
-
-/// Every rule, by id.
-pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<Rule>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM conversion_rules ORDER BY id")).fetch_all(pool).await
-}
-
-fn not_found(id: i64) -> crate::Error {
-    Refusal::new(ErrorCode::RuleNotFound, "rule_id", format!("no rule {id}")).into()
-}
-
-/// The rule, or a `rule_not_found` refusal.
-pub async fn get(pool: &PgPool, id: i64) -> Result<Rule, crate::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM conversion_rules WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| not_found(id))
-}
-
-/// Enables or disables a rule. A rule acts on lead changes made while it
-/// is enabled.
-pub async fn set_enabled(pool: &PgPool, id: i64, enabled: bool) -> Result<Rule, crate::Error> {
-    sqlx::query_as(&format!(
-        "UPDATE conversion_rules SET enabled = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(enabled)
-    .fetch_optional(pool)
-    .await?
-    .ok_or_else(|| not_found(id))
-}
-
-/// Deletes a rule; jobs it created stay.
-pub async fn delete(pool: &PgPool, id: i64) -> Result<(), crate::Error> {
-    let n = sqlx::query("DELETE FROM conversion_rules WHERE id = $1").bind(id).execute(pool).await?.rows_affected();
-    if n == 0 {
-        return Err(not_found(id));
-    }
-    Ok(())
+    .map_err(|e| duplicate_name::<Rule>(e, &new.name))
 }
 
 /// The criteria of the one-lead job a rule creates for `lead_id`.
@@ -213,9 +165,10 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
     let mut leads: Vec<i64> = rows.iter().map(|r| r.1).collect();
     leads.sort_unstable();
     leads.dedup();
-    let rules: Vec<Rule> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM conversion_rules WHERE enabled ORDER BY id"))
-        .fetch_all(&mut *tx)
-        .await?;
+    let rules: Vec<Rule> =
+        sqlx::query_as(&format!("SELECT {} FROM conversion_rules WHERE enabled ORDER BY id", Rule::COLUMNS))
+            .fetch_all(&mut *tx)
+            .await?;
     // Each enabled rule is checked once per batch (the acting user or a
     // custom field may have changed since it was saved: such a rule is
     // skipped, logged), and the batch's leads it matches found in one query.

@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::automation::rules::{check_name, duplicate_name};
+use crate::automation::{check_new, duplicate_name, not_found, Automation};
 use crate::error::{ErrorCode, Refusal};
 use crate::queue::enqueue::Enqueuer;
 use crate::store::job::{self, Dispatch, NewJob, Trigger};
@@ -58,8 +58,52 @@ pub struct NewSchedule {
     pub enabled: bool,
 }
 
-const COLUMNS: &str =
-    "id, name, cron, criteria, options, acting_user, enabled, next_run_at, last_run_at, last_job_id, created_at, updated_at";
+impl Automation for Schedule {
+    const WHAT: &'static str = "schedule";
+    const PLURAL: &'static str = "schedules";
+    const TABLE: &'static str = "conversion_schedules";
+    const COLUMNS: &'static str =
+        "id, name, cron, criteria, options, acting_user, enabled, next_run_at, last_run_at, last_job_id, created_at, updated_at";
+    const NOT_FOUND: ErrorCode = ErrorCode::ScheduleNotFound;
+    const TRIGGER: Trigger = Trigger::Schedule;
+
+    /// Enables or disables a schedule. Enabling moves the next run to the first
+    /// tick after now, so ticks missed while disabled do not fire.
+    async fn set_enabled(pool: &PgPool, id: i64, enabled: bool) -> Result<Schedule, crate::Error> {
+        let mut tx = pool.begin().await?;
+        let current: Schedule =
+            sqlx::query_as(&format!("SELECT {} FROM conversion_schedules WHERE id = $1 FOR UPDATE", Schedule::COLUMNS))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| not_found::<Schedule>(id))?;
+        let next = if enabled && !current.enabled {
+            match parse_cron(&current.cron).ok().and_then(|c| next_after(&c, Utc::now()).ok()) {
+                Some(n) => n,
+                None => {
+                    return Err(Refusal::new(
+                        ErrorCode::InvalidCron,
+                        "cron",
+                        format!("{:?} no longer fires", current.cron),
+                    )
+                    .into())
+                }
+            }
+        } else {
+            current.next_run_at
+        };
+        let s = sqlx::query_as(&format!(
+            "UPDATE conversion_schedules SET enabled = $2, next_run_at = $3, updated_at = now() WHERE id = $1 RETURNING {}", Schedule::COLUMNS
+        ))
+        .bind(id)
+        .bind(enabled)
+        .bind(next)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(s)
+    }
+}
 
 /// Parses a standard 5-field cron expression (minute hour day-of-month
 /// month day-of-week; `@daily` and the like too), evaluated in UTC.
@@ -83,23 +127,14 @@ pub fn next_after(cron: &Cron, t: DateTime<Utc>) -> Result<DateTime<Utc>, croner
 /// options and acting user (the same refusals as a job); nothing is
 /// written when refused. Its first run is the first tick after now.
 pub async fn create(pool: &PgPool, new: NewSchedule) -> Result<Schedule, crate::Error> {
-    check_name(&new.name)?;
     let cron = parse_cron(&new.cron)?;
-    job::check(
-        pool,
-        NewJob {
-            criteria: new.criteria.clone(),
-            options: new.options.clone(),
-            requested_by: new.acting_user,
-            trigger: Trigger::Schedule,
-        },
-    )
-    .await?;
+    check_new::<Schedule>(pool, &new.name, &new.criteria, &new.options, new.acting_user).await?;
     let next =
         next_after(&cron, Utc::now()).map_err(|e| Refusal::new(ErrorCode::InvalidCron, "cron", e.to_string()))?;
     sqlx::query_as(&format!(
         "INSERT INTO conversion_schedules (name, cron, criteria, options, acting_user, enabled, next_run_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {}",
+        Schedule::COLUMNS
     ))
     .bind(&new.name)
     .bind(new.cron.trim())
@@ -110,68 +145,7 @@ pub async fn create(pool: &PgPool, new: NewSchedule) -> Result<Schedule, crate::
     .bind(next)
     .fetch_one(pool)
     .await
-    .map_err(|e| duplicate_name(e, "schedule", &new.name))
-}
-
-/// Every schedule, by id.
-pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<Schedule>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM conversion_schedules ORDER BY id")).fetch_all(pool).await
-}
-
-fn not_found(id: i64) -> crate::Error {
-    Refusal::new(ErrorCode::ScheduleNotFound, "schedule_id", format!("no schedule {id}")).into()
-}
-
-/// The schedule, or a `schedule_not_found` refusal.
-pub async fn get(pool: &PgPool, id: i64) -> Result<Schedule, crate::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM conversion_schedules WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| not_found(id))
-}
-
-/// Enables or disables a schedule. Enabling moves the next run to the first
-/// tick after now, so ticks missed while disabled do not fire.
-pub async fn set_enabled(pool: &PgPool, id: i64, enabled: bool) -> Result<Schedule, crate::Error> {
-    let mut tx = pool.begin().await?;
-    let current: Schedule =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM conversion_schedules WHERE id = $1 FOR UPDATE"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| not_found(id))?;
-    let next = if enabled && !current.enabled {
-        match parse_cron(&current.cron).ok().and_then(|c| next_after(&c, Utc::now()).ok()) {
-            Some(n) => n,
-            None => {
-                return Err(
-                    Refusal::new(ErrorCode::InvalidCron, "cron", format!("{:?} no longer fires", current.cron)).into()
-                )
-            }
-        }
-    } else {
-        current.next_run_at
-    };
-    let s = sqlx::query_as(&format!(
-        "UPDATE conversion_schedules SET enabled = $2, next_run_at = $3, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(enabled)
-    .bind(next)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(s)
-}
-
-/// Deletes a schedule; jobs it created stay.
-pub async fn delete(pool: &PgPool, id: i64) -> Result<(), crate::Error> {
-    let n = sqlx::query("DELETE FROM conversion_schedules WHERE id = $1").bind(id).execute(pool).await?.rows_affected();
-    if n == 0 {
-        return Err(not_found(id));
-    }
-    Ok(())
+    .map_err(|e| duplicate_name::<Schedule>(e, &new.name))
 }
 
 /// Creates the jobs of due schedules every [`TICK`] until `stop` is
@@ -214,8 +188,9 @@ pub async fn run_due(enqueuer: &Enqueuer) -> Result<Option<i64>, crate::Error> {
     let pool = &enqueuer.pool;
     let mut tx = pool.begin().await?;
     let due: Option<Schedule> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM conversion_schedules WHERE enabled AND next_run_at <= now()
-         ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        "SELECT {} FROM conversion_schedules WHERE enabled AND next_run_at <= now()
+         ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        Schedule::COLUMNS
     ))
     .fetch_optional(&mut *tx)
     .await?;

@@ -1,6 +1,11 @@
-//! Conversion rules and schedules: `rule …` and `schedule …`.
+//! Conversion rules and schedules: `rule …` and `schedule …`. Adding
+//! differs (a schedule has a cron expression); `list`, `enable`, `disable`
+//! and `delete` are one set of commands over [`Automation`].
 
 use clap::Subcommand;
+use leadconv::automation::rules::{self, NewRule, Rule};
+use leadconv::automation::schedule::{self, NewSchedule, Schedule};
+use leadconv::automation::{self, Automation};
 use leadconv::config::Services;
 use leadconv::store::db;
 
@@ -25,20 +30,8 @@ pub enum RuleCommand {
         #[arg(long)]
         disabled: bool,
     },
-    /// List rules.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    Enable {
-        id: i64,
-    },
-    Disable {
-        id: i64,
-    },
-    Delete {
-        id: i64,
-    },
+    #[command(flatten)]
+    Manage(Manage),
 }
 
 #[derive(Subcommand)]
@@ -63,88 +56,97 @@ pub enum ScheduleCommand {
         #[arg(long)]
         disabled: bool,
     },
-    /// List schedules.
+    #[command(flatten)]
+    Manage(Manage),
+}
+
+/// What rules and schedules share on the command line.
+#[derive(Subcommand)]
+pub enum Manage {
+    /// List them, by id.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Enable a schedule; its next run is the first tick after now.
-    Enable {
-        id: i64,
-    },
-    Disable {
-        id: i64,
-    },
-    Delete {
-        id: i64,
-    },
+    /// Enable one (a schedule's next run is then the first tick after now).
+    Enable { id: i64 },
+    /// Disable one.
+    Disable { id: i64 },
+    /// Delete one; the jobs it created stay.
+    Delete { id: i64 },
 }
 
-impl RuleCommand {
-    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let (database_url, cmd) = (&s.database_url, self);
-        use leadconv::automation::rules;
-        let line = |r: &rules::Rule| {
-            format!(
-                "{}\t{}\t{}\tacting_user={}\t{}",
-                r.id,
-                r.name,
-                if r.enabled { "enabled" } else { "disabled" },
-                r.acting_user,
-                r.criteria.0
-            )
-        };
-        match cmd {
-            RuleCommand::Add { name, criteria, options, acting_user, disabled } => {
-                let new = rules::NewRule {
-                    name,
-                    criteria: json_arg("criteria", &criteria)?,
-                    options: json_arg("options", &options)?,
-                    acting_user,
-                    enabled: !disabled,
-                };
-                let pool = db::connect(database_url, 2).await?;
-                println!("{}", rules::create(&pool, new).await?.id);
-            }
-            RuleCommand::List { json } => {
-                let pool = db::connect(database_url, 2).await?;
-                for r in rules::list(&pool).await? {
-                    println!("{}", if json { serde_json::to_string(&r)? } else { line(&r) });
+/// One line of `list` for people.
+trait Line {
+    fn line(&self) -> String;
+}
+
+impl Line for Rule {
+    fn line(&self) -> String {
+        let state = if self.enabled { "enabled" } else { "disabled" };
+        format!("{}\t{}\t{state}\tacting_user={}\t{}", self.id, self.name, self.acting_user, self.criteria.0)
+    }
+}
+
+impl Line for Schedule {
+    fn line(&self) -> String {
+        let state = if self.enabled { "enabled" } else { "disabled" };
+        let last = self.last_job_id.map(|j| j.to_string()).unwrap_or_else(|| "-".into());
+        format!(
+            "{}\t{}\t{}\t{state}\tnext={}\tlast_job={last}",
+            self.id,
+            self.name,
+            self.cron,
+            self.next_run_at.to_rfc3339()
+        )
+    }
+}
+
+impl Manage {
+    async fn run<T: Automation + Line>(self, s: &Services) -> anyhow::Result<()> {
+        let pool = db::connect(&s.database_url, 2).await?;
+        match self {
+            Manage::List { json } => {
+                for r in automation::list::<T>(&pool).await? {
+                    println!("{}", if json { serde_json::to_string(&r)? } else { r.line() });
                 }
             }
-            RuleCommand::Enable { id } | RuleCommand::Disable { id } => {
-                let enabled = matches!(cmd, RuleCommand::Enable { .. });
-                let pool = db::connect(database_url, 2).await?;
-                println!("{}", line(&rules::set_enabled(&pool, id, enabled).await?));
-            }
-            RuleCommand::Delete { id } => {
-                let pool = db::connect(database_url, 2).await?;
-                rules::delete(&pool, id).await?;
-                println!("deleted rule {id}");
+            Manage::Enable { id } => println!("{}", automation::set_enabled::<T>(&pool, id, true).await?.line()),
+            Manage::Disable { id } => println!("{}", automation::set_enabled::<T>(&pool, id, false).await?.line()),
+            Manage::Delete { id } => {
+                automation::delete::<T>(&pool, id).await?;
+                println!("deleted {} {id}", T::WHAT);
             }
         }
         Ok(())
     }
 }
 
+impl RuleCommand {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        match self {
+            RuleCommand::Add { name, criteria, options, acting_user, disabled } => {
+                let new = NewRule {
+                    name,
+                    criteria: json_arg("criteria", &criteria)?,
+                    options: json_arg("options", &options)?,
+                    acting_user,
+                    enabled: !disabled,
+                };
+                let pool = db::connect(&s.database_url, 2).await?;
+                println!("{}", rules::create(&pool, new).await?.id);
+                Ok(())
+            }
+            RuleCommand::Manage(m) => m.run::<Rule>(s).await,
+        }
+    }
+}
+
 impl ScheduleCommand {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let (database_url, cmd) = (&s.database_url, self);
-        use leadconv::automation::schedule;
-        let line = |s: &schedule::Schedule| {
-            format!(
-                "{}\t{}\t{}\t{}\tnext={}\tlast_job={}",
-                s.id,
-                s.name,
-                s.cron,
-                if s.enabled { "enabled" } else { "disabled" },
-                s.next_run_at.to_rfc3339(),
-                s.last_job_id.map(|j| j.to_string()).unwrap_or_else(|| "-".into())
-            )
-        };
-        match cmd {
+        match self {
             ScheduleCommand::Add { name, cron, criteria, options, acting_user, disabled } => {
-                let new = schedule::NewSchedule {
+                let new = NewSchedule {
                     name,
                     cron,
                     criteria: json_arg("criteria", &criteria)?,
@@ -152,26 +154,11 @@ impl ScheduleCommand {
                     acting_user,
                     enabled: !disabled,
                 };
-                let pool = db::connect(database_url, 2).await?;
+                let pool = db::connect(&s.database_url, 2).await?;
                 println!("{}", schedule::create(&pool, new).await?.id);
+                Ok(())
             }
-            ScheduleCommand::List { json } => {
-                let pool = db::connect(database_url, 2).await?;
-                for s in schedule::list(&pool).await? {
-                    println!("{}", if json { serde_json::to_string(&s)? } else { line(&s) });
-                }
-            }
-            ScheduleCommand::Enable { id } | ScheduleCommand::Disable { id } => {
-                let enabled = matches!(cmd, ScheduleCommand::Enable { .. });
-                let pool = db::connect(database_url, 2).await?;
-                println!("{}", line(&schedule::set_enabled(&pool, id, enabled).await?));
-            }
-            ScheduleCommand::Delete { id } => {
-                let pool = db::connect(database_url, 2).await?;
-                schedule::delete(&pool, id).await?;
-                println!("deleted schedule {id}");
-            }
+            ScheduleCommand::Manage(m) => m.run::<Schedule>(s).await,
         }
-        Ok(())
     }
 }

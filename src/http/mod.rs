@@ -4,9 +4,8 @@
 //! paths and queries are parsed here so that no malformed input reaches a
 //! handler, and none produces a 500.
 
+mod automation;
 mod jobs;
-mod rules;
-mod schedules;
 pub mod serve;
 
 use std::sync::Arc;
@@ -23,6 +22,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use sqlx::PgPool;
 
+use crate::automation::rules::Rule;
+use crate::automation::schedule::Schedule;
 use crate::error::Error;
 use crate::queue::enqueue::Enqueuer;
 use crate::store::auth;
@@ -80,14 +81,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}/results", get(jobs::results))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/v1/leads/{lead_id}/convert", post(jobs::convert_lead))
-        .route("/v1/rules", get(rules::list).post(rules::create))
-        .route("/v1/rules/{rule_id}", get(rules::read).delete(rules::delete))
-        .route("/v1/rules/{rule_id}/enable", post(rules::enable))
-        .route("/v1/rules/{rule_id}/disable", post(rules::disable))
-        .route("/v1/schedules", get(schedules::list).post(schedules::create))
-        .route("/v1/schedules/{schedule_id}", get(schedules::read).delete(schedules::delete))
-        .route("/v1/schedules/{schedule_id}/enable", post(schedules::enable))
-        .route("/v1/schedules/{schedule_id}/disable", post(schedules::disable))
+        .route("/v1/rules", get(automation::list::<Rule>).post(automation::create_rule))
+        .route("/v1/rules/{rule_id}", get(automation::read::<Rule>).delete(automation::delete::<Rule>))
+        .route("/v1/rules/{rule_id}/enable", post(automation::enable::<Rule>))
+        .route("/v1/rules/{rule_id}/disable", post(automation::disable::<Rule>))
+        .route("/v1/schedules", get(automation::list::<Schedule>).post(automation::create_schedule))
+        .route("/v1/schedules/{schedule_id}", get(automation::read::<Schedule>).delete(automation::delete::<Schedule>))
+        .route("/v1/schedules/{schedule_id}/enable", post(automation::enable::<Schedule>))
+        .route("/v1/schedules/{schedule_id}/disable", post(automation::disable::<Schedule>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
