@@ -2,7 +2,7 @@
 //! differs (a schedule has a cron expression); `list`, `enable`, `disable`
 //! and `delete` are one set of commands over [`Automation`].
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use leadconv::automation::rules::{self, NewRule, Rule};
 use leadconv::automation::schedule::{self, NewSchedule, Schedule};
 use leadconv::automation::{self, Automation};
@@ -14,22 +14,7 @@ use super::json_arg;
 #[derive(Subcommand)]
 pub enum RuleCommand {
     /// Create a rule (criteria, options and acting user checked as a job's; exit 2 when refused).
-    Add {
-        #[arg(long)]
-        name: String,
-        /// Criteria as JSON, or @FILE.
-        #[arg(long)]
-        criteria: String,
-        /// Options as JSON, or @FILE.
-        #[arg(long, default_value = "{}")]
-        options: String,
-        /// The user the rule's conversions act as: needs can_convert and active.
-        #[arg(long)]
-        acting_user: i64,
-        /// Create the rule disabled.
-        #[arg(long)]
-        disabled: bool,
-    },
+    Add(Definition),
     #[command(flatten)]
     Manage(Manage),
 }
@@ -38,26 +23,34 @@ pub enum RuleCommand {
 pub enum ScheduleCommand {
     /// Create a schedule (cron, criteria, options and acting user checked; exit 2 when refused).
     Add {
-        #[arg(long)]
-        name: String,
         /// Standard 5-field cron expression in UTC, e.g. "0 2 * * *".
         #[arg(long)]
         cron: String,
-        /// Criteria as JSON, or @FILE.
-        #[arg(long)]
-        criteria: String,
-        /// Options as JSON, or @FILE.
-        #[arg(long, default_value = "{}")]
-        options: String,
-        /// The user the schedule's jobs act as: needs can_convert and active.
-        #[arg(long)]
-        acting_user: i64,
-        /// Create the schedule disabled.
-        #[arg(long)]
-        disabled: bool,
+        #[command(flatten)]
+        definition: Definition,
     },
     #[command(flatten)]
     Manage(Manage),
+}
+
+/// What a new rule or schedule is made of.
+#[derive(Args)]
+pub struct Definition {
+    /// Its name, unique among rules (or among schedules).
+    #[arg(long)]
+    name: String,
+    /// Criteria as JSON, or @FILE.
+    #[arg(long)]
+    criteria: String,
+    /// Options as JSON, or @FILE.
+    #[arg(long, default_value = "{}")]
+    options: String,
+    /// The user its conversions act as: needs can_convert and active.
+    #[arg(long)]
+    acting_user: i64,
+    /// Create it disabled.
+    #[arg(long)]
+    disabled: bool,
 }
 
 /// What rules and schedules share on the command line.
@@ -125,7 +118,7 @@ impl Manage {
 impl RuleCommand {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         match self {
-            RuleCommand::Add { name, criteria, options, acting_user, disabled } => {
+            RuleCommand::Add(Definition { name, criteria, options, acting_user, disabled }) => {
                 let new = NewRule {
                     name,
                     criteria: json_arg("criteria", &criteria)?,
@@ -145,7 +138,10 @@ impl RuleCommand {
 impl ScheduleCommand {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         match self {
-            ScheduleCommand::Add { name, cron, criteria, options, acting_user, disabled } => {
+            ScheduleCommand::Add {
+                cron,
+                definition: Definition { name, criteria, options, acting_user, disabled },
+            } => {
                 let new = NewSchedule {
                     name,
                     cron,
