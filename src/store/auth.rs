@@ -19,25 +19,23 @@ pub fn hash(token: &str) -> Vec<u8> {
 /// Creates a token for `user_id`; the clear token is returned once and
 /// never stored.
 pub async fn create_token(pool: &PgPool, user_id: i64, name: &str) -> Result<String, crate::Error> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)").bind(user_id).fetch_one(pool).await?;
+    let exists = sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS "exists!""#, user_id)
+        .fetch_one(pool)
+        .await?;
     if !exists {
         return Err(Refusal::new(ErrorCode::RequesterNotFound, "user", format!("user {user_id} does not exist")).into());
     }
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     let token = format!("{PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
-    sqlx::query("INSERT INTO api_tokens (user_id, name, token_hash) VALUES ($1, $2, $3)")
-        .bind(user_id)
-        .bind(name)
-        .bind(hash(&token))
+    sqlx::query!("INSERT INTO api_tokens (user_id, name, token_hash) VALUES ($1, $2, $3)", user_id, name, hash(&token))
         .execute(pool)
         .await?;
     Ok(token)
 }
 
 /// The user a token stands for.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct TokenUser {
     pub id: i64,
     pub active: bool,
@@ -45,13 +43,13 @@ pub struct TokenUser {
 }
 
 pub async fn lookup(pool: &PgPool, token: &str) -> sqlx::Result<Option<TokenUser>> {
-    let user: Option<TokenUser> = sqlx::query_as(
+    sqlx::query_as!(
+        TokenUser,
         "UPDATE api_tokens t SET last_used_at = now() FROM users u
          WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND u.id = t.user_id
          RETURNING u.id, u.active, u.can_convert",
+        hash(token)
     )
-    .bind(hash(token))
     .fetch_optional(pool)
-    .await?;
-    Ok(user)
+    .await
 }

@@ -11,30 +11,20 @@ use crate::record::Module;
 
 /// Everything about fields that a conversion needs, read once per job.
 pub async fn load(conn: &mut PgConnection) -> sqlx::Result<FieldMapping> {
-    let custom = sqlx::query_as::<_, (String, String, String)>(
+    let custom = sqlx::query_as!(
+        CustomMapping,
         "SELECT lead_field, target_module, target_field FROM conversion_mappings
-         ORDER BY target_module, target_field, lead_field",
+         ORDER BY target_module, target_field, lead_field"
     )
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(lead_field, target_module, target_field)| CustomMapping { lead_field, target_module, target_field })
-    .collect();
-    let defs = sqlx::query_as::<_, (String, String, String, Option<i32>, bool)>(
+    .await?;
+    let defs = sqlx::query_as!(
+        CustomFieldDef,
         "SELECT module, api_name, data_type, max_length, is_unique FROM custom_field_defs
-         ORDER BY module, api_name",
+         ORDER BY module, api_name"
     )
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(module, api_name, data_type, max_length, is_unique)| CustomFieldDef {
-        module,
-        api_name,
-        data_type,
-        max_length,
-        is_unique,
-    })
-    .collect();
+    .await?;
     Ok(FieldMapping { custom, defs })
 }
 

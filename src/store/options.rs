@@ -11,13 +11,13 @@ pub async fn prepare(
     options: &ConversionOptions,
     requested_by: i64,
 ) -> Result<Settings, crate::Error> {
-    let requester: Option<(bool, bool)> = sqlx::query_as("SELECT active, can_convert FROM users WHERE id = $1")
-        .bind(requested_by)
+    let requester = sqlx::query!("SELECT active, can_convert FROM users WHERE id = $1", requested_by)
         .fetch_optional(&mut *conn)
-        .await?;
+        .await?
+        .map(|u| (u.active, u.can_convert));
     let owner_active = match options.owner_id {
         Some(owner) => {
-            sqlx::query_scalar("SELECT active FROM users WHERE id = $1").bind(owner).fetch_optional(&mut *conn).await?
+            sqlx::query_scalar!("SELECT active FROM users WHERE id = $1", owner).fetch_optional(&mut *conn).await?
         }
         None => None,
     };
@@ -26,11 +26,11 @@ pub async fn prepare(
         Some(pipeline) => {
             // One row per stage; a pipeline without stages gives one NULL
             // row, an unknown pipeline none at all.
-            let rows: Vec<Option<String>> = sqlx::query_scalar(
-                "SELECT s.stage FROM pipelines p LEFT JOIN deal_stages s ON s.pipeline = p.name
-                 WHERE p.name = $1 ORDER BY s.sort_order, s.stage",
+            let rows: Vec<Option<String>> = sqlx::query_scalar!(
+                r#"SELECT s.stage AS "stage?" FROM pipelines p LEFT JOIN deal_stages s ON s.pipeline = p.name
+                   WHERE p.name = $1 ORDER BY s.sort_order, s.stage"#,
+                pipeline
             )
-            .bind(&pipeline)
             .fetch_all(&mut *conn)
             .await?;
             (!rows.is_empty()).then(|| rows.into_iter().flatten().collect())
