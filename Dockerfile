@@ -8,6 +8,7 @@ WORKDIR /src
 # crates with the real manifests and lock file. The workspace's developer
 # tools (sample/, devtools/) stay stubs: the image builds only `leadconv`.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 COPY domain/Cargo.toml domain/Cargo.toml
 COPY sample/Cargo.toml sample/Cargo.toml
 COPY devtools/Cargo.toml devtools/Cargo.toml
@@ -19,7 +20,9 @@ RUN mkdir -p src migrations domain/src sample/src devtools/src \
     && ./scripts/build-release.sh \
     && rm -rf src domain/src target/release/leadconv target/release/deps/leadconv* target/release/deps/libleadconv* \
               target/release/.fingerprint/leadconv*
-# The real sources. migrations/ is embedded into the binary by sqlx::migrate!.
+# The real sources. migrations/ is embedded into the binary by sqlx::migrate!;
+# .sqlx/ is the schema the checked statements compile against (no database).
+COPY .sqlx .sqlx
 COPY domain/src domain/src
 COPY src src
 COPY migrations migrations
