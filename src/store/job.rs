@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -107,17 +108,17 @@ pub async fn create_in(
         Dispatch::Queue { lease } => (Some(lease.as_secs_f64()), false),
         Dispatch::InProcess => (None, true),
     };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, publisher_lease_until, published_at)
          VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), CASE WHEN $7 THEN now() END)",
+        id,
+        checked.new.criteria,
+        checked.new.options,
+        checked.new.requested_by,
+        checked.new.trigger as Trigger,
+        lease.unwrap_or(0.0),
+        published
     )
-    .bind(id)
-    .bind(&checked.new.criteria)
-    .bind(&checked.new.options)
-    .bind(checked.new.requested_by)
-    .bind(checked.new.trigger.as_str())
-    .bind(lease.unwrap_or(0.0))
-    .bind(published)
     .execute(&mut *tx)
     .await?;
     let mut qb = sqlx::QueryBuilder::new("INSERT INTO conversion_results (job_id, lead_id) SELECT ");
@@ -132,16 +133,16 @@ pub async fn create_in(
         )
     })?;
     // A job matching nothing is complete at once, with nothing to publish.
-    sqlx::query(
+    sqlx::query!(
         "UPDATE conversion_jobs SET total_count = $2,
                 status = CASE WHEN $2 = 0 THEN 'completed' ELSE status END,
                 finished_at = CASE WHEN $2 = 0 THEN now() END,
                 published_at = CASE WHEN $2 = 0 THEN now() ELSE published_at END,
                 publisher_lease_until = CASE WHEN $2 = 0 THEN NULL ELSE publisher_lease_until END
          WHERE id = $1",
+        id,
+        total
     )
-    .bind(id)
-    .bind(total)
     .execute(&mut *tx)
     .await?;
     metrics::counter!(crate::metrics::JOBS_CREATED, "trigger" => checked.new.trigger.as_str()).increment(1);
@@ -151,7 +152,7 @@ pub async fn create_in(
 /// Moves the job's counter shards into its `conversion_jobs` row (counts,
 /// status, start and finish times). Idempotent; any process may call it.
 pub async fn rollup(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("SELECT leadconv_rollup_job($1)").bind(id).execute(pool).await?;
+    sqlx::query!("SELECT leadconv_rollup_job($1)", id).execute(pool).await?;
     Ok(())
 }
 
@@ -225,14 +226,14 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
 /// then delivered twice, which converts nothing twice. Returns the job's
 /// trigger, which names its lane.
 pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: std::time::Duration) -> Result<Trigger, crate::Error> {
-    let trigger: Option<Trigger> = sqlx::query_scalar(
-        "UPDATE conversion_jobs SET published_through = 0, published_at = NULL,
+    let trigger = sqlx::query_scalar!(
+        r#"UPDATE conversion_jobs SET published_through = 0, published_at = NULL,
                 publisher_lease_until = now() + make_interval(secs => $2)
          WHERE id = $1 AND status IN ('scheduled', 'in_progress')
-         RETURNING trigger",
+         RETURNING trigger AS "trigger: Trigger""#,
+        id,
+        lease.as_secs_f64()
     )
-    .bind(id)
-    .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await?;
     if let Some(t) = trigger {
@@ -261,12 +262,17 @@ pub async fn create_for_leads(
 
 /// The job with counts exact at this moment (counter shards included).
 pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "SELECT id, status, criteria, options, requested_by, trigger, total_count, converted_count, merged_count,
-                skipped_count, failed_count, created_at, started_at, finished_at
-         FROM conversion_job_progress WHERE id = $1",
+    // A view's columns are all nullable to sqlx: `!` says these are not.
+    sqlx::query_as!(
+        Job,
+        r#"SELECT id AS "id!", status AS "status!: JobStatus", criteria AS "criteria!: Json<Value>",
+                options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
+                total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
+                skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
+                started_at, finished_at
+         FROM conversion_job_progress WHERE id = $1"#,
+        id
     )
-    .bind(id)
     .fetch_optional(pool)
     .await
 }
