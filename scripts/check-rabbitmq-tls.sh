@@ -54,7 +54,7 @@ for _ in $(seq 1 120); do
 done
 timeout 1 bash -c "</dev/tcp/127.0.0.1/$PORT" || { echo "the TLS node did not start"; cat "$D"/log/*.log; exit 1; }
 
-cargo build --locked --quiet --bin leadconv-dev
+cargo build --locked --quiet -p leadconv-dev --bin leadconv-dev
 BIN=./target/debug/leadconv-dev
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/leadconv_tls_check}"
 fail=0
