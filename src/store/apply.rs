@@ -179,14 +179,14 @@ pub async fn apply(conn: &mut PgConnection, lead_id: i64, conversion: &Conversio
     // Copies first, then the move: the copies are made from the lead's notes.
     for &m in &conversion.note_copies_to {
         if let Some(pid) = parent(m) {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO notes (parent_module, parent_id, title, body, created_at)
                  SELECT $2, $3, title, body, created_at FROM notes
                  WHERE parent_module = 'lead' AND parent_id = $1 ORDER BY id",
+                lead_id,
+                m.as_str(),
+                pid
             )
-            .bind(lead_id)
-            .bind(m.as_str())
-            .bind(pid)
             .execute(&mut *conn)
             .await?;
         }
@@ -208,16 +208,16 @@ pub async fn apply(conn: &mut PgConnection, lead_id: i64, conversion: &Conversio
         .await?;
     }
 
-    let marked = sqlx::query(
+    let marked = sqlx::query!(
         "UPDATE leads SET converted_at = now(), converted_account_id = $2, converted_contact_id = $3,
                 converted_deal_id = $4, lead_status = 'Converted', is_repeat = $5
          WHERE id = $1 AND converted_at IS NULL",
+        lead_id,
+        account_id,
+        contact_id,
+        deal_id,
+        conversion.lead_is_repeat
     )
-    .bind(lead_id)
-    .bind(account_id)
-    .bind(contact_id)
-    .bind(deal_id)
-    .bind(conversion.lead_is_repeat)
     .execute(&mut *conn)
     .await?;
     // The lead row is locked since the snapshot and was unconverted then.

@@ -173,8 +173,10 @@ async fn try_convert(
     if let Pending::No(done) = status {
         return Ok(*done);
     }
-    let job_status: JobStatus =
-        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1").bind(job_id).fetch_one(&mut *tx).await?;
+    let job_status =
+        sqlx::query_scalar!(r#"SELECT status AS "status: JobStatus" FROM conversion_jobs WHERE id = $1"#, job_id)
+            .fetch_one(&mut *tx)
+            .await?;
     let finish_with = if job_status == JobStatus::Cancelled {
         Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))
     } else {
@@ -297,19 +299,19 @@ async fn finish(
     .fetch_one(&mut *conn)
     .await?;
     let n = |b: bool| i32::from(b);
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (job_id, shard) DO UPDATE SET
              converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
              skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now()",
+        job_id,
+        (lead_id.rem_euclid(COUNTER_SHARDS)) as i16,
+        n(f.outcome == Outcome::Converted),
+        n(f.merged),
+        n(f.outcome == Outcome::Skipped),
+        n(f.outcome == Outcome::Failed)
     )
-    .bind(job_id)
-    .bind((lead_id.rem_euclid(COUNTER_SHARDS)) as i16)
-    .bind(n(f.outcome == Outcome::Converted))
-    .bind(n(f.merged))
-    .bind(n(f.outcome == Outcome::Skipped))
-    .bind(n(f.outcome == Outcome::Failed))
     .execute(&mut *conn)
     .await?;
     Ok(result)
@@ -336,12 +338,14 @@ pub async fn dry_run(
     qb.push(" ORDER BY l.id");
     let leads: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
     let deals_are_won = match &settings.deal {
-        Some(d) => sqlx::query_scalar("SELECT is_won FROM deal_stages WHERE pipeline = $1 AND stage = $2")
-            .bind(&d.pipeline)
-            .bind(&d.stage)
-            .fetch_optional(&mut *tx)
-            .await?
-            .unwrap_or(false),
+        Some(d) => sqlx::query_scalar!(
+            "SELECT is_won FROM deal_stages WHERE pipeline = $1 AND stage = $2",
+            d.pipeline,
+            d.stage
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or(false),
         None => false,
     };
     let today = Utc::now().date_naive();

@@ -180,11 +180,12 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     // itself inserts a counter shard, whose foreign key takes FOR KEY SHARE
     // on this row. FOR UPDATE would make it wait on us while we wait on its
     // result row below: a deadlock.
-    let status: Option<JobStatus> =
-        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let status = sqlx::query_scalar!(
+        r#"SELECT status AS "status: JobStatus" FROM conversion_jobs WHERE id = $1 FOR NO KEY UPDATE"#,
+        id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     match status {
         None => return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into()),
         Some(s) if !s.is_finished() => {}
@@ -195,23 +196,23 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     // Each in-flight conversion holds its result row until it commits; this
     // update waits for those rows and then skips them, as they are no
     // longer pending.
-    let skipped = sqlx::query(
+    let skipped = sqlx::query!(
         "UPDATE conversion_results SET outcome = 'skipped', error_code = 'cancelled',
                 error_message = 'the job was cancelled before this lead was converted', finished_at = now()
          WHERE job_id = $1 AND outcome = 'pending'",
+        id
     )
-    .bind(id)
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    sqlx::query(
+    sqlx::query!(
         "UPDATE conversion_jobs SET status = 'cancelled', cancelled_at = now(), finished_at = now(),
                 skipped_count = skipped_count + $2, publisher_lease_until = NULL,
                 published_at = coalesce(published_at, now())
          WHERE id = $1",
+        id,
+        i32::try_from(skipped).unwrap_or(i32::MAX)
     )
-    .bind(id)
-    .bind(i32::try_from(skipped).unwrap_or(i32::MAX))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -208,17 +208,17 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
     let account_ids: Vec<i64> = facts.candidate_accounts().filter_map(|a| record::id(a, "id")).collect();
 
     if !contact_ids.is_empty() || !account_ids.is_empty() {
-        let won: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        let won = sqlx::query!(
             "SELECT d.contact_id, d.account_id FROM deals d
              JOIN deal_stages s ON s.pipeline = d.pipeline AND s.stage = d.stage
              WHERE s.is_won AND (d.contact_id = ANY($1) OR d.account_id = ANY($2))",
+            &contact_ids,
+            &account_ids
         )
-        .bind(&contact_ids)
-        .bind(&account_ids)
         .fetch_all(&mut *conn)
         .await?;
-        facts.won_contacts = won.iter().filter_map(|(c, _)| *c).filter(|c| contact_ids.contains(c)).collect();
-        facts.won_accounts = won.iter().filter_map(|(_, a)| *a).filter(|a| account_ids.contains(a)).collect();
+        facts.won_contacts = won.iter().filter_map(|d| d.contact_id).filter(|c| contact_ids.contains(c)).collect();
+        facts.won_accounts = won.iter().filter_map(|d| d.account_id).filter(|a| account_ids.contains(a)).collect();
     }
 
     let mut users: Vec<i64> = vec![settings.acting_user];
@@ -228,8 +228,7 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
     users.sort_unstable();
     users.dedup();
     facts.managers_above = managers_above(conn, &users).await?;
-    facts.acting_is_admin = sqlx::query_scalar("SELECT is_admin FROM users WHERE id = $1")
-        .bind(settings.acting_user)
+    facts.acting_is_admin = sqlx::query_scalar!("SELECT is_admin FROM users WHERE id = $1", settings.acting_user)
         .fetch_optional(&mut *conn)
         .await?
         .unwrap_or(false);
@@ -289,21 +288,21 @@ where
 /// For each user, the chain of managers above them, nearest first. The depth
 /// bound keeps a cycle in `manager_id` (bad data) from looping forever.
 pub async fn managers_above(conn: &mut PgConnection, users: &[i64]) -> sqlx::Result<HashMap<i64, Vec<i64>>> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "WITH RECURSIVE up(user_id, manager_id, depth) AS (
+    let rows = sqlx::query!(
+        r#"WITH RECURSIVE up(user_id, manager_id, depth) AS (
              SELECT id, manager_id, 1 FROM users WHERE id = ANY($1) AND manager_id IS NOT NULL
              UNION ALL
              SELECT up.user_id, u.manager_id, up.depth + 1
              FROM up JOIN users u ON u.id = up.manager_id
              WHERE u.manager_id IS NOT NULL AND up.depth < 64
          )
-         SELECT user_id, manager_id FROM up ORDER BY user_id, depth",
+         SELECT user_id AS "user_id!", manager_id AS "manager_id!" FROM up ORDER BY user_id, depth"#,
+        users
     )
-    .bind(users)
     .fetch_all(conn)
     .await?;
     let mut out: HashMap<i64, Vec<i64>> = HashMap::new();
-    for (user, manager) in rows {
+    for (user, manager) in rows.into_iter().map(|r| (r.user_id, r.manager_id)) {
         out.entry(user).or_default().push(manager);
     }
     Ok(out)
