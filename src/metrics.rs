@@ -107,10 +107,13 @@ pub fn record_result(r: &LeadResult, took: Duration) {
 /// Sets the gauges read from Postgres (jobs by status) and, when a channel
 /// is given, RabbitMQ (queue depths).
 pub async fn refresh_gauges(pool: &PgPool, broker: Option<(&lapin::Channel, &Topology)>) -> anyhow::Result<()> {
-    let rows: Vec<(JobStatus, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM conversion_job_progress GROUP BY status").fetch_all(pool).await?;
+    let rows = sqlx::query!(
+        r#"SELECT status AS "status!: JobStatus", count(*) AS "n!" FROM conversion_job_progress GROUP BY status"#
+    )
+    .fetch_all(pool)
+    .await?;
     for &status in JobStatus::ALL {
-        let n = rows.iter().find(|(s, _)| *s == status).map_or(0, |(_, n)| *n);
+        let n = rows.iter().find(|r| r.status == status).map_or(0, |r| r.n);
         gauge!(JOBS, "status" => status.as_str()).set(n as f64);
     }
     if let Some((ch, topology)) = broker {

@@ -154,10 +154,12 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
     let pool = &enqueuer.pool;
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, lead_id FROM lead_changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED")
-            .bind(BATCH)
+        sqlx::query!("SELECT id, lead_id FROM lead_changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", BATCH)
             .fetch_all(&mut *tx)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.lead_id))
+            .collect();
     if rows.is_empty() {
         tx.commit().await?;
         return Ok(0);
@@ -203,16 +205,18 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
         // Changes of one lead claimed by two relays at once (two rows) are
         // serialised here, so the second sees the first's job. In lead
         // order: two relays cannot deadlock on these.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('leadconv_rule_lead'), ($1 % 2147483647)::int)")
-            .bind(lead)
-            .execute(&mut *tx)
-            .await?;
-        let pending: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM conversion_results r JOIN conversion_jobs j ON j.id = r.job_id
-                            WHERE r.lead_id = $1 AND r.outcome = 'pending' AND j.trigger = 'workflow'
-                              AND j.status IN ('scheduled', 'in_progress'))",
+        sqlx::query!(
+            "SELECT pg_advisory_xact_lock(hashtext('leadconv_rule_lead'), ($1::bigint % 2147483647)::int)",
+            lead
         )
-        .bind(lead)
+        .execute(&mut *tx)
+        .await?;
+        let pending = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM conversion_results r JOIN conversion_jobs j ON j.id = r.job_id
+                            WHERE r.lead_id = $1 AND r.outcome = 'pending' AND j.trigger = 'workflow'
+                              AND j.status IN ('scheduled', 'in_progress')) AS "pending!""#,
+            lead
+        )
         .fetch_one(&mut *tx)
         .await?;
         if pending {
@@ -243,7 +247,7 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
         created.push(id);
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-    sqlx::query("DELETE FROM lead_changes WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+    sqlx::query!("DELETE FROM lead_changes WHERE id = ANY($1)", &ids).execute(&mut *tx).await?;
     tx.commit().await?;
     for id in created {
         if let Some(j) = job::get(pool, id).await? {

@@ -198,7 +198,7 @@ pub async fn run_due(enqueuer: &Enqueuer) -> Result<Option<i64>, crate::Error> {
         tx.commit().await?;
         return Ok(None);
     };
-    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
+    let now = sqlx::query_scalar!(r#"SELECT now() AS "now!""#).fetch_one(&mut *tx).await?;
     let next = match parse_cron(&s.cron).ok().and_then(|c| next_after(&c, now).ok()) {
         Some(n) => n,
         None => {
@@ -206,8 +206,7 @@ pub async fn run_due(enqueuer: &Enqueuer) -> Result<Option<i64>, crate::Error> {
             // written by hand with a bad expression is disabled, not retried
             // every second.
             tracing::error!(schedule_id = s.id, cron = %s.cron, "invalid cron expression; schedule disabled");
-            sqlx::query("UPDATE conversion_schedules SET enabled = false, updated_at = now() WHERE id = $1")
-                .bind(s.id)
+            sqlx::query!("UPDATE conversion_schedules SET enabled = false, updated_at = now() WHERE id = $1", s.id)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -230,15 +229,15 @@ pub async fn run_due(enqueuer: &Enqueuer) -> Result<Option<i64>, crate::Error> {
         }
         Err(e) => return Err(e),
     };
-    sqlx::query(
+    sqlx::query!(
         "UPDATE conversion_schedules SET next_run_at = $2, last_run_at = $3,
                 last_job_id = coalesce($4, last_job_id), updated_at = now()
          WHERE id = $1",
+        s.id,
+        next,
+        now,
+        job_id
     )
-    .bind(s.id)
-    .bind(next)
-    .bind(now)
-    .bind(job_id)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -125,17 +125,22 @@ pub async fn list(State(s): State<AppState>, _: Acting, Query(q): Query<ListQuer
     let trigger = one_of(q.trigger.as_deref(), "trigger", Trigger::parse, Trigger::ALL)?;
     let limit = bounded(q.limit, 50, 500, "limit")?;
     let offset = bounded(q.offset, 0, i64::from(i32::MAX), "offset")?;
-    let jobs: Vec<job::Job> = sqlx::query_as(
-        "SELECT id, status, criteria, options, requested_by, trigger, total_count, converted_count, merged_count,
-                skipped_count, failed_count, created_at, started_at, finished_at
+    // A view's columns are all nullable to sqlx: `!` says these are not.
+    let jobs = sqlx::query_as!(
+        job::Job,
+        r#"SELECT id AS "id!", status AS "status!: JobStatus", criteria AS "criteria!: sqlx::types::Json<Value>",
+                options AS "options!: sqlx::types::Json<Value>", requested_by AS "requested_by!",
+                trigger AS "trigger!: Trigger", total_count AS "total_count!", converted_count AS "converted_count!",
+                merged_count AS "merged_count!", skipped_count AS "skipped_count!", failed_count AS "failed_count!",
+                created_at AS "created_at!", started_at, finished_at
          FROM conversion_job_progress
          WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
-         ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
+         ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"#,
+        status as Option<JobStatus>,
+        trigger as Option<Trigger>,
+        limit,
+        offset
     )
-    .bind(status)
-    .bind(trigger)
-    .bind(limit)
-    .bind(offset)
     .fetch_all(&s.pool)
     .await?;
     let jobs: Vec<Progress> = jobs.into_iter().map(Progress::of).collect();
@@ -217,11 +222,8 @@ pub async fn convert_lead(
 ) -> Result<Response, ApiError> {
     let lead_id = parse_i64(&raw, "lead_id")?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(5000).min(60_000));
-    let converted: Option<Option<chrono::DateTime<chrono::Utc>>> =
-        sqlx::query_scalar("SELECT converted_at FROM leads WHERE id = $1")
-            .bind(lead_id)
-            .fetch_optional(&s.pool)
-            .await?;
+    let converted =
+        sqlx::query_scalar!("SELECT converted_at FROM leads WHERE id = $1", lead_id).fetch_optional(&s.pool).await?;
     match converted {
         None => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "lead_not_found", "lead_id", format!("no lead {lead_id}")))

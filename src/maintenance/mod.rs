@@ -39,7 +39,7 @@ pub async fn round(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Dura
 /// LOCKED so several workers never queue on the same job row.
 pub async fn rollup_active(pool: &PgPool) -> sqlx::Result<()> {
     let jobs: Vec<Uuid> =
-        sqlx::query_scalar("SELECT DISTINCT job_id FROM conversion_job_counters").fetch_all(pool).await?;
+        sqlx::query_scalar!("SELECT DISTINCT job_id FROM conversion_job_counters").fetch_all(pool).await?;
     for id in jobs {
         job::rollup(pool, id).await?;
     }

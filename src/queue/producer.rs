@@ -39,18 +39,18 @@ pub enum PublishError {
 /// Takes the publisher lease of one job whose leads are not all published
 /// and whose lease ran out (its publisher died). `None`: nothing to do.
 pub async fn claim_orphan(pool: &PgPool, lease: Duration) -> sqlx::Result<Option<(Uuid, Lane)>> {
-    let row: Option<(Uuid, Trigger)> = sqlx::query_as(
-        "UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $1)
+    let row = sqlx::query!(
+        r#"UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $1)
          WHERE id = (SELECT id FROM conversion_jobs
                      WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress')
                        AND (publisher_lease_until IS NULL OR publisher_lease_until < now())
                      ORDER BY created_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED)
-         RETURNING id, trigger",
+         RETURNING id, trigger AS "trigger: Trigger""#,
+        lease.as_secs_f64()
     )
-    .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(id, trigger)| (id, Lane::for_trigger(trigger))))
+    Ok(row.map(|r| (r.id, Lane::for_trigger(r.trigger))))
 }
 
 /// Publishes every unpublished pending lead of `job_id` on `ch` (a channel
@@ -67,22 +67,21 @@ pub async fn publish_job(
 ) -> Result<u64, PublishError> {
     let exchange = topology.convert_exchange();
     let key = Topology::routing_key(lane, None);
-    let mut after: i64 = sqlx::query_scalar("SELECT published_through FROM conversion_jobs WHERE id = $1")
-        .bind(job_id)
+    let mut after: i64 = sqlx::query_scalar!("SELECT published_through FROM conversion_jobs WHERE id = $1", job_id)
         .fetch_optional(pool)
         .await?
         .unwrap_or(i64::MAX);
     let mut published = 0u64;
     loop {
         // Keyset pages: memory stays at one batch whatever the job's size.
-        let ids: Vec<i64> = sqlx::query_scalar(
+        let ids: Vec<i64> = sqlx::query_scalar!(
             "SELECT lead_id FROM conversion_results
              WHERE job_id = $1 AND outcome = 'pending' AND lead_id > $2
              ORDER BY lead_id LIMIT $3",
+            job_id,
+            after,
+            batch.max(1)
         )
-        .bind(job_id)
-        .bind(after)
-        .bind(batch.max(1))
         .fetch_all(pool)
         .await?;
         let Some(&last) = ids.last() else { break };
@@ -103,14 +102,14 @@ pub async fn publish_job(
         // sweepers away while this publisher lives. If it stalls past the
         // lease, a sweeper publishes the rest too, which costs duplicates,
         // never lost or doubled conversions.
-        sqlx::query(
+        sqlx::query!(
             "UPDATE conversion_jobs SET published_through = greatest(published_through, $2),
                     publisher_lease_until = now() + make_interval(secs => $3)
              WHERE id = $1",
+            job_id,
+            last,
+            lease.as_secs_f64()
         )
-        .bind(job_id)
-        .bind(last)
-        .bind(lease.as_secs_f64())
         .execute(pool)
         .await?;
         published += ids.len() as u64;
@@ -118,10 +117,13 @@ pub async fn publish_job(
         after = last;
         tracing::debug!(%job_id, published, "batch confirmed");
     }
-    sqlx::query("UPDATE conversion_jobs SET published_at = now(), publisher_lease_until = NULL WHERE id = $1 AND published_at IS NULL")
-        .bind(job_id)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "UPDATE conversion_jobs SET published_at = now(), publisher_lease_until = NULL
+         WHERE id = $1 AND published_at IS NULL",
+        job_id
+    )
+    .execute(pool)
+    .await?;
     tracing::info!(%job_id, published, "job published");
     Ok(published)
 }

@@ -211,8 +211,9 @@ async fn nothing_left(pool: &PgPool, ch: &Channel, topology: &Topology) -> anyho
             return Ok(false);
         }
     }
-    let unpublished: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM conversion_jobs WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress'))",
+    let unpublished = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM conversion_jobs
+                          WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress')) AS "unpublished!""#
     )
     .fetch_one(pool)
     .await?;

@@ -31,12 +31,14 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// Turkish, Greek and Vietnamese contacts and accounts. Such a database
 /// cannot be changed in place (`LC_CTYPE` is fixed at creation).
 pub async fn check_matching_locale(pool: &PgPool) -> anyhow::Result<()> {
-    let (ok, name, encoding, ctype): (bool, String, String, String) = sqlx::query_as(
-        "SELECT getdatabaseencoding() = 'UTF8' AND lower('ĄΣÀ') = 'ąσà', current_database(), getdatabaseencoding(),
-                (SELECT datctype FROM pg_database WHERE datname = current_database())",
+    let r = sqlx::query!(
+        r#"SELECT getdatabaseencoding() = 'UTF8' AND lower('ĄΣÀ') = 'ąσà' AS "ok!", current_database() AS "name!",
+                  getdatabaseencoding() AS "encoding!",
+                  (SELECT datctype FROM pg_database WHERE datname = current_database()) AS "ctype!""#
     )
     .fetch_one(pool)
     .await?;
+    let (ok, name, encoding, ctype) = (r.ok, r.name, r.encoding, r.ctype);
     if !ok {
         anyhow::bail!(
             "Postgres database {name:?} has encoding {encoding} and LC_CTYPE {ctype:?}, where lower() folds only ASCII \
@@ -56,10 +58,10 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<bool> {
     let options: PgConnectOptions = url.parse()?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut admin = options.clone().database("postgres").connect().await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists =
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "exists!""#, name)
+            .fetch_one(&mut admin)
+            .await?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         sqlx::query(&format!(

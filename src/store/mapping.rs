@@ -39,13 +39,13 @@ pub async fn save(conn: &mut PgConnection, mapping: &CustomMapping) -> Result<()
         )
         .into());
     }
-    let saved = sqlx::query(
+    let saved = sqlx::query!(
         "INSERT INTO conversion_mappings (lead_field, target_module, target_field) VALUES ($1, $2, $3)
          ON CONFLICT DO NOTHING",
+        mapping.lead_field,
+        mapping.target_module,
+        mapping.target_field
     )
-    .bind(&mapping.lead_field)
-    .bind(&mapping.target_module)
-    .bind(&mapping.target_field)
     .execute(conn)
     .await;
     match saved {
