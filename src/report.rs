@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::error::{ErrorCode, Refusal};
 use crate::plan::{Action, Plan, Verdict};
-use crate::store::convert::{LeadResult, RESULT_COLUMNS};
+use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, Job};
 use crate::store::types::Outcome;
 
@@ -112,10 +112,7 @@ pub enum Format {
 /// in memory.
 pub async fn results(pool: &PgPool, id: Uuid, outcome: Option<Outcome>, format: Format) -> anyhow::Result<()> {
     load(pool, id).await?;
-    let sql = format!(
-        "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND ($2::text IS NULL OR outcome = $2) ORDER BY lead_id"
-    );
-    let mut rows = sqlx::query_as::<_, LeadResult>(&sql).bind(id).bind(outcome).fetch(pool);
+    let mut rows = convert::results_page(pool, id, outcome, 0, None);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match format {

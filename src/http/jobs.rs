@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 
 use super::{parse_i64, parse_uuid, Acting, ApiError, AppState, Body, Query};
 use crate::report::{PlanSummary, Progress};
-use crate::store::convert::{self, LeadResult, RESULT_COLUMNS};
+use futures::TryStreamExt;
+
+use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, NewJob, Trigger};
 use crate::store::types::{JobStatus, Outcome};
 
@@ -125,24 +127,7 @@ pub async fn list(State(s): State<AppState>, _: Acting, Query(q): Query<ListQuer
     let trigger = one_of(q.trigger.as_deref(), "trigger", Trigger::parse, Trigger::ALL)?;
     let limit = bounded(q.limit, 50, 500, "limit")?;
     let offset = bounded(q.offset, 0, i64::from(i32::MAX), "offset")?;
-    // A view's columns are all nullable to sqlx: `!` says these are not.
-    let jobs = sqlx::query_as!(
-        job::Job,
-        r#"SELECT id AS "id!", status AS "status!: JobStatus", criteria AS "criteria!: sqlx::types::Json<Value>",
-                options AS "options!: sqlx::types::Json<Value>", requested_by AS "requested_by!",
-                trigger AS "trigger!: Trigger", total_count AS "total_count!", converted_count AS "converted_count!",
-                merged_count AS "merged_count!", skipped_count AS "skipped_count!", failed_count AS "failed_count!",
-                created_at AS "created_at!", started_at, finished_at
-         FROM conversion_job_progress
-         WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
-         ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"#,
-        status as Option<JobStatus>,
-        trigger as Option<Trigger>,
-        limit,
-        offset
-    )
-    .fetch_all(&s.pool)
-    .await?;
+    let jobs = job::list(&s.pool, status, trigger, limit, offset).await?;
     let jobs: Vec<Progress> = jobs.into_iter().map(Progress::of).collect();
     Ok(Json(json!({"jobs": jobs, "limit": limit, "offset": offset})))
 }
@@ -180,17 +165,8 @@ pub async fn results(
     let job = load(&s, &raw).await?;
     let outcome = one_of(q.outcome.as_deref(), "outcome", Outcome::parse, Outcome::ALL)?;
     let limit = bounded(q.limit, 100, 1000, "limit")?;
-    let rows: Vec<LeadResult> = sqlx::query_as(&format!(
-        "SELECT {RESULT_COLUMNS} FROM conversion_results
-         WHERE job_id = $1 AND ($2::text IS NULL OR outcome = $2) AND lead_id > $3
-         ORDER BY lead_id LIMIT $4"
-    ))
-    .bind(job.id)
-    .bind(outcome)
-    .bind(q.after.unwrap_or(0))
-    .bind(limit)
-    .fetch_all(&s.pool)
-    .await?;
+    let rows: Vec<LeadResult> =
+        convert::results_page(&s.pool, job.id, outcome, q.after.unwrap_or(0), Some(limit)).try_collect().await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.lead_id)).flatten();
     Ok(Json(json!({"results": rows, "next_after": next})))
 }
@@ -222,8 +198,7 @@ pub async fn convert_lead(
 ) -> Result<Response, ApiError> {
     let lead_id = parse_i64(&raw, "lead_id")?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(5000).min(60_000));
-    let converted =
-        sqlx::query_scalar!("SELECT converted_at FROM leads WHERE id = $1", lead_id).fetch_optional(&s.pool).await?;
+    let converted = convert::lead_converted_at(&s.pool, lead_id).await?;
     match converted {
         None => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "lead_not_found", "lead_id", format!("no lead {lead_id}")))
@@ -248,13 +223,7 @@ pub async fn convert_lead(
     let created = s.enqueuer.submit(&checked).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let r: Option<LeadResult> = sqlx::query_as(&format!(
-            "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending'"
-        ))
-        .bind(created.id)
-        .fetch_optional(&s.pool)
-        .await?;
-        if let Some(r) = r {
+        if let Some(r) = convert::finished_result(&s.pool, created.id).await? {
             return Ok(Json(r).into_response());
         }
         if tokio::time::Instant::now() >= deadline || created.total_count == 0 {

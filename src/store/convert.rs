@@ -4,9 +4,12 @@
 //! locks (`snapshot`), decide (`plan`), write (`apply`), record the result
 //! and the job's counts, commit. Either all of it happens or none of it.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
@@ -366,8 +369,39 @@ pub async fn dry_run(
 
 /// All result rows of a job, in lead order.
 pub async fn results(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<LeadResult>> {
-    sqlx::query_as(&format!("SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 ORDER BY lead_id"))
-        .bind(job_id)
-        .fetch_all(pool)
-        .await
+    results_page(pool, job_id, None, 0, None).try_collect().await
+}
+
+/// The one statement that reads results: a job's rows in lead order, of
+/// `outcome` when given, after lead `after`, at most `limit` (keyset pages;
+/// `None`: all, streamed so a million rows never sit in memory).
+static RESULTS_PAGE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {RESULT_COLUMNS} FROM conversion_results
+         WHERE job_id = $1 AND ($2::text IS NULL OR outcome = $2) AND lead_id > $3
+         ORDER BY lead_id LIMIT $4"
+    )
+});
+
+pub fn results_page(
+    pool: &PgPool,
+    job_id: Uuid,
+    outcome: Option<Outcome>,
+    after: i64,
+    limit: Option<i64>,
+) -> BoxStream<'_, sqlx::Result<LeadResult>> {
+    sqlx::query_as(RESULTS_PAGE.as_str()).bind(job_id).bind(outcome).bind(after).bind(limit).fetch(pool)
+}
+
+/// The result of a one-lead job once it is no longer pending (convert-now).
+pub async fn finished_result(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Option<LeadResult>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending' LIMIT 1")
+    });
+    sqlx::query_as(SQL.as_str()).bind(job_id).fetch_optional(pool).await
+}
+
+/// Whether the lead exists (outer `Some`) and when it was converted.
+pub async fn lead_converted_at(pool: &PgPool, lead_id: i64) -> sqlx::Result<Option<Option<DateTime<Utc>>>> {
+    sqlx::query_scalar!("SELECT converted_at FROM leads WHERE id = $1", lead_id).fetch_optional(pool).await
 }

@@ -278,6 +278,36 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
     .await
 }
 
+/// Jobs newest first, of `status` and `trigger` when given, a page of
+/// `limit` after skipping `offset`; counts exact at this moment.
+pub async fn list(
+    pool: &PgPool,
+    status: Option<JobStatus>,
+    trigger: Option<Trigger>,
+    limit: i64,
+    offset: i64,
+) -> sqlx::Result<Vec<Job>> {
+    // A view's columns are all nullable to sqlx: `!` says these are not.
+    // The column list repeats `get`'s: query_as! takes only a literal.
+    sqlx::query_as!(
+        Job,
+        r#"SELECT id AS "id!", status AS "status!: JobStatus", criteria AS "criteria!: Json<Value>",
+                options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
+                total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
+                skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
+                started_at, finished_at
+         FROM conversion_job_progress
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
+         ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"#,
+        status as Option<JobStatus>,
+        trigger as Option<Trigger>,
+        limit,
+        offset
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// The validated settings a stored job converts with.
 pub async fn settings(pool: &PgPool, job: &Job) -> Result<Settings, crate::Error> {
     let options = ConversionOptions::from_json(&job.options)?;
