@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorCode};
 use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
-use crate::store::convert;
+use crate::store::convert::{self, ConvertError};
 use crate::store::job;
 use crate::store::options::Settings;
 
@@ -275,30 +275,32 @@ impl Handler {
             let reason = format!("handed out {redelivered} times before, each time without a result");
             return self.fail(delivery, msg, ErrorCode::PoisonMessage, &reason).await;
         }
-        let outcome = match self.cache.get(&self.pool, job_id).await {
+        let settings = match self.cache.get(&self.pool, job_id).await {
+            Ok(Some(settings)) => settings,
             Ok(None) => {
                 tracing::warn!(%job_id, lead_id, "message for a job that no longer exists; dropping it");
-                Ok(())
+                return self.ack(&delivery).await;
             }
-            Ok(Some(settings)) => {
-                convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at).await.map(|_| ())
-            }
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(()) => self.ack(&delivery).await,
-            Err(Error::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
-            Err(Error::Refused(r)) if r.field == "lead_id" => {
-                // The lead is not part of the job: a stray message.
-                tracing::warn!(%job_id, lead_id, reason = %r, "dropping message");
-                self.ack(&delivery).await;
-            }
+            Err(Error::Transient(e)) => return self.retry(delivery, msg, attempt, &e.to_string()).await,
             Err(Error::Refused(r)) => {
                 // The job's settings no longer validate (say, the acting
                 // user was deactivated): the lead fails with that reason.
-                self.fail(delivery, msg, r.code, &r.to_string()).await;
+                return self.fail(delivery, msg, r.code, &r.to_string()).await;
             }
             Err(Error::Database(e)) => {
+                tracing::error!(%job_id, lead_id, error = %e, "reading the job's settings failed with a database error");
+                return self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
+            }
+        };
+        match convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at).await {
+            Ok(_) => self.ack(&delivery).await,
+            Err(ConvertError::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
+            Err(e @ ConvertError::NotInJob { .. }) => {
+                // A stray message: nothing to convert, nothing to record.
+                tracing::warn!(%job_id, lead_id, reason = %e, "dropping message");
+                self.ack(&delivery).await;
+            }
+            Err(ConvertError::Database(e)) => {
                 tracing::error!(%job_id, lead_id, error = %e, "conversion failed with a database error");
                 self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
             }

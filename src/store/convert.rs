@@ -15,7 +15,7 @@ use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::error::{self, Error, ErrorCode, Refusal};
+use crate::error::{self, Error, ErrorCode};
 use crate::plan::{self, Action, Plan, Verdict};
 use crate::run::Run;
 use crate::store::apply::{apply, Converted};
@@ -54,10 +54,41 @@ pub const RESULT_COLUMNS: &str = "job_id, lead_id, outcome, contact_action, acco
 /// once; this many tries, then the error goes to the caller as transient.
 const LOCAL_TRIES: u32 = 5;
 
+/// Why converting one lead of a job produced no result: what the worker
+/// decides on (retry, drop, fail the lead), one case each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The lead is not part of the job: a stray message, nothing to record.
+    #[error("lead {lead_id} is not part of job {job_id}")]
+    NotInJob { job_id: Uuid, lead_id: i64 },
+    /// Worth retrying later: lost connection, deadlock, serialization
+    /// failure, a lock or statement timeout.
+    #[error("transient database error: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// Will recur: the lead fails with `internal_error`.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for ConvertError {
+    fn from(e: sqlx::Error) -> Self {
+        if error::is_transient(&e) {
+            ConvertError::Transient(e)
+        } else {
+            ConvertError::Database(e)
+        }
+    }
+}
+
 /// Converts `lead_id` as part of job `job_id`. Safe to call again for the
 /// same lead (a redelivered message): a lead whose result is recorded is not
 /// touched, and its recorded result is returned.
-pub async fn convert_lead(pool: &PgPool, job_id: Uuid, settings: &Settings, lead_id: i64) -> Result<LeadResult, Error> {
+pub async fn convert_lead(
+    pool: &PgPool,
+    job_id: Uuid,
+    settings: &Settings,
+    lead_id: i64,
+) -> Result<LeadResult, ConvertError> {
     convert_enqueued(pool, job_id, settings, lead_id, None).await
 }
 
@@ -69,7 +100,7 @@ pub async fn convert_enqueued(
     settings: &Settings,
     lead_id: i64,
     enqueued_at: Option<DateTime<Utc>>,
-) -> Result<LeadResult, Error> {
+) -> Result<LeadResult, ConvertError> {
     let span = tracing::info_span!("convert", %job_id, lead_id);
     async move {
         let mut tries = 0;
@@ -80,11 +111,11 @@ pub async fn convert_enqueued(
                     tracing::debug!(outcome = %r.outcome, "lead done");
                     return Ok(r);
                 }
-                Err(Error::Transient(e)) if tries < LOCAL_TRIES && is_lock_conflict(&e) => {
+                Err(ConvertError::Transient(e)) if tries < LOCAL_TRIES && is_lock_conflict(&e) => {
                     tracing::debug!(error = %e, tries, "lock conflict, trying again");
                     tokio::time::sleep(Duration::from_millis(5 << tries)).await;
                 }
-                Err(Error::Database(e)) if error::is_constraint_violation(&e) => {
+                Err(ConvertError::Database(e)) if error::is_constraint_violation(&e) => {
                     // The transaction rolled back: nothing of the lead was
                     // written. Record why, in a transaction of its own.
                     tracing::warn!(error = %e, "lead failed on a database constraint");
@@ -114,14 +145,20 @@ pub async fn record_failure(
     lead_id: i64,
     code: ErrorCode,
     message: &str,
-) -> Result<(), Error> {
+) -> Result<(), ConvertError> {
     record(pool, job_id, lead_id, &Finish::failed(code, message.to_owned()), 0).await.map(|_| ())
 }
 
-async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u32) -> Result<LeadResult, Error> {
+async fn record(
+    pool: &PgPool,
+    job_id: Uuid,
+    lead_id: i64,
+    f: &Finish,
+    tries: u32,
+) -> Result<LeadResult, ConvertError> {
     let mut tx = pool.begin().await?;
     let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
-        return Err(not_in_job(job_id, lead_id));
+        return Err(ConvertError::NotInJob { job_id, lead_id });
     };
     let (r, fresh) = match status {
         Pending::Yes => (finish(&mut tx, job_id, lead_id, f, tries, None, None).await?, true),
@@ -136,10 +173,6 @@ async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u3
 
 fn is_lock_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
-}
-
-fn not_in_job(job_id: Uuid, lead_id: i64) -> Error {
-    Refusal::new(ErrorCode::NotFound, "lead_id", format!("lead {lead_id} is not part of job {job_id}")).into()
 }
 
 enum Pending {
@@ -167,11 +200,11 @@ async fn try_convert(
     lead_id: i64,
     tries: u32,
     enqueued_at: Option<DateTime<Utc>>,
-) -> Result<LeadResult, Error> {
+) -> Result<LeadResult, ConvertError> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
     let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
-        return Err(not_in_job(job_id, lead_id));
+        return Err(ConvertError::NotInJob { job_id, lead_id });
     };
     if let Pending::No(done) = status {
         return Ok(*done);
