@@ -1173,20 +1173,7 @@ async fn dry_run_plans_leads_sharing_an_email_or_company_as_the_conversion_does(
         crm.lead(json!({"owner_id": rep, "last_name": "Trần", "email": "tran@sao.vn", "company": "CÔNG TY SAO"})).await;
     let leads = [first, second, third, colleague];
 
-    let new = job::NewJob {
-        criteria: json!({"ids": leads}),
-        options: with_deal(),
-        requested_by: rep,
-        trigger: Trigger::Manual,
-    };
-    let checked = job::check(crm.pool(), new).await.expect("valid job");
-    let mut plans = Vec::new();
-    convert::dry_run(crm.pool(), &checked.settings, &checked.criteria, |p| {
-        plans.push(serde_json::to_value(&p).unwrap());
-        Ok(())
-    })
-    .await
-    .unwrap();
+    let plans = crm.dry_run(rep, &with_deal(), &leads).await;
     assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 0, "the dry run wrote nothing");
 
     let p = &plans[0];

@@ -387,25 +387,6 @@ async fn migrate_refuses_a_database_whose_lower_is_ascii_only() {
     assert_eq!(tables, 0, "nothing was migrated");
 }
 
-/// A dry run's plans, as JSON, for `leads`.
-async fn dry_run(crm: &Crm, acting: i64, options: &Value, leads: &[i64]) -> Vec<Value> {
-    let new = job::NewJob {
-        criteria: json!({"ids": leads}),
-        options: options.clone(),
-        requested_by: acting,
-        trigger: Trigger::Manual,
-    };
-    let checked = job::check(crm.pool(), new).await.expect("valid job");
-    let mut plans = Vec::new();
-    convert::dry_run(crm.pool(), &checked.settings, &checked.criteria, |p| {
-        plans.push(serde_json::to_value(&p).unwrap());
-        Ok(())
-    })
-    .await
-    .unwrap();
-    plans
-}
-
 // Point 5: an earlier lead of the run gives the shared contact an account;
 // the dry run sees it, as the conversion does.
 #[tokio::test]
@@ -422,7 +403,7 @@ async fn dry_run_sees_the_account_an_earlier_lead_gives_the_shared_contact() {
     let l2 = crm.lead(json!({"owner_id": rep, "last_name": "E", "email": "e@x.com", "company": "Xco"})).await;
     let l3 = crm.lead(json!({"owner_id": rep, "last_name": "E", "email": "e@x.com", "company": "Yco"})).await;
     let leads = [l1, l2, l3];
-    let plans = dry_run(&crm, rep, &with_deal(), &leads).await;
+    let plans = crm.dry_run(rep, &with_deal(), &leads).await;
     let (_, results) = crm.convert_all(rep, with_deal(), &leads).await;
     for (plan, r) in plans.iter().zip(&results) {
         let deal = crm.row("deals", r.deal_id.unwrap()).await.unwrap();

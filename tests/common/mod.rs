@@ -234,6 +234,25 @@ impl Crm {
         (job_id, out)
     }
 
+    /// A dry run's plans, as JSON, for `leads` converted by `acting`.
+    pub async fn dry_run(&self, acting: i64, options: &Value, leads: &[i64]) -> Vec<Value> {
+        let new = job::NewJob {
+            criteria: json!({"ids": leads}),
+            options: options.clone(),
+            requested_by: acting,
+            trigger: Trigger::Manual,
+        };
+        let checked = job::check(self.pool(), new).await.expect("valid job");
+        let mut plans = Vec::new();
+        convert::dry_run(self.pool(), &checked.settings, &checked.criteria, |p| {
+            plans.push(serde_json::to_value(&p).unwrap());
+            Ok(())
+        })
+        .await
+        .unwrap();
+        plans
+    }
+
     /// Converts one lead in a job of its own.
     pub async fn convert(&self, acting: i64, options: Value, lead: i64) -> LeadResult {
         self.convert_all(acting, options, &[lead]).await.1.remove(0)
