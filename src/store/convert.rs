@@ -149,13 +149,7 @@ pub async fn record_failure(
     record(pool, job_id, lead_id, &Finish::failed(code, message.to_owned()), 0).await.map(|_| ())
 }
 
-async fn record(
-    pool: &PgPool,
-    job_id: Uuid,
-    lead_id: i64,
-    f: &Finish,
-    tries: u32,
-) -> Result<LeadResult, ConvertError> {
+async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u32) -> Result<LeadResult, ConvertError> {
     let mut tx = pool.begin().await?;
     let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
         return Err(ConvertError::NotInJob { job_id, lead_id });
