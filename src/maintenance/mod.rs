@@ -1,7 +1,8 @@
-//! Background upkeep, each a small idempotent step that any number of
-//! workers or `serve` replicas may run at once (River style): publish the
-//! outbox of a job whose publisher stopped, roll counter shards into their
-//! jobs, refresh the gauges. The worker runs a [`round`] on a timer.
+//! Background upkeep, each a small idempotent service that any number of
+//! workers may run at once (River style): [`sweep_outbox`] publishes the
+//! outbox of a job whose publisher stopped, [`rollup_active`] rolls counter
+//! shards into their jobs, `metrics::refresh_gauges` refreshes the gauges.
+//! The worker runs a [`round`] of all three on a timer.
 //!
 //! May import: `crate::store`, `crate::queue`, `crate::metrics`.
 
@@ -14,9 +15,21 @@ use uuid::Uuid;
 use crate::queue::{producer, Topology};
 use crate::store::job;
 
-/// One round of maintenance: publish the outbox of an orphaned job, roll
-/// counters up.
+/// One round of maintenance, run by each worker on a timer: the three
+/// services below, each failing on its own without stopping the others.
 pub async fn round(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Duration) {
+    sweep_outbox(pool, ch, topology, lease).await;
+    if let Err(e) = rollup_active(pool).await {
+        tracing::warn!(error = %e, "counter rollup failed");
+    }
+    if let Err(e) = crate::metrics::refresh_gauges(pool, Some((ch, topology))).await {
+        tracing::debug!(error = %e, "gauge refresh failed");
+    }
+}
+
+/// Outbox sweeper: takes over publishing one job whose publisher stopped
+/// (its lease ran out), so no job waits forever for its messages.
+pub async fn sweep_outbox(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Duration) {
     match producer::claim_orphan(pool, lease).await {
         Ok(Some((job_id, lane))) => {
             tracing::info!(%job_id, "publishing the rest of a job whose publisher stopped");
@@ -26,12 +39,6 @@ pub async fn round(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Dura
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
-    }
-    if let Err(e) = rollup_active(pool).await {
-        tracing::warn!(error = %e, "counter rollup failed");
-    }
-    if let Err(e) = crate::metrics::refresh_gauges(pool, Some((ch, topology))).await {
-        tracing::debug!(error = %e, "gauge refresh failed");
     }
 }
 
