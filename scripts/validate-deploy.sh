@@ -79,7 +79,7 @@ VERSIONS = ["1.29.0", "1.37.0"]
 NOT_KUBERNETES = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
                   ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
 k8s = {}
-for f in sorted(glob.glob("deploy/k8s/*.yaml")):
+for f in sorted(glob.glob("deploy/k8s/**/*.yaml", recursive=True)):
     for d in docs.get(f, []):
         key = (d.get("apiVersion"), d.get("kind"))
         name = (d.get("metadata") or {}).get("name", "")
@@ -104,6 +104,13 @@ if listed != present:
     fail(f"kustomization resources {sorted(listed)} != manifests {sorted(present)}")
 else:
     print("ok   kustomization lists every manifest")
+# Installing must never convert leads by itself: no CronJob (the example
+# nightly conversion lives in deploy/k8s/examples/, applied on purpose).
+for r in kust["resources"]:
+    for d in docs.get(f"deploy/k8s/{r}", []):
+        if d.get("kind") == "CronJob":
+            fail(f"kustomization installs CronJob {d['metadata']['name']} ({r}): a mass conversion must be opt-in")
+print("ok   kustomization installs no CronJob")
 
 # KEDA: scales the worker Deployment on the two work queues, with a
 # TriggerAuthentication that reads a key the Secret has.
