@@ -196,6 +196,8 @@ mod tests {
     use crate::store::mapping::CustomFieldDef;
     use serde_json::json;
 
+    // The SPEC §6 example parses (domain) and compiles with every value and
+    // custom field name bound, none spliced into the SQL.
     #[test]
     fn values_are_bound_never_spliced() {
         let defs = vec![CustomFieldDef {
