@@ -44,6 +44,8 @@ apt_install() {
 }
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 command -v npm >/dev/null 2>&1 || apt_install npm
+# kubectl renders the kustomization (`kubectl kustomize` is built in).
+command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -189,6 +191,42 @@ for required in ("postgres", "rabbitmq", "migrate", "serve", "worker", "promethe
         fail(f"compose lacks service {required}")
 print("ok   compose services, dependencies and mounted files")
 
+sys.exit(1 if failed else 0)
+EOF
+
+log "1b. the kustomization as kubectl renders it: installs no CronJob, no pod starts before migrations"
+kubectl kustomize deploy/k8s > "$tmp/rendered.yaml"
+$PY - "$tmp/rendered.yaml" <<'EOF'
+import sys
+import yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1], encoding="utf-8")) if d]
+failed = False
+def fail(msg):
+    global failed
+    failed = True
+    print(f"FAIL {msg}", file=sys.stderr)
+kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+print(f"rendered: {', '.join(kinds)}")
+# `kubectl apply -k deploy/k8s` must never convert leads by itself.
+for d in docs:
+    if d["kind"] in ("CronJob", "Job") and d["metadata"]["name"] != "leadconv-migrate":
+        fail(f"the default kustomization installs {d['kind']}/{d['metadata']['name']}: a conversion must be opt-in")
+# Every pod that talks to the database waits for the schema of its image:
+# an init container running `leadconv migrate --check`, so a new release's
+# pods start only after its migrate Job finished.
+for d in docs:
+    if d["kind"] not in ("Deployment", "StatefulSet", "DaemonSet"):
+        continue
+    spec = d["spec"]["template"]["spec"]
+    inits = spec.get("initContainers") or []
+    gate = [c for c in inits if c.get("args", [])[:2] == ["migrate", "--check"]]
+    name = f"{d['kind']}/{d['metadata']['name']}"
+    if not gate:
+        fail(f"{name} can start before migrations: no init container runs `leadconv migrate --check`")
+    elif gate[0]["image"] != spec["containers"][0]["image"]:
+        fail(f"{name}: the migration gate runs {gate[0]['image']}, the pod {spec['containers'][0]['image']}")
+    else:
+        print(f"ok   {name} waits for migrations ({' '.join(gate[0]['args'])})")
 sys.exit(1 if failed else 0)
 EOF
 

@@ -48,11 +48,13 @@ impl Services {
         Topology::new(self.queue_prefix.clone())
     }
 
-    /// Logs to stderr (stdout is for results), filtered by `RUST_LOG`.
-    pub fn init_logging(&self) {
-        let filter =
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,leadconv=info".into());
-        let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    /// Logs to stderr (stdout is for results), filtered by `RUST_LOG`, else
+    /// by `default_filter` (e.g. `warn,leadconv=info`).
+    pub fn init_logging(&self, default_filter: &str) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+        // Colours only for a person at a terminal, never in a file or a log collector.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
         match self.log_format {
             LogFormat::Json => logs.json().with_current_span(true).init(),
             LogFormat::Text => logs.init(),

@@ -29,8 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create or upgrade the CRM and job tables (idempotent).
+    /// Create or upgrade the CRM and job tables (idempotent), or check them (--check).
     Migrate(cli::admin::Migrate),
+    /// Check the installation: Postgres, schema, locale, RabbitMQ, queues,
+    /// workers; one line per check, with the fix for each failing one.
+    /// Exits 1 when a check fails.
+    Doctor(cli::doctor::Doctor),
     /// Create a conversion job from criteria and options and publish its leads.
     ///
     /// Prints the job id (or, with --dry-run, what each lead would become).
@@ -53,6 +57,8 @@ enum Command {
     Schedule(cli::automation::ScheduleCommand),
     /// Show a job: status, counts, rate and ETA.
     Status(cli::jobs::Status),
+    /// List jobs, newest first: status, counts, rate and ETA of each.
+    Jobs(cli::jobs::Jobs),
     /// Export a job's per-lead results.
     Results(cli::jobs::Results),
     /// Cancel a job: its pending leads become skipped (cancelled).
@@ -66,9 +72,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli.services.init_logging();
+    // `doctor` probes queues that may not exist, which lapin logs as
+    // errors: its own lines say all there is to say.
+    let quiet = matches!(cli.command, Command::Doctor(_));
+    cli.services.init_logging(if quiet { "error,lapin=off" } else { "warn,leadconv=info" });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`leadconv results | head -1`): it has all it
+        // wanted, so this is not an error worth a message.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let refused = e.downcast_ref::<leadconv::Error>().and_then(|e| match e {
                 leadconv::Error::Refused(r) => Some(r.clone()),
@@ -88,6 +100,23 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Whether writing to stdout failed because its reader closed it, however
+/// the writer wrapped the I/O error (serde_json and csv hide it from
+/// `source()`).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = c
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| c.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind))
+            .or_else(|| match c.downcast_ref::<csv::Error>().map(csv::Error::kind) {
+                Some(csv::ErrorKind::Io(io)) => Some(io.kind()),
+                _ => None,
+            });
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let s = &cli.services;
     match cli.command {
@@ -99,8 +128,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rule(c) => c.run(s).await,
         Command::Schedule(c) => c.run(s).await,
         Command::Status(c) => c.run(s).await,
+        Command::Jobs(c) => c.run(s).await,
+        Command::Doctor(c) => c.run(s).await,
         Command::Results(c) => c.run(s).await,
         Command::Cancel(c) => c.run(s).await,
         Command::Republish(c) => c.run(s).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is for in
+    /// `--help` (issue 13: many had no text at all).
+    #[test]
+    fn every_flag_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "leadconv", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }

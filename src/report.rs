@@ -2,7 +2,7 @@
 //! exports, dry-run plans.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -15,7 +15,7 @@ use crate::error::{ErrorCode, Refusal};
 use crate::plan::{Action, Plan, Verdict};
 use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, Job};
-use crate::store::types::Outcome;
+use crate::store::types::{JobStatus, Outcome};
 
 /// A job with what a person watching it wants to know.
 #[derive(Debug, Clone, Serialize)]
@@ -63,40 +63,64 @@ async fn load(pool: &PgPool, id: Uuid) -> anyhow::Result<Job> {
         .ok_or_else(|| Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into())
 }
 
-/// `leadconv status`.
+/// `leadconv status`. With `watch`, follows the job until it finishes: a
+/// progress bar on a terminal, otherwise (a pipe, a file, a CI log) one line
+/// per change, so that `status --watch | tee log` shows the job moving.
+/// A watched job that ends `failed` or `cancelled` is an error, so that a
+/// script waiting on it stops.
 pub async fn status(pool: &PgPool, id: Uuid, json: bool, watch: bool) -> anyhow::Result<()> {
     let job = load(pool, id).await?;
+    let mut out = std::io::stdout();
+    let line = |p: &Progress| -> anyhow::Result<String> { Ok(if json { serde_json::to_string(p)? } else { p.line() }) };
     if !watch {
-        let p = Progress::of(job);
-        if json {
-            println!("{}", serde_json::to_string(&p)?);
-        } else {
-            println!("{}", p.line());
-        }
+        writeln!(out, "{}", line(&Progress::of(job))?)?;
         return Ok(());
     }
-    let bar = indicatif::ProgressBar::new(job.total_count.max(0) as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("a valid template"));
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(job.total_count.max(0) as u64),
+            indicatif::ProgressDrawTarget::stdout(),
+        );
+        bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("a valid template"));
+        bar
+    });
+    let mut last: Option<(JobStatus, i32, i32, i32, i32)> = None;
     loop {
-        let job = load(pool, id).await?;
-        let p = Progress::of(job);
-        bar.set_position((p.job.total_count - p.pending_count).max(0) as u64);
-        bar.set_message(format!(
-            "{} · converted {} (merged {}) · skipped {} · failed {} · {} · eta {}",
-            p.job.status,
-            p.job.converted_count,
-            p.job.merged_count,
-            p.job.skipped_count,
-            p.job.failed_count,
-            p.rate_per_sec.map_or("-".into(), |r| format!("{r:.1}/s")),
-            p.eta_secs.map_or("-".into(), |e| format!("{e:.0}s")),
-        ));
-        if p.job.is_finished() {
-            bar.finish();
-            if json {
-                println!("{}", serde_json::to_string(&p)?);
+        let p = Progress::of(load(pool, id).await?);
+        let j = &p.job;
+        let now = (j.status, j.converted_count, j.merged_count, j.skipped_count, j.failed_count);
+        match &bar {
+            Some(bar) => {
+                bar.set_position((j.total_count - p.pending_count).max(0) as u64);
+                bar.set_message(format!(
+                    "{} · converted {} (merged {}) · skipped {} · failed {} · {} · eta {}",
+                    j.status,
+                    j.converted_count,
+                    j.merged_count,
+                    j.skipped_count,
+                    j.failed_count,
+                    p.rate_per_sec.map_or("-".into(), |r| format!("{r:.1}/s")),
+                    p.eta_secs.map_or("-".into(), |e| format!("{e:.0}s")),
+                ));
             }
-            return Ok(());
+            None if last != Some(now) => {
+                writeln!(out, "{}", line(&p)?)?;
+                out.flush()?;
+            }
+            None => {}
+        }
+        last = Some(now);
+        if j.is_finished() {
+            if let Some(bar) = bar {
+                bar.finish();
+                if json {
+                    writeln!(out, "{}", line(&p)?)?;
+                }
+            }
+            return match j.status {
+                JobStatus::Failed | JobStatus::Cancelled => Err(anyhow::anyhow!("job {id} ended {}", j.status)),
+                _ => Ok(()),
+            };
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -104,7 +128,9 @@ pub async fn status(pool: &PgPool, id: Uuid, json: bool, watch: bool) -> anyhow:
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// One JSON object per line.
     Jsonl,
+    /// Comma-separated, with a header line (also when there are no rows).
     Csv,
 }
 
@@ -113,25 +139,26 @@ pub enum Format {
 pub async fn results(pool: &PgPool, id: Uuid, outcome: Option<Outcome>, format: Format) -> anyhow::Result<()> {
     load(pool, id).await?;
     let mut rows = convert::results_page(pool, id, outcome, 0, None);
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match format {
         Format::Jsonl => {
             while let Some(r) = rows.try_next().await? {
                 serde_json::to_writer(&mut out, &r)?;
                 writeln!(out)?;
             }
+            out.flush()?;
         }
         Format::Csv => {
-            let mut w = csv::Writer::from_writer(out);
+            // The header is written here, not by the first row, so that a
+            // job with no matching rows still gives a well-formed CSV.
+            let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(out);
+            w.write_record(convert::RESULT_COLUMNS.split(',').map(str::trim))?;
             while let Some(r) = rows.try_next().await? {
                 w.serialize(&r)?;
             }
             w.flush()?;
-            return Ok(());
         }
     }
-    out.flush()?;
     Ok(())
 }
 

@@ -52,7 +52,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli.services.init_logging();
+    cli.services.init_logging("warn,leadconv=info");
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,22 +4,62 @@ use clap::{Args, Subcommand};
 use leadconv::config::Services;
 use leadconv::store::db;
 
+use super::say;
+
 #[derive(Args)]
 pub struct Migrate {
     /// Also create the database when it does not exist.
     #[arg(long)]
     pub create_database: bool,
+    /// Change nothing: exit 0 when the schema is at this binary's version
+    /// (or newer), 1 when it is not. Pods run this before starting.
+    #[arg(long, conflicts_with = "create_database")]
+    pub check: bool,
+    /// With --check: keep checking every 2 seconds for up to this many
+    /// seconds, e.g. while the migrate Job of a deploy runs.
+    #[arg(long, requires = "check", value_parser = super::parse_secs)]
+    pub wait: Option<std::time::Duration>,
 }
 
 impl Migrate {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        if self.check {
+            return check(s, self.wait.unwrap_or_default()).await;
+        }
         if self.create_database && db::create_database_if_missing(&s.database_url).await? {
-            println!("created the database");
+            say("created the database")?;
         }
         let pool = db::connect(&s.database_url, 2).await?;
         db::migrate(&pool).await?;
-        println!("migrated");
+        say("migrated")?;
         Ok(())
+    }
+}
+
+/// `migrate --check [--wait]`: the schema at this binary's version, or
+/// a message naming `leadconv migrate`.
+async fn check(s: &Services, wait: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let outcome = match db::connect(&s.database_url, 1).await {
+            Ok(pool) => {
+                let r = db::require_schema(&pool).await;
+                pool.close().await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                say(format!("schema at version {} or newer", db::expected_schema()))?;
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                eprintln!("waiting: {e:#}");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
     }
 }
 
@@ -27,19 +67,64 @@ impl Migrate {
 pub enum TokenCommand {
     /// Create a bearer token for a user and print it once (only its hash is stored).
     Create {
+        /// The user the token acts as (users.id).
         #[arg(long)]
         user: i64,
         /// A label to recognise the token by.
         #[arg(long, default_value = "")]
         name: String,
     },
+    /// List tokens (id, user, label, created, last used, revoked); never the tokens themselves.
+    List {
+        /// Only the tokens of this user.
+        #[arg(long)]
+        user: Option<i64>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id (from `token list`): it stops working at once.
+    Revoke {
+        /// The token's id.
+        id: i64,
+    },
 }
 
 impl TokenCommand {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let TokenCommand::Create { user, name } = self;
-        let pool = db::connect(&s.database_url, 2).await?;
-        println!("{}", leadconv::store::auth::create_token(&pool, user, &name).await?);
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
+        match self {
+            TokenCommand::Create { user, name } => {
+                say(leadconv::store::auth::create_token(&pool, user, &name).await?)?;
+            }
+            TokenCommand::List { user, json } => {
+                let tokens = leadconv::store::auth::list_tokens(&pool, user).await?;
+                if !json {
+                    say("id\tuser\tname\tcreated_at\tlast_used_at\trevoked_at")?;
+                }
+                for t in tokens {
+                    let when = |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_owned(), |t| t.to_rfc3339());
+                    let line = if json {
+                        serde_json::to_string(&t)?
+                    } else {
+                        format!(
+                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            t.id,
+                            t.user_id,
+                            t.name,
+                            t.created_at.to_rfc3339(),
+                            when(t.last_used_at),
+                            when(t.revoked_at)
+                        )
+                    };
+                    say(line)?;
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                let t = leadconv::store::auth::revoke_token(&pool, id).await?;
+                say(format!("revoked token {} of user {}", t.id, t.user_id))?;
+            }
+        }
         Ok(())
     }
 }

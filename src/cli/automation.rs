@@ -9,7 +9,7 @@ use leadconv::automation::{self, Automation};
 use leadconv::config::Services;
 use leadconv::store::db;
 
-use super::json_arg;
+use super::{json_arg, say};
 
 #[derive(Subcommand)]
 pub enum RuleCommand {
@@ -58,15 +58,25 @@ pub struct Definition {
 pub enum Manage {
     /// List them, by id.
     List {
+        /// One JSON object per line instead of one text line each.
         #[arg(long)]
         json: bool,
     },
     /// Enable one (a schedule's next run is then the first tick after now).
-    Enable { id: i64 },
+    Enable {
+        /// Its id, as `list` shows it.
+        id: i64,
+    },
     /// Disable one.
-    Disable { id: i64 },
+    Disable {
+        /// Its id, as `list` shows it.
+        id: i64,
+    },
     /// Delete one; the jobs it created stay.
-    Delete { id: i64 },
+    Delete {
+        /// Its id, as `list` shows it.
+        id: i64,
+    },
 }
 
 /// One line of `list` for people.
@@ -97,18 +107,18 @@ impl Line for Schedule {
 
 impl Manage {
     async fn run<T: Automation + Line>(self, s: &Services) -> anyhow::Result<()> {
-        let pool = db::connect(&s.database_url, 2).await?;
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
         match self {
             Manage::List { json } => {
                 for r in automation::list::<T>(&pool).await? {
-                    println!("{}", if json { serde_json::to_string(&r)? } else { r.line() });
+                    say(if json { serde_json::to_string(&r)? } else { r.line() })?;
                 }
             }
-            Manage::Enable { id } => println!("{}", automation::set_enabled::<T>(&pool, id, true).await?.line()),
-            Manage::Disable { id } => println!("{}", automation::set_enabled::<T>(&pool, id, false).await?.line()),
+            Manage::Enable { id } => say(automation::set_enabled::<T>(&pool, id, true).await?.line())?,
+            Manage::Disable { id } => say(automation::set_enabled::<T>(&pool, id, false).await?.line())?,
             Manage::Delete { id } => {
                 automation::delete::<T>(&pool, id).await?;
-                println!("deleted {} {id}", T::WHAT);
+                say(format!("deleted {} {id}", T::WHAT))?;
             }
         }
         Ok(())
@@ -126,8 +136,8 @@ impl RuleCommand {
                     acting_user,
                     enabled: !disabled,
                 };
-                let pool = db::connect(&s.database_url, 2).await?;
-                println!("{}", rules::create(&pool, new).await?.id);
+                let pool = db::connect_migrated(&s.database_url, 2).await?;
+                say(rules::create(&pool, new).await?.id)?;
                 Ok(())
             }
             RuleCommand::Manage(m) => m.run::<Rule>(s).await,
@@ -150,8 +160,8 @@ impl ScheduleCommand {
                     acting_user,
                     enabled: !disabled,
                 };
-                let pool = db::connect(&s.database_url, 2).await?;
-                println!("{}", schedule::create(&pool, new).await?.id);
+                let pool = db::connect_migrated(&s.database_url, 2).await?;
+                say(schedule::create(&pool, new).await?.id)?;
                 Ok(())
             }
             ScheduleCommand::Manage(m) => m.run::<Schedule>(s).await,

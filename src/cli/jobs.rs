@@ -12,10 +12,10 @@ use leadconv::report;
 use leadconv::store::convert;
 use leadconv::store::db;
 use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
-use leadconv::store::types::Outcome;
+use leadconv::store::types::{JobStatus, Outcome};
 use uuid::Uuid;
 
-use super::{json_arg, parse_secs};
+use super::{json_arg, parse_secs, say};
 
 #[derive(Args)]
 pub struct Enqueue {
@@ -29,6 +29,8 @@ pub struct Enqueue {
     /// The acting user: needs can_convert and active.
     #[arg(long)]
     pub requested_by: i64,
+    /// Who asks for the job, as recorded on it: `manual` for a person at the
+    /// command line, `schedule` for a cron job.
     #[arg(long, value_enum, default_value_t = Trigger::Manual)]
     pub trigger: Trigger,
     /// Report what each lead would become, writing and publishing nothing.
@@ -56,7 +58,7 @@ impl Enqueue {
             requested_by,
             trigger,
         };
-        let pool = db::connect(&s.database_url, 2).await?;
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
         let checked = job::check(&pool, new).await?;
         if dry_run {
             let stdout = std::io::stdout();
@@ -74,7 +76,7 @@ impl Enqueue {
             .await?;
             out.flush()?;
             if !json {
-                println!("{n} leads would be processed: {summary}");
+                say(format!("{n} leads would be processed: {summary}"))?;
             }
             return Ok(());
         }
@@ -86,9 +88,9 @@ impl Enqueue {
         topology.declare(&ch).await?;
         let created = job::create(&pool, &checked, Dispatch::Queue { lease: lease_secs }).await?;
         if json {
-            println!("{}", serde_json::json!({"job_id": created.id, "total_count": created.total_count}));
+            say(serde_json::json!({"job_id": created.id, "total_count": created.total_count}))?;
         } else {
-            println!("{}", created.id);
+            say(created.id)?;
         }
         std::io::stdout().flush()?;
         let published = producer::publish_job(
@@ -109,56 +111,119 @@ impl Enqueue {
 
 #[derive(Args)]
 pub struct Status {
+    /// The job's id, as printed by `enqueue`.
     pub job_id: Uuid,
+    /// Machine-readable output: one JSON object (per change with --watch).
     #[arg(long)]
     pub json: bool,
-    /// Follow the job with a live progress bar until it finishes.
+    /// Follow the job until it finishes: a progress bar on a terminal, a
+    /// line per change otherwise. Exits 1 when the job ends failed or cancelled.
     #[arg(long)]
     pub watch: bool,
 }
 
 impl Status {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let pool = db::connect(&s.database_url, 2).await?;
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
+        if let Some(job) = job::get(&pool, self.job_id).await? {
+            if !job.is_finished() && job.pending_count() > 0 {
+                warn_without_consumer(s, Lane::for_trigger(job.trigger)).await;
+            }
+        }
         report::status(&pool, self.job_id, self.json, self.watch).await
+    }
+}
+
+/// Says on stderr when no worker consumes `lane`'s queue: a job there would
+/// otherwise sit `scheduled` with no hint why. Best effort: an unreachable
+/// broker is reported, not fatal (status reads Postgres only).
+async fn warn_without_consumer(s: &Services, lane: Lane) {
+    let topology = s.topology();
+    let queue = topology.work_queue(lane);
+    let state = async {
+        let conn = queue::connect(&s.amqp_url).await?;
+        let ch = conn.create_channel().await?;
+        let state = topology.state(&ch, &queue).await;
+        let _ = conn.close(200, "bye").await;
+        anyhow::Ok(state?)
+    };
+    match state.await {
+        Ok(q) if q.consumers == 0 => eprintln!(
+            "warning: no worker consumes {queue} on {}: the job's leads wait until one runs (`leadconv worker`)",
+            queue::describe(&s.amqp_url)
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: cannot tell whether a worker consumes {queue}: {e:#}"),
+    }
+}
+
+#[derive(Args)]
+pub struct Jobs {
+    /// Only jobs in this status.
+    #[arg(long, value_enum)]
+    pub status: Option<JobStatus>,
+    /// Only jobs made by this trigger.
+    #[arg(long, value_enum)]
+    pub trigger: Option<Trigger>,
+    /// At most this many jobs, newest first.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub limit: i64,
+    /// One JSON object per line instead of one text line per job.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Jobs {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
+        for j in job::list(&pool, self.status, self.trigger, self.limit, 0).await? {
+            let p = report::Progress::of(j);
+            say(if self.json { serde_json::to_string(&p)? } else { p.line() })?;
+        }
+        Ok(())
     }
 }
 
 #[derive(Args)]
 pub struct Results {
+    /// The job's id, as printed by `enqueue`.
     pub job_id: Uuid,
+    /// Only the leads with this outcome.
     #[arg(long, value_enum)]
     pub outcome: Option<Outcome>,
+    /// Output format.
     #[arg(long, value_enum, default_value_t = report::Format::Jsonl)]
     pub format: report::Format,
 }
 
 impl Results {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let pool = db::connect(&s.database_url, 2).await?;
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
         report::results(&pool, self.job_id, self.outcome, self.format).await
     }
 }
 
 #[derive(Args)]
 pub struct Cancel {
+    /// The job's id, as printed by `enqueue`.
     pub job_id: Uuid,
 }
 
 impl Cancel {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let pool = db::connect(&s.database_url, 2).await?;
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
         let job = job::cancel(&pool, self.job_id).await?;
-        println!(
+        say(format!(
             "cancelled job {}: converted {}, skipped {}, failed {} of {}",
             job.id, job.converted_count, job.skipped_count, job.failed_count, job.total_count
-        );
+        ))?;
         Ok(())
     }
 }
 
 #[derive(Args)]
 pub struct Republish {
+    /// The job's id, as printed by `enqueue`.
     pub job_id: Uuid,
     /// Publisher lease, renewed after each confirmed batch.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
@@ -169,7 +234,7 @@ impl Republish {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         let Republish { job_id, lease_secs } = self;
         let topology = s.topology();
-        let pool = db::connect(&s.database_url, 2).await?;
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
         let conn = queue::connect(&s.amqp_url).await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -177,7 +242,7 @@ impl Republish {
         let trigger = job::rewind_outbox(&pool, job_id, lease_secs).await?;
         let lane = Lane::for_trigger(trigger);
         let published = producer::publish_job(&pool, &ch, &topology, job_id, lane, lease_secs, producer::BATCH).await?;
-        println!("republished job {job_id}: {published} pending leads");
+        say(format!("republished job {job_id}: {published} pending leads"))?;
         let _ = ch.close(200, "bye").await;
         let _ = conn.close(200, "bye").await;
         Ok(())

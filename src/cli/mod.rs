@@ -4,9 +4,11 @@
 
 pub mod admin;
 pub mod automation;
+pub mod doctor;
 pub mod jobs;
 pub mod services;
 
+use std::io::Write;
 use std::time::Duration;
 
 use leadconv::error::{ErrorCode, Refusal};
@@ -30,4 +32,13 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
         .filter(|v| v.is_finite() && *v > 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
+}
+
+/// Prints one line of a command's output. An error (stdout closed: `leadconv
+/// results | head -1`) goes back to the caller, which ends quietly on a
+/// broken pipe instead of panicking like `println!`.
+pub fn say(line: impl std::fmt::Display) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }

@@ -28,18 +28,28 @@ pub struct Worker {
     /// Serve Prometheus metrics (/metrics) and /healthz on this address.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Delete finished jobs and their results this many days after they
+    /// finished (checked once a minute, in small batches); 0 keeps them forever.
+    #[arg(long, env = "LEADCONV_RETENTION_DAYS", default_value_t = 30.0)]
+    pub retention_days: f64,
 }
 
 impl Worker {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let Worker { concurrency, workflow_concurrency, exit_when_idle, lease_secs, metrics } = self;
+        let Worker { concurrency, workflow_concurrency, exit_when_idle, lease_secs, metrics, retention_days } = self;
+        anyhow::ensure!(
+            retention_days.is_finite() && retention_days >= 0.0,
+            "--retention-days must be a number of days, 0 or more (0 keeps jobs forever); got {retention_days}"
+        );
         let topology = s.topology();
-        let pool = db::connect(&s.database_url, u32::from(concurrency) + u32::from(workflow_concurrency) + 2).await?;
+        let pool =
+            db::connect_migrated(&s.database_url, u32::from(concurrency) + u32::from(workflow_concurrency) + 2).await?;
         let mut cfg = worker::WorkerConfig::new(s.amqp_url.clone(), topology);
         cfg.concurrency = concurrency;
         cfg.workflow_concurrency = workflow_concurrency;
         cfg.exit_when_idle = exit_when_idle;
         cfg.lease = lease_secs;
+        cfg.retention = (retention_days > 0.0).then(|| Duration::from_secs_f64(retention_days * 86_400.0));
         let stop = shutdown::on_signal();
         if let Some(addr) = metrics {
             leadconv::metrics::install();
@@ -57,6 +67,7 @@ impl Worker {
 
 #[derive(Args)]
 pub struct Serve {
+    /// Address to listen on for HTTP.
     #[arg(long, env = "LEADCONV_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
 }

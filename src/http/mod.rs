@@ -98,14 +98,61 @@ pub fn router(state: AppState) -> Router {
                 "this route does not take that method",
             )
         })
+        .route_layer(axum::middleware::from_fn(note_route))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
 }
 
+/// What the access log line says of a request beyond its method and status,
+/// filled in as the request is routed and authenticated.
+#[derive(Default)]
+struct AccessNote {
+    /// The route template (`/v1/jobs/{job_id}`), not the path: no ids in logs.
+    route: std::sync::OnceLock<String>,
+    /// The user the bearer token stands for.
+    user: std::sync::OnceLock<i64>,
+}
+
+/// One log line per request: method, route, status, latency, user id. Never
+/// the token, the query or the body.
+async fn access_log(mut req: Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let note = Arc::new(AccessNote::default());
+    req.extensions_mut().insert(note.clone());
+    let res = next.run(req).await;
+    tracing::info!(
+        target: "leadconv::access",
+        method = %method,
+        route = note.route.get().map_or("(no route)", String::as_str),
+        status = res.status().as_u16(),
+        latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+        user_id = note.user.get().copied(),
+        "request"
+    );
+    res
+}
+
+async fn note_route(req: Request, next: axum::middleware::Next) -> Response {
+    if let (Some(note), Some(route)) =
+        (req.extensions().get::<Arc<AccessNote>>(), req.extensions().get::<axum::extract::MatchedPath>())
+    {
+        let _ = note.route.set(route.as_str().to_owned());
+    }
+    next.run(req).await
+}
+
 async fn readyz(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
-    let (db, problem) = match crate::store::db::check_matching_locale(&s.pool).await {
+    // Ready only on a database that matches correctly and has this
+    // binary's schema: on an unmigrated one every API call would fail.
+    let checked = async {
+        crate::store::db::check_matching_locale(&s.pool).await?;
+        crate::store::db::require_schema(&s.pool).await
+    };
+    let (db, problem) = match checked.await {
         Ok(()) => (true, None),
-        Err(e) => (false, Some(e.to_string())),
+        Err(e) => (false, Some(format!("{e:#}"))),
     };
     let broker = s.enqueuer.broker_reachable().await;
     let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -268,6 +315,9 @@ impl FromRequestParts<AppState> for Acting {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthorized("expected Authorization: Bearer <token>"))?;
         let user = auth::lookup(&state.pool, token).await?.ok_or_else(|| unauthorized("unknown or revoked token"))?;
+        if let Some(note) = parts.extensions.get::<Arc<AccessNote>>() {
+            let _ = note.user.set(user.id);
+        }
         if !user.active || !user.can_convert {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

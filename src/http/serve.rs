@@ -23,10 +23,19 @@ pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> any
     let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
     let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics });
     // Rule relay and scheduler: every replica runs both; the database
-    // (SKIP LOCKED claims) keeps their work from being done twice.
+    // (SKIP LOCKED claims) keeps their work from being done twice. They
+    // start once the schema is there (until then /readyz says why).
     let background = [
-        tokio::spawn(crate::automation::rules::run_relay(enqueuer.clone(), stop.clone())),
-        tokio::spawn(crate::automation::schedule::run_scheduler(enqueuer.clone(), stop.clone())),
+        tokio::spawn(after_schema(
+            pool.clone(),
+            stop.clone(),
+            crate::automation::rules::run_relay(enqueuer.clone(), stop.clone()),
+        )),
+        tokio::spawn(after_schema(
+            pool.clone(),
+            stop.clone(),
+            crate::automation::schedule::run_scheduler(enqueuer.clone(), stop.clone()),
+        )),
     ];
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     // Printed so that scripts and tests binding port 0 learn the address.
@@ -43,6 +52,31 @@ pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> any
     }
     served?;
     Ok(())
+}
+
+/// Runs `task` once the database has this binary's schema, saying once
+/// what is missing while it waits.
+async fn after_schema(
+    pool: PgPool,
+    stop: CancellationToken,
+    task: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut said = false;
+    loop {
+        match crate::store::db::require_schema(&pool).await {
+            Ok(()) => break,
+            Err(e) if !said => {
+                tracing::warn!(problem = %format!("{e:#}"), "waiting for the schema before relaying rules and running schedules");
+                said = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    }
+    task.await
 }
 
 /// A `/metrics` and `/healthz` listener for processes without the API

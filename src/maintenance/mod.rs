@@ -1,8 +1,9 @@
 //! Background upkeep, each a small idempotent service that any number of
 //! workers may run at once (River style): [`sweep_outbox`] publishes the
 //! outbox of a job whose publisher stopped, [`rollup_active`] rolls counter
-//! shards into their jobs, `metrics::refresh_gauges` refreshes the gauges.
-//! The worker runs a [`round`] of all three on a timer.
+//! shards into their jobs, [`retention`] deletes old finished jobs,
+//! `metrics::refresh_gauges` refreshes the gauges. The worker runs a
+//! [`round`] of them on a timer.
 //!
 //! May import: `crate::store`, `crate::queue`, `crate::metrics`.
 
@@ -15,10 +16,22 @@ use uuid::Uuid;
 use crate::queue::{producer, Topology};
 use crate::store::job;
 
-/// One round of maintenance, run by each worker on a timer: the three
-/// services below, each failing on its own without stopping the others.
-pub async fn round(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Duration) {
+/// One round of maintenance, run by each worker on a timer: the services
+/// below, each failing on its own without stopping the others. `retention`
+/// is given only on the rounds where it is due (see [`RETENTION_EVERY`]).
+pub async fn round(
+    pool: &PgPool,
+    ch: &Channel,
+    topology: &Topology,
+    lease: Duration,
+    retention_keep: Option<Duration>,
+) {
     sweep_outbox(pool, ch, topology, lease).await;
+    if let Some(keep) = retention_keep {
+        if let Err(e) = retention(pool, keep).await {
+            tracing::warn!(error = %e, "retention failed; will try again");
+        }
+    }
     if let Err(e) = rollup_active(pool).await {
         tracing::warn!(error = %e, "counter rollup failed");
     }
@@ -51,4 +64,75 @@ pub async fn rollup_active(pool: &PgPool) -> sqlx::Result<()> {
         job::rollup(pool, id).await?;
     }
     Ok(())
+}
+
+/// How often a worker runs [`retention`]: old jobs are no emergency.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Rows of `conversion_results` deleted per statement by [`retention`]: a
+/// million-lead job is removed in many short transactions, never one that
+/// holds locks and bloats WAL for minutes.
+pub const RETENTION_BATCH: i64 = 5_000;
+
+/// Jobs looked at per round of [`retention`].
+const RETENTION_JOBS: i64 = 50;
+
+/// Deletes jobs that finished more than `keep` ago, with their results, in
+/// small batches: first the results, `RETENTION_BATCH` rows per statement,
+/// then the job rows, adding them to `conversion_totals` in the same
+/// transaction so that the metrics totals never go down. Returns the number
+/// of jobs deleted. Idempotent and safe to run from every worker at once
+/// (jobs are taken with SKIP LOCKED; a result row deleted twice is not an
+/// error).
+pub async fn retention(pool: &PgPool, keep: Duration) -> sqlx::Result<u64> {
+    let keep_secs = keep.as_secs_f64();
+    let jobs: Vec<Uuid> = sqlx::query_scalar!(
+        "SELECT id FROM conversion_jobs
+         WHERE finished_at IS NOT NULL AND finished_at < now() - make_interval(secs => $1)
+         ORDER BY finished_at LIMIT $2",
+        keep_secs,
+        RETENTION_JOBS
+    )
+    .fetch_all(pool)
+    .await?;
+    if jobs.is_empty() {
+        return Ok(0);
+    }
+    loop {
+        let deleted = sqlx::query!(
+            "DELETE FROM conversion_results r
+             USING (SELECT job_id, lead_id FROM conversion_results WHERE job_id = ANY($1) LIMIT $2) d
+             WHERE r.job_id = d.job_id AND r.lead_id = d.lead_id",
+            &jobs,
+            RETENTION_BATCH
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if deleted == 0 {
+            break;
+        }
+    }
+    let deleted = sqlx::query_scalar!(
+        r#"WITH old AS (
+               SELECT id FROM conversion_jobs
+               WHERE id = ANY($1) AND finished_at IS NOT NULL AND finished_at < now() - make_interval(secs => $2)
+               FOR UPDATE SKIP LOCKED
+           ), gone AS (
+               DELETE FROM conversion_jobs j USING old WHERE j.id = old.id RETURNING j.trigger, j.total_count
+           ), totals AS (
+               INSERT INTO conversion_totals AS t (trigger, jobs, leads)
+               SELECT trigger, count(*), sum(total_count) FROM gone GROUP BY trigger
+               ON CONFLICT (trigger) DO UPDATE SET jobs = t.jobs + EXCLUDED.jobs, leads = t.leads + EXCLUDED.leads
+           )
+           SELECT count(*) AS "n!" FROM gone"#,
+        &jobs,
+        keep_secs
+    )
+    .fetch_one(pool)
+    .await?;
+    if deleted > 0 {
+        tracing::info!(jobs = deleted, "deleted finished jobs past retention");
+    }
+    Ok(deleted as u64)
 }

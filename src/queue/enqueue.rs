@@ -32,7 +32,7 @@ impl Enqueuer {
 
     /// A confirm-mode channel, connecting (and declaring the topology) when
     /// there is none or the last one died.
-    async fn channel(&self) -> lapin::Result<Channel> {
+    async fn channel(&self) -> anyhow::Result<Channel> {
         let mut broker = self.broker.lock().await;
         if let Some((conn, ch)) = broker.as_ref() {
             if conn.status().connected() && ch.status().connected() {

@@ -113,7 +113,6 @@ pub async fn publish_job(
         .execute(pool)
         .await?;
         published += ids.len() as u64;
-        metrics::counter!(crate::metrics::LEADS_ENQUEUED).increment(ids.len() as u64);
         after = last;
         tracing::debug!(%job_id, published, "batch confirmed");
     }

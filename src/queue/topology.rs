@@ -185,6 +185,12 @@ impl Topology {
 
     /// Messages ready in `queue` (not counting those handed to consumers).
     pub async fn depth(&self, ch: &Channel, queue: &str) -> lapin::Result<u32> {
+        Ok(self.state(ch, queue).await?.messages)
+    }
+
+    /// Messages ready in `queue` and consumers attached to it. Fails when
+    /// the queue does not exist, closing `ch`: use a channel of its own.
+    pub async fn state(&self, ch: &Channel, queue: &str) -> lapin::Result<QueueState> {
         let q = ch
             .queue_declare(
                 queue,
@@ -192,8 +198,15 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        Ok(q.message_count())
+        Ok(QueueState { messages: q.message_count(), consumers: q.consumer_count() })
     }
+}
+
+/// What RabbitMQ says of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    pub messages: u32,
+    pub consumers: u32,
 }
 
 /// Properties of every leadconv message: persistent JSON.
@@ -226,8 +239,42 @@ fn int_header(props: &BasicProperties, name: &str) -> Option<u32> {
     })
 }
 
-/// Connects to RabbitMQ.
-pub async fn connect(url: &str) -> lapin::Result<lapin::Connection> {
+/// How long reaching RabbitMQ may take before it is reported unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where an AMQP URL points, for messages: host, port and vhost, never the
+/// password.
+pub fn describe(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("RabbitMQ at {}:{} (vhost {:?})", uri.authority.host, uri.authority.port, uri.vhost),
+        Err(_) => "RabbitMQ (AMQP_URL is not an amqp:// URL)".into(),
+    }
+}
+
+/// Connects to RabbitMQ, bounded by [`CONNECT_TIMEOUT`]; a failure names the
+/// broker's host and port and what to check.
+pub async fn connect(url: &str) -> anyhow::Result<lapin::Connection> {
+    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+        anyhow::bail!("AMQP_URL is not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost");
+    }
     let props = lapin::ConnectionProperties::default().with_connection_name("leadconv".into());
-    lapin::Connection::connect(url, props).await
+    match tokio::time::timeout(CONNECT_TIMEOUT, lapin::Connection::connect(url, props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => {
+            let reason = match &e {
+                lapin::Error::IOError(io) => crate::store::db::io_reason(io),
+                other => other.to_string(),
+            };
+            let hint = match &e {
+                lapin::Error::ProtocolError(_) => "check the user, password and vhost in AMQP_URL",
+                _ => "check that it runs and that AMQP_URL names the right host and port",
+            };
+            Err(anyhow::anyhow!("cannot reach {}: {reason}; {hint}", describe(url)))
+        }
+        Err(_) => Err(anyhow::anyhow!(
+            "cannot reach {}: no answer within {}s; check that it runs and that AMQP_URL names the right host and port",
+            describe(url),
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
 }

@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How often maintenance (outbox sweep, counter rollup, idle check) runs.
     pub tick: Duration,
+    /// Finished jobs older than this are deleted with their results; `None`
+    /// keeps them forever.
+    pub retention: Option<Duration>,
 }
 
 impl WorkerConfig {
@@ -62,6 +65,7 @@ impl WorkerConfig {
             exit_when_idle: false,
             lease: Duration::from_secs(30),
             tick: Duration::from_millis(500),
+            retention: None,
         }
     }
 }
@@ -70,6 +74,10 @@ impl WorkerConfig {
 /// is left), reconnecting to RabbitMQ with back-off whenever the connection
 /// is lost.
 pub async fn run(pool: PgPool, cfg: WorkerConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    // A broker that cannot be reached at start is a configuration problem
+    // (wrong host, port or password) until proven otherwise: say so and
+    // leave, instead of retrying in silence. Later losses are reconnected.
+    queue::connect(&cfg.amqp_url).await?.close(200, "bye").await?;
     let cache = Arc::new(SettingsCache::default());
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -134,6 +142,7 @@ async fn session(
     let mut sweeper: Option<tokio::task::JoinHandle<()>> = None;
     let mut idle_ticks = 0;
     let mut seen_since_tick = false;
+    let mut retention_due = Instant::now();
 
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
@@ -173,7 +182,11 @@ async fn session(
                 // Maintenance runs beside consumption, one round at a time.
                 if sweeper.as_ref().is_none_or(|h| h.is_finished()) {
                     let (pool, ch, topology, lease) = (pool.clone(), sweeper_channel.clone(), cfg.topology.clone(), cfg.lease);
-                    sweeper = Some(tokio::spawn(async move { crate::maintenance::round(&pool, &ch, &topology, lease).await }));
+                    let keep = cfg.retention.filter(|_| Instant::now() >= retention_due);
+                    if keep.is_some() {
+                        retention_due = Instant::now() + crate::maintenance::RETENTION_EVERY;
+                    }
+                    sweeper = Some(tokio::spawn(async move { crate::maintenance::round(&pool, &ch, &topology, lease, keep).await }));
                 }
                 seen_since_tick = false;
             }

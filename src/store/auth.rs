@@ -53,3 +53,40 @@ pub async fn lookup(pool: &PgPool, token: &str) -> sqlx::Result<Option<TokenUser
     .fetch_optional(pool)
     .await
 }
+
+/// A token as listed for its administrators: never the token itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub user_id: i64,
+    pub name: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Every token, newest first; only those of `user_id` when given.
+pub async fn list_tokens(pool: &PgPool, user_id: Option<i64>) -> sqlx::Result<Vec<TokenInfo>> {
+    sqlx::query_as!(
+        TokenInfo,
+        "SELECT id, user_id, name, created_at, last_used_at, revoked_at FROM api_tokens
+         WHERE $1::bigint IS NULL OR user_id = $1 ORDER BY id DESC",
+        user_id
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Revokes a token by its id: it stops working at once. Revoking a revoked
+/// token changes nothing (its first revocation time stays).
+pub async fn revoke_token(pool: &PgPool, id: i64) -> Result<TokenInfo, crate::Error> {
+    sqlx::query_as!(
+        TokenInfo,
+        "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()), updated_at = now() WHERE id = $1
+         RETURNING id, user_id, name, created_at, last_used_at, revoked_at",
+        id
+    )
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "token", format!("token {id} does not exist")).into())
+}

@@ -7,14 +7,139 @@ use sqlx::PgPool;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A pool sized for `connections` concurrent conversions.
-pub async fn connect(url: &str, connections: u32) -> sqlx::Result<PgPool> {
-    let options: PgConnectOptions = url.parse()?;
-    PgPoolOptions::new()
+/// How long reaching a service may take before we say it cannot be reached:
+/// long enough for a busy server, short enough that a wrong port or host is
+/// reported while the operator still looks at the terminal.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a Postgres URL points, for messages: host, port and database, never
+/// the user's password.
+pub fn describe(options: &PgConnectOptions) -> String {
+    format!(
+        "Postgres at {}:{} (database {:?})",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    )
+}
+
+/// A pool sized for `connections` concurrent conversions. One connection is
+/// made first, bounded by [`CONNECT_TIMEOUT`], so that an unreachable server,
+/// a missing database or a refused login is reported at once with what and
+/// where, instead of after the pool's acquire timeout as "pool timed out".
+/// Does not look at the schema: see [`connect_migrated`].
+pub async fn connect(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url.parse().map_err(|e| {
+        anyhow::anyhow!("DATABASE_URL is not a Postgres URL ({e}); expected postgres://user@host:port/database")
+    })?;
+    // A connection of its own, not the pool's first: the pool retries a
+    // refused connection until its acquire timeout and then reports only
+    // "pool timed out".
+    use sqlx::{ConnectOptions, Connection};
+    match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
+        Ok(Ok(first)) => first.close().await?,
+        Ok(Err(e)) => return Err(explain_connect_error(&options, &e)),
+        Err(_) => anyhow::bail!(
+            "cannot reach {}: no answer within {}s; check that it runs and that DATABASE_URL names the right host and port",
+            describe(&options),
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+    Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options)
-        .await
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+/// [`connect`], then refuses a database whose schema is not the one this
+/// binary was built for (see [`require_schema`]). Every command but
+/// `migrate`, `doctor` and `serve` (whose `/readyz` reports it) uses this.
+pub async fn connect_migrated(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    let pool = connect(url, connections).await?;
+    require_schema(&pool).await?;
+    Ok(pool)
+}
+
+fn explain_connect_error(options: &PgConnectOptions, e: &sqlx::Error) -> anyhow::Error {
+    let at = describe(options);
+    let code = match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match (code.as_deref(), e) {
+        // invalid_catalog_name
+        (Some("3D000"), _) => {
+            anyhow::anyhow!("{at}: the database does not exist; create it with `leadconv migrate --create-database`")
+        }
+        // invalid_password, invalid_authorization_specification
+        (Some("28P01" | "28000"), sqlx::Error::Database(db)) => anyhow::anyhow!(
+            "{at} refused the login of user {:?}: {}; check the user and password in DATABASE_URL",
+            options.get_username(),
+            db.message()
+        ),
+        (_, sqlx::Error::Io(io)) => anyhow::anyhow!(
+            "cannot reach {at}: {}; check that it runs and that DATABASE_URL names the right host and port",
+            io_reason(io)
+        ),
+        _ => anyhow::anyhow!("cannot connect to {at}: {e}"),
+    }
+}
+
+/// An I/O error said the way an operator reads it.
+pub fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        std::io::ErrorKind::TimedOut => "connection timed out".into(),
+        _ => {
+            let text = e.to_string();
+            // "Connection refused (os error 111)" reads better without the number.
+            text.split(" (os error").next().unwrap_or(&text).to_owned()
+        }
+    }
+}
+
+/// The schema version this binary was built with: its newest migration.
+pub fn expected_schema() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The newest migration applied to the database, `None` when it was never
+/// migrated. A migration that failed half-way does not count.
+pub async fn schema_version(pool: &PgPool) -> sqlx::Result<Option<i64>> {
+    let exists = sqlx::query_scalar!(r#"SELECT to_regclass('_sqlx_migrations') IS NOT NULL AS "exists!""#)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_scalar!(r#"SELECT max(version) AS "version" FROM _sqlx_migrations WHERE success"#).fetch_one(pool).await
+}
+
+/// Refuses a database that was never migrated or is behind this binary,
+/// naming the command that fixes it. A database ahead of the binary (a newer
+/// release migrated it during a rolling update) is accepted: migrations only
+/// add.
+pub async fn require_schema(pool: &PgPool) -> anyhow::Result<()> {
+    let expected = expected_schema();
+    match schema_version(pool).await? {
+        Some(v) if v >= expected => Ok(()),
+        found => {
+            let db: String = sqlx::query_scalar!(r#"SELECT current_database() AS "name!""#).fetch_one(pool).await?;
+            Err(anyhow::anyhow!("{}", schema_problem(&db, found, expected)))
+        }
+    }
+}
+
+/// What is wrong with a schema at `found` for a binary expecting `expected`.
+pub fn schema_problem(database: &str, found: Option<i64>, expected: i64) -> String {
+    match found {
+        None => format!(
+            "database {database:?} has no leadconv schema (it was never migrated); run `leadconv migrate` with the same DATABASE_URL"
+        ),
+        Some(v) => format!(
+            "database {database:?} is at schema version {v}, this leadconv needs {expected}; run `leadconv migrate` with the same DATABASE_URL"
+        ),
+    }
 }
 
 /// Checks the database can match (see [`check_matching_locale`]), then
@@ -57,7 +182,13 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<bool> {
     use sqlx::{ConnectOptions, Connection};
     let options: PgConnectOptions = url.parse()?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
-    let mut admin = options.clone().database("postgres").connect().await?;
+    let admin_options = options.clone().database("postgres");
+    let mut admin = match tokio::time::timeout(CONNECT_TIMEOUT, admin_options.connect()).await {
+        Ok(connected) => connected.map_err(|e| explain_connect_error(&admin_options, &e))?,
+        Err(_) => {
+            anyhow::bail!("cannot reach {}: no answer within {}s", describe(&admin_options), CONNECT_TIMEOUT.as_secs())
+        }
+    };
     let exists =
         sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "exists!""#, name)
             .fetch_one(&mut admin)

@@ -145,7 +145,6 @@ pub async fn create_in(
     )
     .execute(&mut *tx)
     .await?;
-    metrics::counter!(crate::metrics::JOBS_CREATED, "trigger" => checked.new.trigger.as_str()).increment(1);
     Ok(id)
 }
 
@@ -313,4 +312,17 @@ pub async fn settings(pool: &PgPool, job: &Job) -> Result<Settings, crate::Error
     let options = ConversionOptions::from_json(&job.options)?;
     let mut conn = pool.acquire().await?;
     crate::store::options::prepare(&mut conn, &options, job.requested_by).await
+}
+
+/// Leads still pending in unfinished jobs, by the trigger that decides
+/// their lane: what `doctor` and `status` compare with the queues' consumers.
+pub async fn pending_by_trigger(pool: &PgPool) -> sqlx::Result<Vec<(Trigger, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT trigger AS "trigger!: Trigger",
+                  sum(total_count - converted_count - skipped_count - failed_count)::bigint AS "pending!"
+           FROM conversion_job_progress WHERE status IN ('scheduled', 'in_progress') GROUP BY trigger"#
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.trigger, r.pending)).collect())
 }
