@@ -37,6 +37,42 @@ pub struct Services {
     pub log_format: LogFormat,
 }
 
+/// How long `worker` and `serve` let database work wait (see
+/// [`crate::store::db::Limits`]).
+#[derive(Debug, Clone, Args)]
+pub struct WaitLimits {
+    /// Seconds a statement waits for a lock before it fails as transient
+    /// (and the lead is retried later): Postgres `lock_timeout`.
+    #[arg(long, env = "LEADCONV_LOCK_TIMEOUT_SECS", default_value = "5", value_parser = positive_secs)]
+    pub lock_timeout_secs: std::time::Duration,
+    /// Seconds any statement may run: Postgres `statement_timeout`.
+    #[arg(long, env = "LEADCONV_STATEMENT_TIMEOUT_SECS", default_value = "300", value_parser = positive_secs)]
+    pub statement_timeout_secs: std::time::Duration,
+    /// Seconds a session may sit idle inside a transaction before Postgres
+    /// ends it and releases its locks (a hung or frozen process):
+    /// `idle_in_transaction_session_timeout`.
+    #[arg(long, env = "LEADCONV_IDLE_IN_TRANSACTION_TIMEOUT_SECS", default_value = "10", value_parser = positive_secs)]
+    pub idle_in_transaction_timeout_secs: std::time::Duration,
+}
+
+impl WaitLimits {
+    pub fn limits(&self) -> crate::store::db::Limits {
+        crate::store::db::Limits {
+            lock: self.lock_timeout_secs,
+            statement: self.statement_timeout_secs,
+            idle_in_transaction: self.idle_in_transaction_timeout_secs,
+        }
+    }
+}
+
+fn positive_secs(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,

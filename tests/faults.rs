@@ -86,7 +86,7 @@ async fn seeded_job(crm: &Crm, broker: &TestBroker, leads: usize) -> (Uuid, i64)
     )
     .await
     .unwrap();
-    let lease = Duration::from_secs(30);
+    let lease = producer::Lease::new(Duration::from_secs(30));
     let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease }).await.unwrap();
     producer::publish_job(
         crm.pool(),
@@ -94,7 +94,7 @@ async fn seeded_job(crm: &Crm, broker: &TestBroker, leads: usize) -> (Uuid, i64)
         &broker.topology,
         created.id,
         Lane::Bulk,
-        lease,
+        &lease,
         producer::BATCH,
     )
     .await
@@ -227,4 +227,224 @@ async fn sigterm_lets_the_worker_finish_in_flight_conversions_and_exit_0() {
     );
     run_to_idle(leadconv(&crm, &broker, &["worker", "--exit-when-idle"]).spawn().unwrap()).await;
     assert_exactly_once(&crm, job_id, total).await;
+}
+
+// ---------------------------------------------------------------------------
+// Liveness (issue 11): a participant that hangs delays only what it holds.
+
+/// Sends `signal` (`STOP`, `CONT`) to a child process.
+async fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().await.unwrap().success());
+}
+
+/// Seeds `leads` leads (30 % duplicates) and returns the acting user.
+async fn seeded(crm: &Crm, leads: usize) -> i64 {
+    seed::seed(crm.pool(), &SeedSpec { leads, duplicates: 0.3, rng_seed: 11 }).await.unwrap().acting_user
+}
+
+/// One of two workers frozen (SIGSTOP: a paused VM, a half-open connection)
+/// for 30 s mid-job: the other keeps at least half of its pace, because
+/// nothing it needs is held by the frozen one for long (per-backend counter
+/// shards; Postgres ends the frozen one's idle transactions and cancels lock
+/// waits), and after SIGCONT the job completes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_does_not_stall_the_other_one() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let (job_id, total) = seeded_job(&crm, &broker, 20_000).await;
+    let args = ["worker", "--concurrency", "8", "--lock-timeout-secs", "2", "--idle-in-transaction-timeout-secs", "3"];
+    let frozen = leadconv(&crm, &broker, &args).spawn().unwrap();
+    let healthy = leadconv(&crm, &broker, &args).spawn().unwrap();
+    wait_for("both workers convert", Duration::from_secs(120), || async { converted(&crm).await >= 1_000 }).await;
+
+    // The pace of the two together, then of the healthy one alone.
+    let pace = |from: i64, to: i64, secs: f64| (to - from) as f64 / secs;
+    let (t0, c0) = (std::time::Instant::now(), converted(&crm).await);
+    tokio::time::sleep(Duration::from_secs(5)).await; // a measurement window, not a wait for an event
+    let (c1, both) = (converted(&crm).await, t0.elapsed().as_secs_f64());
+    let per_worker = pace(c0, c1, both) / 2.0;
+    assert!(c1 < total - 2_000, "the job is still running when the worker freezes");
+
+    signal(&frozen, "STOP").await;
+    let t1 = std::time::Instant::now();
+    let mut alone = c1;
+    while t1.elapsed() < Duration::from_secs(30) && alone < total {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        alone = converted(&crm).await;
+    }
+    let healthy_pace = pace(c1, alone, t1.elapsed().as_secs_f64());
+    signal(&frozen, "CONT").await;
+    assert!(
+        healthy_pace >= per_worker / 2.0,
+        "the healthy worker converted {:.0} leads/s while the other was frozen, against {per_worker:.0}/s each before",
+        healthy_pace
+    );
+
+    wait_for("the job completes", Duration::from_secs(600), || async {
+        job::rollup(crm.pool(), job_id).await.unwrap();
+        job::get(crm.pool(), job_id).await.unwrap().unwrap().is_finished()
+    })
+    .await;
+    drop((frozen, healthy));
+    assert_exactly_once(&crm, job_id, total).await;
+}
+
+/// Messages on `queue` now, counted by the broker.
+async fn messages(broker: &TestBroker) -> u32 {
+    broker.depth(&broker.topology.work_queue(Lane::Bulk)).await
+}
+
+/// RabbitMQ stops taking what the producer sends (flow control after a
+/// disk or memory alarm, here a proxy that stops forwarding) for several
+/// times its lease, while a sweeper watches for orphaned outboxes: the
+/// producer keeps its lease, so each lead's message is published once, by
+/// one publisher, and the job completes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_held_up_by_the_broker_keeps_its_job_and_nothing_is_published_twice() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let acting = seeded(&crm, 6_000).await;
+    let mq = Proxy::start("127.0.0.1:5672").await;
+    // Enough for the handshake, the declarations and a few thousand messages.
+    mq.pause_after(250_000);
+    let mut producer = leadconv(
+        &crm,
+        &broker,
+        &[
+            "enqueue",
+            "--criteria",
+            r#"{"all_leads": true}"#,
+            "--options",
+            &with_deal().to_string(),
+            "--requested-by",
+            &acting.to_string(),
+            "--lease-secs",
+            "2",
+            "--batch-size",
+            "500",
+        ],
+    );
+    producer.env("AMQP_URL", amqp_url().replace("127.0.0.1:5672", &mq.addr.to_string()));
+    let producer = producer.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    // A sweeper, as every worker runs one, on a direct connection.
+    let sweeping = CancellationToken::new();
+    let sweeper = {
+        let (pool, topology, stop) = (crm.pool().clone(), broker.topology.clone(), sweeping.clone());
+        let ch = broker.conn.create_channel().await.unwrap();
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+        tokio::spawn(async move {
+            let lease = producer::Lease::new(Duration::from_secs(2));
+            while !stop.is_cancelled() {
+                leadconv::maintenance::sweep_outbox(&pool, &ch, &topology, &lease).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    wait_for("the broker holds the producer up", Duration::from_secs(60), || async { mq.is_paused() }).await;
+    let held_at = messages(&broker).await;
+    assert!(held_at < 6_000, "held up mid-job ({held_at} messages through)");
+    // Four leases long: a publisher that does not renew while held up loses
+    // its job to the sweeper here.
+    tokio::time::sleep(Duration::from_secs(8)).await; // the fault's duration
+    mq.resume();
+    let out = tokio::time::timeout(Duration::from_secs(120), producer.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job_id: Uuid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    wait_for("the job is published", Duration::from_secs(60), || async {
+        crm.count(&format!("SELECT count(*) FROM conversion_jobs WHERE id = '{job_id}' AND published_at IS NOT NULL"))
+            .await
+            == 1
+    })
+    .await;
+    sweeping.cancel();
+    sweeper.await.unwrap();
+    assert_eq!(messages(&broker).await, 6_000, "each lead's message published once");
+
+    run_to_idle(leadconv(&crm, &broker, &["worker", "--concurrency", "8", "--exit-when-idle"]).spawn().unwrap()).await;
+    assert_exactly_once(&crm, job_id, 6_000).await;
+}
+
+/// The producer loses RabbitMQ half-way (a broker restart, here every
+/// connection cut by a proxy): it gives its lease up at once and exits 0
+/// saying the workers publish the rest, and they do without waiting for the
+/// lease (600 s here) to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_loses_the_broker_hands_the_job_to_the_workers_at_once() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let acting = seeded(&crm, 6_000).await;
+    let mq = Proxy::start("127.0.0.1:5672").await;
+    mq.cut_after(250_000);
+    let mut producer = leadconv(
+        &crm,
+        &broker,
+        &[
+            "enqueue",
+            "--criteria",
+            r#"{"all_leads": true}"#,
+            "--options",
+            &with_deal().to_string(),
+            "--requested-by",
+            &acting.to_string(),
+            "--lease-secs",
+            "600",
+            "--batch-size",
+            "500",
+        ],
+    );
+    producer.env("AMQP_URL", amqp_url().replace("127.0.0.1:5672", &mq.addr.to_string()));
+    let out = tokio::time::timeout(Duration::from_secs(120), producer.output()).await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("the workers publish the rest"), "{err}");
+    let job_id: Uuid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let published = messages(&broker).await;
+    assert!(published < 6_000, "cut mid-publish ({published} through)");
+
+    let worker = leadconv(&crm, &broker, &["worker", "--concurrency", "8", "--exit-when-idle"]).spawn().unwrap();
+    // Far less than the lease: the sweeper took the job over at once.
+    let status = tokio::time::timeout(Duration::from_secs(300), worker.wait_with_output()).await;
+    assert!(status.is_ok(), "the workers waited for the producer's lease");
+    assert_exactly_once(&crm, job_id, 6_000).await;
+}
+
+/// A lead whose row stays locked by someone else: the worker's wait ends at
+/// its lock timeout, the lead goes around a retry queue and converts once
+/// the lock is gone, and `attempts` counts every delivery that reached a
+/// conversion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_waits_end_and_attempts_count_every_try() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let (job_id, _) = seeded_job(&crm, &broker, 1).await;
+    let lead: i64 = sqlx::query_scalar("SELECT lead_id FROM conversion_results WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(crm.pool())
+        .await
+        .unwrap();
+    let mut holder = crm.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM conversion_results WHERE job_id = $1 AND lead_id = $2 FOR UPDATE")
+        .bind(job_id)
+        .bind(lead)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let addr = format!("127.0.0.1:{}", common::server::free_port());
+    let _worker = leadconv(&crm, &broker, &["worker", "--lock-timeout-secs", "0.5", "--metrics", &addr]).spawn().unwrap();
+    wait_for("the lock wait to end and the lead to go around a retry queue", Duration::from_secs(60), || async {
+        let body = match reqwest::get(format!("http://{addr}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        body.lines().any(|l| l.starts_with("leadconv_retries_total") && !l.ends_with(" 0"))
+    })
+    .await;
+    holder.commit().await.unwrap();
+    wait_for("the lead converts", Duration::from_secs(60), || async { converted(&crm).await == 1 }).await;
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM conversion_results WHERE job_id = $1").bind(job_id).fetch_one(crm.pool()).await.unwrap();
+    assert!(attempts >= 2, "attempts {attempts}: the try that timed out counts");
 }

@@ -29,14 +29,15 @@ async fn enqueue(
     trigger: Trigger,
 ) -> Uuid {
     let checked = job::check(crm.pool(), NewJob { criteria, options, requested_by: acting, trigger }).await.unwrap();
-    let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease: LEASE }).await.unwrap();
+    let lease = producer::Lease::new(LEASE);
+    let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease }).await.unwrap();
     producer::publish_job(
         crm.pool(),
         &broker.channel,
         &broker.topology,
         created.id,
         Lane::for_trigger(trigger),
-        LEASE,
+        &lease,
         producer::BATCH,
     )
     .await

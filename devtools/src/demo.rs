@@ -53,10 +53,10 @@ pub async fn run(pool: &PgPool, amqp_url: &str, topology: &Topology, spec: &Demo
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology.declare(&ch).await?;
-    let lease = std::time::Duration::from_secs(30);
+    let lease = producer::Lease::new(std::time::Duration::from_secs(30));
     let t = Instant::now();
     let created = job::create(pool, &checked, Dispatch::Queue { lease }).await?;
-    let published = producer::publish_job(pool, &ch, topology, created.id, Lane::Bulk, lease, producer::BATCH).await?;
+    let published = producer::publish_job(pool, &ch, topology, created.id, Lane::Bulk, &lease, producer::BATCH).await?;
     println!(
         "job {}: {} leads, {published} messages published to {}",
         created.id,

@@ -86,24 +86,32 @@ impl Enqueue {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         topology.declare(&ch).await?;
-        let created = job::create(&pool, &checked, Dispatch::Queue { lease: lease_secs }).await?;
+        let lease = producer::Lease::new(lease_secs);
+        let created = job::create(&pool, &checked, Dispatch::Queue { lease }).await?;
         if json {
             say(serde_json::json!({"job_id": created.id, "total_count": created.total_count}))?;
         } else {
             say(created.id)?;
         }
         std::io::stdout().flush()?;
-        let published = producer::publish_job(
-            &pool,
-            &ch,
-            &topology,
-            created.id,
-            Lane::for_trigger(trigger),
-            lease_secs,
-            batch_size,
-        )
-        .await?;
-        tracing::info!(job_id = %created.id, published, "enqueued");
+        let lane = Lane::for_trigger(trigger);
+        match producer::publish_job(&pool, &ch, &topology, created.id, lane, &lease, batch_size).await {
+            Ok(published) => tracing::info!(job_id = %created.id, published, "enqueued"),
+            // The job exists and its outbox is in Postgres: losing RabbitMQ
+            // now delays it, it does not fail it. Give the lease up at once
+            // so that a worker's sweeper publishes the rest without waiting
+            // for it to run out.
+            Err(producer::PublishError::Broker(e)) => {
+                producer::release(&pool, created.id, &lease).await?;
+                eprintln!(
+                    "warning: lost {} while publishing job {} ({e}); the workers publish the rest of its leads",
+                    queue::describe(&s.amqp_url),
+                    created.id
+                );
+            }
+            Err(e @ producer::PublishError::LeaseLost(_)) => eprintln!("warning: {e}; it publishes the rest"),
+            Err(e) => return Err(e.into()),
+        }
         let _ = conn.close(200, "bye").await;
         Ok(())
     }
@@ -239,9 +247,10 @@ impl Republish {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         topology.declare(&ch).await?;
-        let trigger = job::rewind_outbox(&pool, job_id, lease_secs).await?;
+        let lease = producer::Lease::new(lease_secs);
+        let trigger = job::rewind_outbox(&pool, job_id, &lease).await?;
         let lane = Lane::for_trigger(trigger);
-        let published = producer::publish_job(&pool, &ch, &topology, job_id, lane, lease_secs, producer::BATCH).await?;
+        let published = producer::publish_job(&pool, &ch, &topology, job_id, lane, &lease, producer::BATCH).await?;
         say(format!("republished job {job_id}: {published} pending leads"))?;
         let _ = ch.close(200, "bye").await;
         let _ = conn.close(200, "bye").await;

@@ -32,18 +32,21 @@ pub struct Worker {
     /// finished (checked once a minute, in small batches); 0 keeps them forever.
     #[arg(long, env = "LEADCONV_RETENTION_DAYS", default_value_t = 30.0)]
     pub retention_days: f64,
+    #[command(flatten)]
+    pub limits: leadconv::config::WaitLimits,
 }
 
 impl Worker {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let Worker { concurrency, workflow_concurrency, exit_when_idle, lease_secs, metrics, retention_days } = self;
+        let Worker { concurrency, workflow_concurrency, exit_when_idle, lease_secs, metrics, retention_days, limits } =
+            self;
         anyhow::ensure!(
             retention_days.is_finite() && retention_days >= 0.0,
             "--retention-days must be a number of days, 0 or more (0 keeps jobs forever); got {retention_days}"
         );
         let topology = s.topology();
-        let pool =
-            db::connect_migrated(&s.database_url, u32::from(concurrency) + u32::from(workflow_concurrency) + 2).await?;
+        let connections = u32::from(concurrency) + u32::from(workflow_concurrency) + 2;
+        let pool = db::connect_service(&s.database_url, connections, &limits.limits()).await?;
         let mut cfg = worker::WorkerConfig::new(s.amqp_url.clone(), topology);
         cfg.concurrency = concurrency;
         cfg.workflow_concurrency = workflow_concurrency;
@@ -70,11 +73,13 @@ pub struct Serve {
     /// Address to listen on for HTTP.
     #[arg(long, env = "LEADCONV_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub limits: leadconv::config::WaitLimits,
 }
 
 impl Serve {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let pool = db::connect(&s.database_url, 16).await?;
+        let pool = db::connect_limited(&s.database_url, 16, Some(&self.limits.limits())).await?;
         let cfg = serve::ServeConfig { listen: self.listen, amqp_url: s.amqp_url.clone(), topology: s.topology() };
         serve::run(pool, cfg, shutdown::on_signal()).await
     }

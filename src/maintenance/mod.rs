@@ -23,7 +23,7 @@ pub async fn round(
     pool: &PgPool,
     ch: &Channel,
     topology: &Topology,
-    lease: Duration,
+    lease: &producer::Lease,
     retention_keep: Option<Duration>,
 ) {
     sweep_outbox(pool, ch, topology, lease).await;
@@ -42,7 +42,7 @@ pub async fn round(
 
 /// Outbox sweeper: takes over publishing one job whose publisher stopped
 /// (its lease ran out), so no job waits forever for its messages.
-pub async fn sweep_outbox(pool: &PgPool, ch: &Channel, topology: &Topology, lease: Duration) {
+pub async fn sweep_outbox(pool: &PgPool, ch: &Channel, topology: &Topology, lease: &producer::Lease) {
     match producer::claim_orphan(pool, lease).await {
         Ok(Some((job_id, lane))) => {
             tracing::info!(%job_id, "publishing the rest of a job whose publisher stopped");

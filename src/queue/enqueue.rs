@@ -21,13 +21,13 @@ pub struct Enqueuer {
     pub pool: PgPool,
     pub amqp_url: String,
     pub topology: Topology,
-    pub lease: Duration,
+    pub lease: producer::Lease,
     broker: Mutex<Option<(Connection, Channel)>>,
 }
 
 impl Enqueuer {
     pub fn new(pool: PgPool, amqp_url: impl Into<String>, topology: Topology) -> Enqueuer {
-        Enqueuer { pool, amqp_url: amqp_url.into(), topology, lease: Duration::from_secs(30), broker: Mutex::new(None) }
+        Enqueuer { pool, amqp_url: amqp_url.into(), topology, lease: producer::Lease::new(Duration::from_secs(30)), broker: Mutex::new(None) }
     }
 
     /// A confirm-mode channel, connecting (and declaring the topology) when
@@ -74,7 +74,7 @@ impl Enqueuer {
                     &self.topology,
                     created.id,
                     lane,
-                    self.lease,
+                    &self.lease,
                     producer::BATCH,
                 )
                 .await
@@ -84,7 +84,12 @@ impl Enqueuer {
             match published {
                 Ok(n) => tracing::info!(job_id = %created.id, published = n, "job submitted"),
                 Err(e) => {
-                    tracing::warn!(job_id = %created.id, error = %e, "publishing failed; the outbox sweeper will publish the job")
+                    // Released at once: a worker's sweeper publishes the
+                    // rest now, not when the lease would have run out.
+                    if let Err(e) = producer::release(&self.pool, created.id, &self.lease).await {
+                        tracing::debug!(job_id = %created.id, error = %e, "could not release the publisher lease");
+                    }
+                    tracing::warn!(job_id = %created.id, error = %e, "publishing failed; the workers' outbox sweepers will publish the job")
                 }
             }
         }

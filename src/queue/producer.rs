@@ -9,8 +9,12 @@
 //! of it. A publisher killed half-way leaves the watermark at its last
 //! confirmed batch, and the next lease holder sends the rest again; a message
 //! sent twice is harmless, since a lead is converted at most once.
-
-use std::time::Duration;
+//!
+//! One publisher per job: the lease carries its holder's token. The holder
+//! renews it while it publishes and waits for confirms (a broker applying
+//! flow control can hold a publisher for minutes), re-reads the watermark
+//! and checks the token before every batch, and stops as soon as it finds
+//! another token: a sweeper took the job over after the lease ran out.
 
 use futures::future::try_join_all;
 use lapin::options::BasicPublishOptions;
@@ -34,45 +38,89 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
     #[error("RabbitMQ refused (nack) a message of job {0}")]
     Nacked(Uuid),
+    /// Another publisher holds the job's lease now; this one stopped.
+    #[error("another publisher took over job {0} (this one's lease had run out)")]
+    LeaseLost(Uuid),
 }
 
+pub use crate::store::job::Lease;
+
 /// Takes the publisher lease of one job whose leads are not all published
-/// and whose lease ran out (its publisher died). `None`: nothing to do.
-pub async fn claim_orphan(pool: &PgPool, lease: Duration) -> sqlx::Result<Option<(Uuid, Lane)>> {
+/// and whose lease ran out (its publisher died) or was released. `None`:
+/// nothing to do.
+pub async fn claim_orphan(pool: &PgPool, lease: &Lease) -> sqlx::Result<Option<(Uuid, Lane)>> {
     let row = sqlx::query!(
-        r#"UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $1)
+        r#"UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $1), publisher_token = $2
          WHERE id = (SELECT id FROM conversion_jobs
                      WHERE published_at IS NULL AND status IN ('scheduled', 'in_progress')
                        AND (publisher_lease_until IS NULL OR publisher_lease_until < now())
                      ORDER BY created_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED)
          RETURNING id, trigger AS "trigger: Trigger""#,
-        lease.as_secs_f64()
+        lease.length.as_secs_f64(),
+        lease.token
     )
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|r| (r.id, Lane::for_trigger(r.trigger))))
 }
 
+/// Extends the lease of `job_id` if `lease` still holds it; `false` when
+/// another publisher took it over.
+async fn renew(pool: &PgPool, job_id: Uuid, lease: &Lease) -> sqlx::Result<bool> {
+    let renewed = sqlx::query!(
+        "UPDATE conversion_jobs SET publisher_lease_until = now() + make_interval(secs => $3)
+         WHERE id = $1 AND publisher_token = $2",
+        job_id,
+        lease.token,
+        lease.length.as_secs_f64()
+    )
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected() == 1)
+}
+
+/// Gives the lease up at once (the publisher lost RabbitMQ), so that a
+/// worker's sweeper publishes the rest now rather than when it runs out.
+pub async fn release(pool: &PgPool, job_id: Uuid, lease: &Lease) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE conversion_jobs SET publisher_lease_until = NULL
+         WHERE id = $1 AND publisher_token = $2 AND published_at IS NULL",
+        job_id,
+        lease.token
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Publishes every unpublished pending lead of `job_id` on `ch` (a channel
-/// in confirm mode), `batch` messages between waits for confirms, renewing
-/// the lease after each batch. Returns how many messages were published.
+/// in confirm mode), `batch` messages between waits for confirms, while
+/// `lease` holds the job (see the module's notes). Returns how many
+/// messages were published.
 pub async fn publish_job(
     pool: &PgPool,
     ch: &Channel,
     topology: &Topology,
     job_id: Uuid,
     lane: Lane,
-    lease: Duration,
+    lease: &Lease,
     batch: i64,
 ) -> Result<u64, PublishError> {
     let exchange = topology.convert_exchange();
     let key = Topology::routing_key(lane, None);
-    let mut after: i64 = sqlx::query_scalar!("SELECT published_through FROM conversion_jobs WHERE id = $1", job_id)
-        .fetch_optional(pool)
-        .await?
-        .unwrap_or(i64::MAX);
     let mut published = 0u64;
     loop {
+        // The watermark as it is now, and whether the lease is still ours.
+        let Some(after) = sqlx::query_scalar!(
+            "SELECT published_through FROM conversion_jobs WHERE id = $1 AND publisher_token = $2",
+            job_id,
+            lease.token
+        )
+        .fetch_optional(pool)
+        .await?
+        else {
+            return Err(PublishError::LeaseLost(job_id));
+        };
         // Keyset pages: memory stays at one batch whatever the job's size.
         let ids: Vec<i64> = sqlx::query_scalar!(
             "SELECT lead_id FROM conversion_results
@@ -85,41 +133,63 @@ pub async fn publish_job(
         .fetch_all(pool)
         .await?;
         let Some(&last) = ids.last() else { break };
-        let enqueued_at = Some(chrono::Utc::now());
-        let mut confirms = Vec::with_capacity(ids.len());
-        for &lead_id in &ids {
-            let body = serde_json::to_vec(&LeadMessage { job_id, lead_id, enqueued_at }).expect("a message serialises");
-            confirms.push(
-                ch.basic_publish(&exchange, &key, BasicPublishOptions::default(), &body, queue::properties(0)).await?,
-            );
-        }
-        for confirmation in try_join_all(confirms).await? {
-            if let Confirmation::Nack(_) = confirmation {
-                return Err(PublishError::Nacked(job_id));
+        let sent = async {
+            let enqueued_at = Some(chrono::Utc::now());
+            let mut confirms = Vec::with_capacity(ids.len());
+            for &lead_id in &ids {
+                let body =
+                    serde_json::to_vec(&LeadMessage { job_id, lead_id, enqueued_at }).expect("a message serialises");
+                confirms.push(
+                    ch.basic_publish(&exchange, &key, BasicPublishOptions::default(), &body, queue::properties(0))
+                        .await?,
+                );
+            }
+            for confirmation in try_join_all(confirms).await? {
+                if let Confirmation::Nack(_) = confirmation {
+                    return Err(PublishError::Nacked(job_id));
+                }
+            }
+            Ok(())
+        };
+        // Publishing and confirming can be held up by the broker's flow
+        // control for longer than the lease: renew it meanwhile, so that no
+        // sweeper publishes the same leads beside this publisher.
+        tokio::pin!(sent);
+        let mut renewal = tokio::time::interval(lease.length / 3);
+        renewal.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut sent => { done?; break; }
+                _ = renewal.tick() => {
+                    if !renew(pool, job_id, lease).await? {
+                        return Err(PublishError::LeaseLost(job_id));
+                    }
+                }
             }
         }
-        // Confirmed: move the watermark and renew the lease, which keeps
-        // sweepers away while this publisher lives. If it stalls past the
-        // lease, a sweeper publishes the rest too, which costs duplicates,
-        // never lost or doubled conversions.
-        sqlx::query!(
-            "UPDATE conversion_jobs SET published_through = greatest(published_through, $2),
-                    publisher_lease_until = now() + make_interval(secs => $3)
-             WHERE id = $1",
+        // Confirmed: move the watermark and renew the lease.
+        let moved = sqlx::query!(
+            "UPDATE conversion_jobs SET published_through = greatest(published_through, $3),
+                    publisher_lease_until = now() + make_interval(secs => $4)
+             WHERE id = $1 AND publisher_token = $2",
             job_id,
+            lease.token,
             last,
-            lease.as_secs_f64()
+            lease.length.as_secs_f64()
         )
         .execute(pool)
         .await?;
+        if moved.rows_affected() == 0 {
+            return Err(PublishError::LeaseLost(job_id));
+        }
         published += ids.len() as u64;
-        after = last;
         tracing::debug!(%job_id, published, "batch confirmed");
     }
     sqlx::query!(
         "UPDATE conversion_jobs SET published_at = now(), publisher_lease_until = NULL
-         WHERE id = $1 AND published_at IS NULL",
-        job_id
+         WHERE id = $1 AND publisher_token = $2 AND published_at IS NULL",
+        job_id,
+        lease.token
     )
     .execute(pool)
     .await?;

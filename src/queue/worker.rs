@@ -53,6 +53,8 @@ pub struct WorkerConfig {
     /// Finished jobs older than this are deleted with their results; `None`
     /// keeps them forever.
     pub retention: Option<Duration>,
+    /// How long a stopping worker waits for its conversions in flight.
+    pub drain: Duration,
 }
 
 impl WorkerConfig {
@@ -66,6 +68,7 @@ impl WorkerConfig {
             lease: Duration::from_secs(30),
             tick: Duration::from_millis(500),
             retention: None,
+            drain: Duration::from_secs(90),
         }
     }
 }
@@ -80,14 +83,25 @@ pub async fn run(pool: PgPool, cfg: WorkerConfig, stop: CancellationToken) -> an
     queue::connect(&cfg.amqp_url).await?.close(200, "bye").await?;
     let cache = Arc::new(SettingsCache::default());
     let mut backoff = Duration::from_millis(100);
+    // One warning per outage, not one per back-off step.
+    let mut outage: Option<Instant> = None;
     loop {
-        match session(&pool, &cfg, &stop, &cache).await {
+        let started = Instant::now();
+        match session(&pool, &cfg, &stop, &cache, &mut outage).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 if stop.is_cancelled() {
                     return Ok(());
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "worker session ended; reconnecting");
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(100);
+                }
+                if outage.is_none() {
+                    tracing::warn!(error = %format!("{e:#}"), "worker session ended; reconnecting with back-off");
+                    outage = Some(Instant::now());
+                } else {
+                    tracing::debug!(error = %format!("{e:#}"), retry_in = ?backoff, "still reconnecting");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.cancelled() => return Ok(()),
@@ -104,6 +118,7 @@ async fn session(
     cfg: &WorkerConfig,
     stop: &CancellationToken,
     cache: &Arc<SettingsCache>,
+    outage: &mut Option<Instant>,
 ) -> anyhow::Result<()> {
     let conn = queue::connect(&cfg.amqp_url).await?;
     let publisher = conn.create_channel().await?;
@@ -133,7 +148,10 @@ async fn session(
         channels.push((ch, tag));
     }
     let mut deliveries = futures::stream::select_all(consumers);
-    tracing::info!(queue_prefix = %cfg.topology.prefix, concurrency = cfg.concurrency, "worker consuming");
+    match outage.take() {
+        Some(since) => tracing::info!(down_for = ?since.elapsed(), "worker reconnected; consuming again"),
+        None => tracing::info!(queue_prefix = %cfg.topology.prefix, concurrency = cfg.concurrency, "worker consuming"),
+    }
 
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
@@ -143,6 +161,8 @@ async fn session(
     let mut idle_ticks = 0;
     let mut seen_since_tick = false;
     let mut retention_due = Instant::now();
+    // This worker's publisher lease, for the jobs its sweeper takes over.
+    let lease = crate::queue::producer::Lease::new(cfg.lease);
 
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
@@ -181,12 +201,12 @@ async fn session(
                 }
                 // Maintenance runs beside consumption, one round at a time.
                 if sweeper.as_ref().is_none_or(|h| h.is_finished()) {
-                    let (pool, ch, topology, lease) = (pool.clone(), sweeper_channel.clone(), cfg.topology.clone(), cfg.lease);
+                    let (pool, ch, topology) = (pool.clone(), sweeper_channel.clone(), cfg.topology.clone());
                     let keep = cfg.retention.filter(|_| Instant::now() >= retention_due);
                     if keep.is_some() {
                         retention_due = Instant::now() + crate::maintenance::RETENTION_EVERY;
                     }
-                    sweeper = Some(tokio::spawn(async move { crate::maintenance::round(&pool, &ch, &topology, lease, keep).await }));
+                    sweeper = Some(tokio::spawn(async move { crate::maintenance::round(&pool, &ch, &topology, &lease, keep).await }));
                 }
                 seen_since_tick = false;
             }
@@ -194,11 +214,22 @@ async fn session(
     };
 
     // Stop taking messages, finish those in flight, then leave: whatever
-    // was prefetched but not started goes back to the queue on close.
+    // was prefetched but not started goes back to the queue on close. A
+    // session that failed does not wait for its conversions: they may be
+    // stuck on a database that is gone, and their unacknowledged messages
+    // come back to whoever consumes next. A graceful stop waits, bounded by
+    // the statement timeout each conversion runs under.
     for (ch, tag) in &channels {
         let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
     }
-    while tasks.join_next().await.is_some() {}
+    if outcome.is_err() {
+        tasks.abort_all();
+    }
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(cfg.drain, drained).await.is_err() {
+        tracing::warn!(left = tasks.len(), "conversions still running at the end of the drain; abandoning them (their messages are redelivered)");
+        tasks.abort_all();
+    }
     if let Some(h) = sweeper {
         h.abort();
     }
@@ -280,7 +311,12 @@ impl Handler {
         };
         let attempt = queue::attempt_of(&delivery.properties);
         let (job_id, lead_id) = (msg.job_id, msg.lead_id);
-        let redelivered = queue::redeliveries_of(&delivery.properties);
+        // The broker's delivery count, only for a delivery the broker says
+        // it handed out before (a header alone is anyone's to set).
+        let redelivered = if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 };
+        // Deliveries of this lead that reached a conversion and left nothing:
+        // retries through the delay queues and redeliveries after a crash.
+        let earlier = attempt + redelivered;
         if redelivered >= queue::POISON_REDELIVERIES {
             // Converting it again would most likely take this worker down
             // too; recording the failure lets the job complete.
@@ -305,7 +341,7 @@ impl Handler {
                 return self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
             }
         };
-        match convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at).await {
+        match convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at, earlier).await {
             Ok(_) => self.ack(&delivery).await,
             Err(ConvertError::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
             Err(e @ ConvertError::NotInJob { .. }) => {
@@ -366,7 +402,10 @@ impl Handler {
     /// Records a permanent failure; if even that cannot be written, parks
     /// the message in the dead-letter queue rather than lose it.
     async fn fail(&self, delivery: Delivery, msg: LeadMessage, code: ErrorCode, reason: &str) {
-        match convert::record_failure(&self.pool, msg.job_id, msg.lead_id, code, reason).await {
+        // Every earlier delivery that got as far as a conversion.
+        let attempts = queue::attempt_of(&delivery.properties)
+            + if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 };
+        match convert::record_failure(&self.pool, msg.job_id, msg.lead_id, code, reason, attempts).await {
             Ok(()) => self.ack(&delivery).await,
             Err(e) => {
                 tracing::error!(job_id = %msg.job_id, lead_id = msg.lead_id, error = %e, "could not record the failure; dead-lettering the message");

@@ -89,24 +89,29 @@ pub async fn convert_lead(
     settings: &Settings,
     lead_id: i64,
 ) -> Result<LeadResult, ConvertError> {
-    convert_enqueued(pool, job_id, settings, lead_id, None).await
+    convert_enqueued(pool, job_id, settings, lead_id, None, 0).await
 }
 
 /// [`convert_lead`] for a lead that waited in a queue since `enqueued_at`,
 /// which is recorded with its result (the enqueue→commit latency).
+/// `earlier_attempts` counts the deliveries of this lead's message that
+/// reached a conversion before and left nothing (a transient failure sent it
+/// through a retry queue, or its worker died): they roll back, so only the
+/// message knows them, and `attempts` adds them.
 pub async fn convert_enqueued(
     pool: &PgPool,
     job_id: Uuid,
     settings: &Settings,
     lead_id: i64,
     enqueued_at: Option<DateTime<Utc>>,
+    earlier_attempts: u32,
 ) -> Result<LeadResult, ConvertError> {
     let span = tracing::info_span!("convert", %job_id, lead_id);
     async move {
         let mut tries = 0;
         loop {
             tries += 1;
-            match try_convert(pool, job_id, settings, lead_id, tries, enqueued_at).await {
+            match try_convert(pool, job_id, settings, lead_id, earlier_attempts + tries, enqueued_at).await {
                 Ok(r) => {
                     tracing::debug!(outcome = %r.outcome, "lead done");
                     return Ok(r);
@@ -124,7 +129,7 @@ pub async fn convert_enqueued(
                         job_id,
                         lead_id,
                         &Finish::failed(ErrorCode::ConstraintViolation, e.to_string()),
-                        tries,
+                        earlier_attempts + tries,
                     )
                     .await;
                 }
@@ -145,8 +150,9 @@ pub async fn record_failure(
     lead_id: i64,
     code: ErrorCode,
     message: &str,
+    attempts: u32,
 ) -> Result<(), ConvertError> {
-    record(pool, job_id, lead_id, &Finish::failed(code, message.to_owned()), 0).await.map(|_| ())
+    record(pool, job_id, lead_id, &Finish::failed(code, message.to_owned()), attempts).await.map(|_| ())
 }
 
 async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u32) -> Result<LeadResult, ConvertError> {
@@ -286,11 +292,10 @@ impl Finish {
     }
 }
 
-/// Shards of a job's counters (see migration 0003): conversions of one job
-/// spread their increments over this many rows instead of one.
-const COUNTER_SHARDS: i64 = 16;
-
-/// Records the result and counts it in one of the job's counter shards.
+/// Records the result and counts it in the job's counter shard of this
+/// Postgres backend (migration 0011): a shard row is only ever updated by
+/// one transaction at a time, so a conversion never waits for another
+/// one's commit, and a stuck one holds up nobody.
 async fn finish(
     conn: &mut PgConnection,
     job_id: Uuid,
@@ -331,12 +336,11 @@ async fn finish(
     let n = |b: bool| i32::from(b);
     sqlx::query!(
         "INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
-         VALUES ($1, $2, $3, $4, $5, $6)
+         VALUES ($1, pg_backend_pid(), $2, $3, $4, $5)
          ON CONFLICT (job_id, shard) DO UPDATE SET
              converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
              skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now()",
         job_id,
-        (lead_id.rem_euclid(COUNTER_SHARDS)) as i16,
         n(f.outcome == Outcome::Converted),
         n(f.merged),
         n(f.outcome == Outcome::Skipped),

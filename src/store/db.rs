@@ -29,9 +29,62 @@ pub fn describe(options: &PgConnectOptions) -> String {
 /// where, instead of after the pool's acquire timeout as "pool timed out".
 /// Does not look at the schema: see [`connect_migrated`].
 pub async fn connect(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    connect_limited(url, connections, None).await
+}
+
+/// How long a long-running service's database work may wait, so that a
+/// stuck participant (a frozen worker holding locks "idle in transaction",
+/// a half-open connection) delays others by seconds, not hours: Postgres
+/// itself cancels a lock wait or a statement that runs out, and ends a
+/// session that sits idle inside a transaction, releasing its locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `lock_timeout`: a conversion waiting longer for a row or advisory
+    /// lock fails as transient and is retried through a delay queue.
+    pub lock: Duration,
+    /// `statement_timeout`: no statement runs longer (a job's snapshot of
+    /// a million leads takes seconds, a conversion milliseconds).
+    pub statement: Duration,
+    /// `idle_in_transaction_session_timeout`: leadconv never idles inside a
+    /// transaction, so a session that does belongs to a process that hung.
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            lock: Duration::from_secs(5),
+            statement: Duration::from_secs(300),
+            idle_in_transaction: Duration::from_secs(10),
+        }
+    }
+}
+
+/// [`connect_migrated`] for a long-running service: every connection of
+/// the pool runs under `limits`.
+pub async fn connect_service(url: &str, connections: u32, limits: &Limits) -> anyhow::Result<PgPool> {
+    let pool = connect_limited(url, connections, Some(limits)).await?;
+    require_schema(&pool).await?;
+    Ok(pool)
+}
+
+/// [`connect`] with every connection under `limits` (for `serve`, which
+/// starts on an unmigrated database and says so on `/readyz`).
+pub async fn connect_limited(url: &str, connections: u32, limits: Option<&Limits>) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse().map_err(|e| {
         anyhow::anyhow!("DATABASE_URL is not a Postgres URL ({e}); expected postgres://user@host:port/database")
     })?;
+    let options = match limits {
+        Some(l) => {
+            let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+            options.options([
+                ("lock_timeout", ms(l.lock)),
+                ("statement_timeout", ms(l.statement)),
+                ("idle_in_transaction_session_timeout", ms(l.idle_in_transaction)),
+            ])
+        }
+        None => options,
+    };
     // A connection of its own, not the pool's first: the pool retries a
     // refused connection until its acquire timeout and then reports only
     // "pool timed out".

@@ -73,13 +73,28 @@ pub async fn check(pool: &PgPool, new: NewJob) -> Result<Checked, crate::Error> 
     Ok(Checked { new, criteria, settings })
 }
 
+/// A job's publisher lease (see `queue::producer`): who holds it, a token
+/// of the publishing process, and how long it lasts without renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub token: Uuid,
+    pub length: std::time::Duration,
+}
+
+impl Lease {
+    /// A lease with a token of its own, for one publishing process.
+    pub fn new(length: std::time::Duration) -> Lease {
+        Lease { token: Uuid::new_v4(), length }
+    }
+}
+
 /// How a job's leads reach a converter.
 #[derive(Debug, Clone, Copy)]
 pub enum Dispatch {
-    /// Through RabbitMQ: the creator holds the publisher lease this long and
-    /// is expected to publish (see `producer`); if it does not, a worker's
-    /// sweeper does once the lease runs out.
-    Queue { lease: std::time::Duration },
+    /// Through RabbitMQ: the creator holds the publisher lease and is
+    /// expected to publish (see `producer`); if it does not, a worker's
+    /// sweeper does once the lease runs out or is released.
+    Queue { lease: Lease },
     /// Converted by the creating process itself (demo, tests): nothing to
     /// publish.
     InProcess,
@@ -104,19 +119,21 @@ pub async fn create_in(
     dispatch: Dispatch,
 ) -> Result<Uuid, crate::Error> {
     let id = Uuid::new_v4();
-    let (lease, published) = match dispatch {
-        Dispatch::Queue { lease } => (Some(lease.as_secs_f64()), false),
-        Dispatch::InProcess => (None, true),
+    let (lease, token, published) = match dispatch {
+        Dispatch::Queue { lease } => (lease.length.as_secs_f64(), Some(lease.token), false),
+        Dispatch::InProcess => (0.0, None, true),
     };
     sqlx::query!(
-        "INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, publisher_lease_until, published_at)
-         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), CASE WHEN $7 THEN now() END)",
+        "INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, publisher_lease_until,
+                                      publisher_token, published_at)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, CASE WHEN $8 THEN now() END)",
         id,
         checked.new.criteria,
         checked.new.options,
         checked.new.requested_by,
         checked.new.trigger as Trigger,
-        lease.unwrap_or(0.0),
+        lease,
+        token,
         published
     )
     .execute(&mut *tx)
@@ -225,14 +242,15 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
 /// again: for messages lost with the broker. A message that was not lost is
 /// then delivered twice, which converts nothing twice. Returns the job's
 /// trigger, which names its lane.
-pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: std::time::Duration) -> Result<Trigger, crate::Error> {
+pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: &Lease) -> Result<Trigger, crate::Error> {
     let trigger = sqlx::query_scalar!(
         r#"UPDATE conversion_jobs SET published_through = 0, published_at = NULL,
-                publisher_lease_until = now() + make_interval(secs => $2)
+                publisher_lease_until = now() + make_interval(secs => $2), publisher_token = $3
          WHERE id = $1 AND status IN ('scheduled', 'in_progress')
          RETURNING trigger AS "trigger: Trigger""#,
         id,
-        lease.as_secs_f64()
+        lease.length.as_secs_f64(),
+        lease.token
     )
     .fetch_optional(pool)
     .await?;
