@@ -53,10 +53,13 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             matches!(
                 db.code().as_deref(),
-                // serialization_failure, deadlock_detected, lock_not_available,
-                // admin_shutdown, crash_shutdown, cannot_connect_now, and the
-                // whole connection-exception class.
-                Some("40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
+                // serialization_failure, deadlock_detected, lock_not_available
+                // (lock_timeout), query_canceled (statement_timeout),
+                // admin_shutdown, crash_shutdown, cannot_connect_now,
+                // idle_in_transaction_session_timeout (the session of a process
+                // that froze mid-transaction, ended by the server),
+                // idle_session_timeout, and the whole connection-exception class.
+                Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "25P03" | "57P05")
             ) || db.code().is_some_and(|c| c.starts_with("08"))
         }
         _ => false,

@@ -44,6 +44,14 @@ async fn converted(crm: &Crm) -> i64 {
 async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
     job::rollup(crm.pool(), job_id).await.unwrap();
     let j = job::get(crm.pool(), job_id).await.unwrap().unwrap();
+    let codes: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT error_code, error_message FROM conversion_results WHERE job_id = $1 AND outcome <> 'converted' LIMIT 5",
+    )
+    .bind(job_id)
+    .fetch_all(crm.pool())
+    .await
+    .unwrap();
+    assert!(codes.is_empty(), "leads not converted: {codes:?}");
     assert_eq!(j.status, "completed");
     assert_eq!(
         (i64::from(j.total_count), i64::from(j.converted_count), j.skipped_count, j.failed_count),
@@ -275,6 +283,9 @@ async fn a_frozen_worker_does_not_stall_the_other_one() {
     }
     let healthy_pace = pace(c1, alone, t1.elapsed().as_secs_f64());
     signal(&frozen, "CONT").await;
+    eprintln!(
+        "pace before the freeze: {per_worker:.0} leads/s per worker; the healthy one alone: {healthy_pace:.0} leads/s"
+    );
     assert!(
         healthy_pace >= per_worker / 2.0,
         "the healthy worker converted {:.0} leads/s while the other was frozen, against {per_worker:.0}/s each before",
@@ -433,7 +444,8 @@ async fn lock_waits_end_and_attempts_count_every_try() {
         .await
         .unwrap();
     let addr = format!("127.0.0.1:{}", common::server::free_port());
-    let _worker = leadconv(&crm, &broker, &["worker", "--lock-timeout-secs", "0.5", "--metrics", &addr]).spawn().unwrap();
+    let _worker =
+        leadconv(&crm, &broker, &["worker", "--lock-timeout-secs", "0.5", "--metrics", &addr]).spawn().unwrap();
     wait_for("the lock wait to end and the lead to go around a retry queue", Duration::from_secs(60), || async {
         let body = match reqwest::get(format!("http://{addr}/metrics")).await {
             Ok(r) => r.text().await.unwrap_or_default(),
@@ -444,7 +456,41 @@ async fn lock_waits_end_and_attempts_count_every_try() {
     .await;
     holder.commit().await.unwrap();
     wait_for("the lead converts", Duration::from_secs(60), || async { converted(&crm).await == 1 }).await;
-    let attempts: i32 =
-        sqlx::query_scalar("SELECT attempts FROM conversion_results WHERE job_id = $1").bind(job_id).fetch_one(crm.pool()).await.unwrap();
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM conversion_results WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(crm.pool())
+        .await
+        .unwrap();
     assert!(attempts >= 2, "attempts {attempts}: the try that timed out counts");
+}
+
+/// Whatever a stuck transaction holds of a job's progress counters (here
+/// one that updated every one of the old 16 shards and then hung, as a
+/// frozen worker's can), no conversion of the job waits for it: each
+/// backend counts in a shard of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_stuck_on_the_job_counters_blocks_no_conversion() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let (job_id, total) = seeded_job(&crm, &broker, 300).await;
+    let mut stuck = crm.pool().begin().await.unwrap();
+    for shard in 0..16 {
+        sqlx::query(
+            "INSERT INTO conversion_job_counters (job_id, shard) VALUES ($1, $2) ON CONFLICT (job_id, shard) DO UPDATE SET last_at = now()",
+        )
+        .bind(job_id)
+        .bind(shard)
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+    }
+    let worker = leadconv(&crm, &broker, &["worker", "--concurrency", "8"]).spawn().unwrap();
+    wait_for("every lead converted while the transaction is stuck", Duration::from_secs(120), || async {
+        converted(&crm).await == total
+    })
+    .await;
+    stuck.rollback().await.unwrap();
+    drop(worker);
+    run_to_idle(leadconv(&crm, &broker, &["worker", "--exit-when-idle"]).spawn().unwrap()).await;
+    assert_exactly_once(&crm, job_id, total).await;
 }

@@ -27,7 +27,13 @@ pub struct Enqueuer {
 
 impl Enqueuer {
     pub fn new(pool: PgPool, amqp_url: impl Into<String>, topology: Topology) -> Enqueuer {
-        Enqueuer { pool, amqp_url: amqp_url.into(), topology, lease: producer::Lease::new(Duration::from_secs(30)), broker: Mutex::new(None) }
+        Enqueuer {
+            pool,
+            amqp_url: amqp_url.into(),
+            topology,
+            lease: producer::Lease::new(Duration::from_secs(30)),
+            broker: Mutex::new(None),
+        }
     }
 
     /// A confirm-mode channel, connecting (and declaring the topology) when

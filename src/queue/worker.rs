@@ -227,7 +227,10 @@ async fn session(
     }
     let drained = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(cfg.drain, drained).await.is_err() {
-        tracing::warn!(left = tasks.len(), "conversions still running at the end of the drain; abandoning them (their messages are redelivered)");
+        tracing::warn!(
+            left = tasks.len(),
+            "conversions still running at the end of the drain; abandoning them (their messages are redelivered)"
+        );
         tasks.abort_all();
     }
     if let Some(h) = sweeper {
