@@ -461,3 +461,24 @@ async fn readyz_refuses_a_database_whose_lower_is_ascii_only() {
     let problem = body["postgres_problem"].as_str().unwrap_or("");
     assert!(problem.contains("LC_CTYPE") && problem.contains("C.UTF-8"), "{body}");
 }
+
+// Issue 12: the workflow lane carries only what rules and convert-now put
+// there; an API caller cannot name `workflow` (or `schedule`) and put a
+// thousand leads in front of a one-lead conversion.
+#[tokio::test]
+async fn a_caller_cannot_choose_the_workflow_or_schedule_trigger() {
+    let api = Api::new().await;
+    let leads = api.leads(3).await;
+    for trigger in ["workflow", "schedule"] {
+        let (status, body) = api.post("/v1/jobs", json!({"criteria": {"ids": leads}, "trigger": trigger})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(
+            (body["error"]["code"].as_str(), body["error"]["field"].as_str()),
+            (Some("invalid_option"), Some("trigger"))
+        );
+    }
+    assert_eq!(api.jobs().await, 0, "nothing created");
+    let (status, body) = api.post("/v1/jobs", json!({"criteria": {"ids": leads}, "trigger": "manual"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(api.crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'manual'").await, 1);
+}

@@ -307,3 +307,44 @@ async fn cancel_mid_job_stops_conversion_and_counts_add_up() {
     let again = job::cancel(crm.pool(), job_id).await.unwrap_err();
     assert!(matches!(again, leadconv::Error::Refused(r) if r.code == leadconv::ErrorCode::JobFinished));
 }
+
+// Issue 12: a publisher cannot make a pending lead fail as poison by
+// writing the broker's `x-delivery-count` header into a first delivery:
+// only a delivery the broker marks as redelivered is believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delivery_count_header_does_not_make_a_lead_poison() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Forged", "email": "forged@example.com"})).await;
+    let checked = job::check(
+        crm.pool(),
+        NewJob { criteria: json!({"ids": [lead]}), options: json!({}), requested_by: rep, trigger: Trigger::Api },
+    )
+    .await
+    .unwrap();
+    let created = job::create(crm.pool(), &checked, Dispatch::InProcess).await.unwrap();
+    let body = serde_json::to_vec(&LeadMessage { job_id: created.id, lead_id: lead, enqueued_at: None }).unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(ShortString::from("x-delivery-count"), AMQPValue::LongLongInt(50));
+    broker
+        .channel
+        .basic_publish(
+            &broker.topology.convert_exchange(),
+            &leadconv::queue::Topology::routing_key(Lane::Bulk, None),
+            BasicPublishOptions::default(),
+            &body,
+            lapin::BasicProperties::default().with_delivery_mode(2).with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (w, _stop) = start_worker(&crm, &broker, 2, true);
+    tokio::time::timeout(Duration::from_secs(60), w).await.expect("the worker goes idle").unwrap();
+    let sql =
+        format!("SELECT count(*) FROM conversion_results WHERE job_id = '{}' AND outcome = 'converted'", created.id);
+    assert_eq!(crm.count(&sql).await, 1, "converted, not failed as poison_message");
+}

@@ -463,3 +463,33 @@ async fn the_first_matching_rule_by_id_wins_and_an_invalid_rule_is_skipped() {
         assert_eq!(criteria.0["all"][0], first_criteria);
     }
 }
+
+/// Issue 12: a rule whose criteria are `{"all_leads": true}` or `{"ids":
+/// [...]}` fires like any other (the relay used to wrap them in an `all`
+/// group, which refuses them, and skip every change with a warning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rules_over_all_leads_or_ids_fire() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let listed = crm.lead(json!({"owner_id": rep, "last_name": "Listed", "lead_status": "New"})).await;
+    let (_r, _rs) = start_relay(&crm, &broker);
+    let (_w, _ws) = start_worker(&crm, &broker);
+    rule(&crm, "listed leads", json!({"ids": [listed]}), rep, true).await;
+    sqlx::query("UPDATE leads SET lead_status = 'Contacted' WHERE id = $1")
+        .bind(listed)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    wait_for("the listed lead converts", LIMIT, || async { converted(&crm, listed).await }).await;
+
+    rule(&crm, "every lead", json!({"all_leads": true}), rep, true).await;
+    let new = crm.lead(json!({"owner_id": rep, "last_name": "New", "lead_status": "New"})).await;
+    wait_for("a new lead converts", LIMIT, || async { converted(&crm, new).await }).await;
+    wait_for("the outbox drains", LIMIT, || async { outbox_empty(&crm).await }).await;
+    assert_eq!(
+        crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'workflow'").await,
+        2,
+        "one workflow job per lead"
+    );
+}

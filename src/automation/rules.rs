@@ -96,9 +96,17 @@ pub async fn create(pool: &PgPool, new: NewRule) -> Result<Rule, crate::Error> {
     .map_err(|e| duplicate_name::<Rule>(e, &new.name))
 }
 
-/// The criteria of the one-lead job a rule creates for `lead_id`.
+/// The criteria of the one-lead job a rule creates for `lead_id`, a lead
+/// the rule's criteria matched. A filter is narrowed to the lead (and so
+/// checked again when the job's snapshot is taken); `all_leads` and `ids`,
+/// which cannot be nested in a filter, become the lead's id alone.
 pub fn lead_criteria(rule_criteria: &Value, lead_id: i64) -> Value {
-    json!({"all": [rule_criteria, {"field": "id", "op": "eq", "value": lead_id}]})
+    let whole_set = rule_criteria.as_object().is_some_and(|o| o.contains_key("all_leads") || o.contains_key("ids"));
+    if whole_set {
+        json!({"ids": [lead_id]})
+    } else {
+        json!({"all": [rule_criteria, {"field": "id", "op": "eq", "value": lead_id}]})
+    }
 }
 
 /// Relays lead changes into `workflow` jobs until `stop` is cancelled.

@@ -30,7 +30,8 @@ pub struct Enqueue {
     #[arg(long)]
     pub requested_by: i64,
     /// Who asks for the job, as recorded on it: `manual` for a person at the
-    /// command line, `schedule` for a cron job.
+    /// command line, `schedule` for a cron job (`workflow` is refused: that
+    /// lane is for rules and convert-now).
     #[arg(long, value_enum, default_value_t = Trigger::Manual)]
     pub trigger: Trigger,
     /// Report what each lead would become, writing and publishing nothing.
@@ -56,7 +57,7 @@ impl Enqueue {
             criteria: json_arg("criteria", &criteria)?,
             options: json_arg("options", &options)?,
             requested_by,
-            trigger,
+            trigger: job::check_caller_trigger(trigger, true)?,
         };
         let pool = db::connect_migrated(&s.database_url, 2).await?;
         let checked = job::check(&pool, new).await?;

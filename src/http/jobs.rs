@@ -48,7 +48,7 @@ pub async fn create(
         criteria: b.criteria,
         options: b.options.unwrap_or_else(|| json!({})),
         requested_by: user,
-        trigger: b.trigger.unwrap_or(Trigger::Api),
+        trigger: job::check_caller_trigger(b.trigger.unwrap_or(Trigger::Api), false).map_err(crate::Error::from)?,
     };
     let checked = job::check(&s.pool, new).await?;
     if q.dry_run {

@@ -88,6 +88,26 @@ impl Lease {
     }
 }
 
+/// Refuses a trigger a caller may not choose: `workflow` jobs (the fast
+/// lane, one lead each) are made by rules and convert-now only, and
+/// `schedule` jobs by schedules (and the command line's `enqueue`, which a
+/// CronJob runs). `may_schedule` says whether this caller may say `schedule`.
+pub fn check_caller_trigger(trigger: Trigger, may_schedule: bool) -> Result<Trigger, Refusal> {
+    match trigger {
+        Trigger::Manual | Trigger::Api => Ok(trigger),
+        Trigger::Schedule if may_schedule => Ok(trigger),
+        _ => Err(Refusal::new(
+            ErrorCode::InvalidOption,
+            "trigger",
+            format!(
+                "trigger {trigger} is set by leadconv itself ({}); a caller may ask for {}",
+                if trigger == Trigger::Workflow { "rules and convert-now" } else { "schedules" },
+                if may_schedule { "manual, api or schedule" } else { "manual or api" }
+            ),
+        )),
+    }
+}
+
 /// How a job's leads reach a converter.
 #[derive(Debug, Clone, Copy)]
 pub enum Dispatch {
