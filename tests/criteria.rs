@@ -187,3 +187,21 @@ async fn bad_criteria_are_refused_naming_the_problem() {
         assert!(r.message.contains(words), "{criteria}: {:?} should mention {words:?}", r.message);
     }
 }
+
+// Issue 12: an `in` list is one array parameter, not one parameter per
+// value: 70,000 values (over Postgres' 65,535 parameters a statement) run,
+// as do `not_in` and a numeric list mixing integers and decimals.
+#[tokio::test]
+async fn in_lists_longer_than_the_parameter_limit_run() {
+    let l = leads().await;
+    let mut sources: Vec<Value> = (0..70_000).map(|i| json!(format!("Source {i}"))).collect();
+    sources.push(json!("Referral"));
+    assert_eq!(l.matching(json!({"field": "lead_source", "op": "in", "value": sources})).await, names(&["B"]));
+    let mut statuses: Vec<Value> = (0..70_000).map(|i| json!(format!("Status {i}"))).collect();
+    statuses.push(json!("Qualified"));
+    assert_eq!(l.matching(json!({"field": "lead_status", "op": "not_in", "value": statuses})).await, names(&["B", "C"]));
+    assert_eq!(
+        l.matching(json!({"field": "annual_revenue", "op": "in", "value": [50, 1000.5, 7]})).await,
+        names(&["A", "B"])
+    );
+}

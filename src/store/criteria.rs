@@ -67,6 +67,63 @@ fn push_value(qb: &mut QueryBuilder<'_, Postgres>, v: &Scalar) {
     };
 }
 
+/// The values of an `in` list as typed arrays, one per kind present (a
+/// numeric field's list may mix integers and decimals).
+enum Values {
+    Text(Vec<String>),
+    Number(Vec<String>),
+    Integer(Vec<i64>),
+    Bool(Vec<bool>),
+    Day(Vec<NaiveDate>),
+    Instant(Vec<chrono::DateTime<chrono::Utc>>),
+}
+
+fn list_by_kind(values: &[Scalar]) -> Vec<Values> {
+    let (mut text, mut number, mut integer, mut boolean, mut day, mut instant) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for v in values {
+        match v {
+            Scalar::Text(s) => text.push(s.clone()),
+            Scalar::Number(n) => number.push(n.clone()),
+            Scalar::Integer(i) => integer.push(*i),
+            Scalar::Bool(b) => boolean.push(*b),
+            Scalar::Day(d) => day.push(*d),
+            Scalar::Instant(t) => instant.push(*t),
+        }
+    }
+    let mut out = Vec::new();
+    if !text.is_empty() {
+        out.push(Values::Text(text));
+    }
+    if !number.is_empty() {
+        out.push(Values::Number(number));
+    }
+    if !integer.is_empty() {
+        out.push(Values::Integer(integer));
+    }
+    if !boolean.is_empty() {
+        out.push(Values::Bool(boolean));
+    }
+    if !day.is_empty() {
+        out.push(Values::Day(day));
+    }
+    if !instant.is_empty() {
+        out.push(Values::Instant(instant));
+    }
+    out
+}
+
+fn push_array(qb: &mut QueryBuilder<'_, Postgres>, values: Values) {
+    match values {
+        Values::Text(v) => qb.push_bind(v).push("::text[]"),
+        Values::Number(v) => qb.push_bind(v).push("::numeric[]"),
+        Values::Integer(v) => qb.push_bind(v).push("::bigint[]"),
+        Values::Bool(v) => qb.push_bind(v).push("::boolean[]"),
+        Values::Day(v) => qb.push_bind(v).push("::date[]"),
+        Values::Instant(v) => qb.push_bind(v).push("::timestamptz[]"),
+    };
+}
+
 /// For timestamps, a day value means the whole day (UTC): `eq 2026-06-30`
 /// matches any time that day, `between [a, b]` includes all of day b.
 fn day_start(qb: &mut QueryBuilder<'_, Postgres>, d: &NaiveDate, next: bool) {
@@ -137,13 +194,18 @@ fn push_condition(qb: &mut QueryBuilder<'_, Postgres>, c: &Condition) {
                 push_column(qb, c);
                 qb.push(" IS NULL OR NOT ");
             }
-            push_column(qb, c);
-            qb.push(" IN (");
-            for (i, v) in c.values.iter().enumerate() {
+            // One array parameter per kind of value, not one parameter per
+            // value: Postgres takes at most 65,535 parameters a statement,
+            // and a list may hold 100,000 values.
+            qb.push("(");
+            for (i, values) in list_by_kind(&c.values).into_iter().enumerate() {
                 if i > 0 {
-                    qb.push(", ");
+                    qb.push(" OR ");
                 }
-                push_value(qb, v);
+                push_column(qb, c);
+                qb.push(" = ANY(");
+                push_array(qb, values);
+                qb.push(")");
             }
             qb.push(")");
         }
