@@ -199,7 +199,10 @@ async fn in_lists_longer_than_the_parameter_limit_run() {
     assert_eq!(l.matching(json!({"field": "lead_source", "op": "in", "value": sources})).await, names(&["B"]));
     let mut statuses: Vec<Value> = (0..70_000).map(|i| json!(format!("Status {i}"))).collect();
     statuses.push(json!("Qualified"));
-    assert_eq!(l.matching(json!({"field": "lead_status", "op": "not_in", "value": statuses})).await, names(&["B", "C"]));
+    assert_eq!(
+        l.matching(json!({"field": "lead_status", "op": "not_in", "value": statuses})).await,
+        names(&["B", "C"])
+    );
     assert_eq!(
         l.matching(json!({"field": "annual_revenue", "op": "in", "value": [50, 1000.5, 7]})).await,
         names(&["A", "B"])

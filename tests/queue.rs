@@ -348,3 +348,75 @@ async fn a_forged_delivery_count_header_does_not_make_a_lead_poison() {
         format!("SELECT count(*) FROM conversion_results WHERE job_id = '{}' AND outcome = 'converted'", created.id);
     assert_eq!(crm.count(&sql).await, 1, "converted, not failed as poison_message");
 }
+
+// Issue 12: a retry that cannot be published (the broker refuses it; here
+// the retry exchange is gone) does not hand the message back and forth at
+// once until it looks like poison: the worker reconnects with back-off
+// (declaring the topology again), the lead goes around its retry queue, and
+// converts once its lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_that_cannot_be_published_does_not_make_a_lead_poison() {
+    use lapin::options::ExchangeDeleteOptions;
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Retried", "email": "retried@example.com"})).await;
+    let checked = job::check(
+        crm.pool(),
+        NewJob { criteria: json!({"ids": [lead]}), options: json!({}), requested_by: rep, trigger: Trigger::Api },
+    )
+    .await
+    .unwrap();
+    let lease = producer::Lease::new(LEASE);
+    let job_id = job::create(crm.pool(), &checked, Dispatch::Queue { lease }).await.unwrap().id;
+    // The lead's row stays locked: every conversion of it times out, a
+    // transient failure that goes to a retry queue.
+    let mut holder = crm.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM conversion_results WHERE job_id = $1 FOR UPDATE")
+        .bind(job_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let limits = leadconv::store::db::Limits { lock: Duration::from_millis(300), ..Default::default() };
+    let pool = leadconv::store::db::connect_service(&crm.url(), 4, &limits).await.unwrap();
+    let mut cfg = worker::WorkerConfig::new(common::broker::amqp_url(), broker.topology.clone());
+    cfg.tick = Duration::from_millis(100);
+    let stop = CancellationToken::new();
+    let w = tokio::spawn(worker::run(pool, cfg, stop.clone()));
+    let bulk = broker.topology.work_queue(Lane::Bulk);
+    wait_for("the worker consumes", Duration::from_secs(60), || async {
+        let ch = broker.conn.create_channel().await.unwrap();
+        let consumers = broker.topology.state(&ch, &bulk).await.map(|q| q.consumers).unwrap_or(0);
+        let _ = ch.close(200, "bye").await;
+        consumers > 0
+    })
+    .await;
+    // Gone after the worker declared the topology: its first retry fails.
+    broker.channel.exchange_delete(&broker.topology.retry_exchange(), ExchangeDeleteOptions::default()).await.unwrap();
+    producer::publish_job(crm.pool(), &broker.channel, &broker.topology, job_id, Lane::Bulk, &lease, producer::BATCH)
+        .await
+        .unwrap();
+    let retry_queue = broker.topology.retry_queue(0);
+    wait_for("the lead in its first retry queue", Duration::from_secs(60), || async {
+        broker.depth(&retry_queue).await > 0
+    })
+    .await;
+    holder.commit().await.unwrap();
+    wait_for("the lead converts", Duration::from_secs(60), || async {
+        crm.count(&format!(
+            "SELECT count(*) FROM conversion_results WHERE job_id = '{job_id}' AND outcome <> 'pending'"
+        ))
+        .await
+            == 1
+    })
+    .await;
+    stop.cancel();
+    w.await.unwrap().unwrap();
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM conversion_results WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(outcome, "converted", "not poison_message");
+}

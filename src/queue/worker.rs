@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
@@ -164,13 +164,20 @@ async fn session(
     // This worker's publisher lease, for the jobs its sweeper takes over.
     let lease = crate::queue::producer::Lease::new(cfg.lease);
 
+    // Cancelled by a conversion whose retry could not be published: the
+    // broker (or this connection to it) is in trouble, so the session ends
+    // and reconnects with back-off, the message going back to the queue
+    // once, instead of being handed back and forth at once until it looks
+    // like poison.
+    let broken = CancellationToken::new();
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
+            _ = broken.cancelled() => break Err(anyhow::anyhow!("a retry could not be published to RabbitMQ")),
             next = deliveries.next() => match next {
                 Some((lane, Ok(delivery))) => {
                     seen_since_tick = true;
-                    let ctx = Handler { pool: pool.clone(), publisher: publisher.clone(), topology: cfg.topology.clone(), cache: cache.clone(), lane };
+                    let ctx = Handler { pool: pool.clone(), publisher: publisher.clone(), topology: cfg.topology.clone(), cache: cache.clone(), lane, broken: broken.clone() };
                     let counter = in_flight.clone();
                     let lane_slots = if lane == Lane::Workflow { workflow_slots.clone() } else { bulk_slots.clone() };
                     metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_add(1, Ordering::SeqCst) + 1) as f64);
@@ -294,6 +301,8 @@ impl SettingsCache {
 }
 
 struct Handler {
+    /// Cancelled to end the session (see `broken` in [`session`]).
+    broken: CancellationToken,
     pool: PgPool,
     publisher: Channel,
     topology: Topology,
@@ -396,8 +405,11 @@ impl Handler {
                 metrics::counter!(crate::metrics::RETRIES).increment(1);
                 self.ack(&delivery).await
             }
-            _ => {
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            Ok(false) | Err(_) => {
+                // Neither acked nor nacked: the session ends, and RabbitMQ
+                // hands the message out again after the reconnect.
+                tracing::warn!(job_id = %msg.job_id, lead_id = msg.lead_id, outcome = ?published, "could not publish a retry; reconnecting");
+                self.broken.cancel();
             }
         }
     }
