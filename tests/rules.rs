@@ -492,4 +492,5 @@ async fn rules_over_all_leads_or_ids_fire() {
         2,
         "one workflow job per lead"
     );
+    assert_eq!(crm.count("SELECT count(DISTINCT rule_id) FROM conversion_jobs").await, 2, "each job names its rule");
 }

@@ -69,6 +69,7 @@ async fn add(crm: &Crm, name: &str, cron: &str, acting: i64) -> i64 {
             options: with_deal(),
             acting_user: acting,
             enabled: true,
+            overlap: leadconv::store::types::Overlap::Skip,
         },
     )
     .await
@@ -137,10 +138,9 @@ async fn missed_ticks_collapse_into_one_run() {
     assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), None, "the next run is in the future");
     let s = automation::get::<Schedule>(crm.pool(), id).await.unwrap();
     assert!(s.next_run_at > chrono::Utc::now() && s.next_run_at <= chrono::Utc::now() + chrono::Duration::seconds(61));
-    assert_eq!(crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'schedule'").await, 1);
-    // A job matching no lead still leaves a trace: completed, total 0.
-    let job = leadconv::store::job::get(crm.pool(), s.last_job_id.unwrap()).await.unwrap().unwrap();
-    assert_eq!((job.status.as_str(), job.total_count), ("completed", 0));
+    // A tick matching no lead leaves no job (issue 12), only its run time.
+    assert_eq!(crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'schedule'").await, 0);
+    assert!(s.last_run_at.is_some() && s.last_job_id.is_none(), "{s:?}");
 
     // A disabled schedule does not run, and enabling it does not replay the
     // ticks missed meanwhile.
@@ -427,4 +427,49 @@ async fn schedule_api_endpoints_answer_success_and_each_4xx() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, v) = api.call(Method::GET, &format!("/v1/schedules/{id}"), None).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "schedule_not_found"));
+}
+
+/// Issue 12: a schedule whose previous run is still in progress skips its
+/// tick (the default), instead of starting a second job over the same
+/// leads; with `allow` it starts one. Jobs name the schedule that made
+/// them, and `schedule list` shows when it last made one and how many
+/// leads its jobs converted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_during_the_previous_run_is_skipped_unless_overlap_is_allowed() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    for i in 0..3 {
+        crm.lead(json!({"owner_id": rep, "last_name": format!("L{i}")})).await;
+    }
+    let id = add(&crm, "every minute", "* * * * *", rep).await;
+    let enqueuer = Enqueuer::new(crm.pool().clone(), amqp_url(), broker.topology.clone());
+    let due = || async {
+        sqlx::query("UPDATE conversion_schedules SET next_run_at = now() - interval '1 second'")
+            .execute(crm.pool())
+            .await
+            .unwrap();
+    };
+    let sql = format!("SELECT count(*) FROM conversion_jobs WHERE schedule_id = {id}");
+    let jobs = || crm.count(&sql);
+
+    due().await;
+    assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), Some(id));
+    assert_eq!(jobs().await, 1, "the first tick makes a job, linked to the schedule");
+    // No worker runs: the job is still scheduled at the next tick.
+    due().await;
+    assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), Some(id));
+    assert_eq!(jobs().await, 1, "skipped: the previous run is in progress");
+    let s = automation::get::<Schedule>(crm.pool(), id).await.unwrap();
+    assert!(s.next_run_at > chrono::Utc::now(), "the skipped tick still moves the schedule on");
+
+    sqlx::query("UPDATE conversion_schedules SET overlap = 'allow'").execute(crm.pool()).await.unwrap();
+    due().await;
+    assert_eq!(schedule::run_due(&enqueuer).await.unwrap(), Some(id));
+    assert_eq!(jobs().await, 2, "allowed: a second job");
+
+    let listed = leadconv(&crm, &broker, &["schedule", "list", "--json"]).await;
+    let row: Value = serde_json::from_str(text(&listed.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!((row["overlap"].as_str(), row["leads_converted"].as_i64()), (Some("allow"), Some(0)), "{row}");
+    assert!(row["last_job_at"].is_string(), "{row}");
 }

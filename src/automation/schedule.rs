@@ -26,6 +26,7 @@ use crate::automation::{check_new, duplicate_name, not_found, Automation};
 use crate::error::{ErrorCode, Refusal};
 use crate::queue::enqueue::Enqueuer;
 use crate::store::job::{self, Dispatch, NewJob, Trigger};
+use crate::store::types::Overlap;
 
 /// How often each replica looks for due schedules.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -43,6 +44,7 @@ pub struct Schedule {
     pub next_run_at: DateTime<Utc>,
     pub last_run_at: Option<DateTime<Utc>>,
     pub last_job_id: Option<Uuid>,
+    pub overlap: Overlap,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -56,6 +58,7 @@ pub struct NewSchedule {
     pub options: Value,
     pub acting_user: i64,
     pub enabled: bool,
+    pub overlap: Overlap,
 }
 
 impl Automation for Schedule {
@@ -63,7 +66,7 @@ impl Automation for Schedule {
     const PLURAL: &'static str = "schedules";
     const TABLE: &'static str = "conversion_schedules";
     const COLUMNS: &'static str =
-        "id, name, cron, criteria, options, acting_user, enabled, next_run_at, last_run_at, last_job_id, created_at, updated_at";
+        "id, name, cron, criteria, options, acting_user, enabled, next_run_at, last_run_at, last_job_id, overlap, created_at, updated_at";
     const NOT_FOUND: ErrorCode = ErrorCode::ScheduleNotFound;
     const TRIGGER: Trigger = Trigger::Schedule;
 
@@ -132,8 +135,8 @@ pub async fn create(pool: &PgPool, new: NewSchedule) -> Result<Schedule, crate::
     let next =
         next_after(&cron, Utc::now()).map_err(|e| Refusal::new(ErrorCode::InvalidCron, "cron", e.to_string()))?;
     sqlx::query_as(&format!(
-        "INSERT INTO conversion_schedules (name, cron, criteria, options, acting_user, enabled, next_run_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {}",
+        "INSERT INTO conversion_schedules (name, cron, criteria, options, acting_user, enabled, next_run_at, overlap)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {}",
         Schedule::COLUMNS
     ))
     .bind(&new.name)
@@ -143,6 +146,7 @@ pub async fn create(pool: &PgPool, new: NewSchedule) -> Result<Schedule, crate::
     .bind(new.acting_user)
     .bind(new.enabled)
     .bind(next)
+    .bind(new.overlap)
     .fetch_one(pool)
     .await
     .map_err(|e| duplicate_name::<Schedule>(e, &new.name))
@@ -219,8 +223,33 @@ pub async fn run_due(enqueuer: &Enqueuer) -> Result<Option<i64>, crate::Error> {
         requested_by: s.acting_user,
         trigger: Trigger::Schedule,
     };
+    // The previous run still going: with `skip`, this tick only moves the
+    // schedule on (no second job over the same leads).
+    let running = s.overlap == Overlap::Skip
+        && sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM conversion_jobs
+                              WHERE schedule_id = $1 AND status IN ('scheduled', 'in_progress')) AS "running!""#,
+            s.id
+        )
+        .fetch_one(&mut *tx)
+        .await?;
     let job_id = match job::check(pool, new).await {
-        Ok(checked) => Some(job::create_in(&mut tx, &checked, Dispatch::Queue { lease: enqueuer.lease }).await?),
+        _ if running => {
+            tracing::info!(schedule_id = s.id, schedule = %s.name, "the previous run is still in progress; tick skipped");
+            None
+        }
+        Ok(checked) => {
+            let id = job::create_in(&mut tx, &checked, Dispatch::Queue { lease: enqueuer.lease }).await?;
+            // A tick matching no lead leaves no job, only its run time.
+            let total = job::link_origin(&mut tx, id, job::Origin::Schedule(s.id)).await?;
+            if total == 0 {
+                job::delete_empty(&mut tx, id).await?;
+                tracing::info!(schedule_id = s.id, schedule = %s.name, "no lead matches; no job for this tick");
+                None
+            } else {
+                Some(id)
+            }
+        }
         Err(crate::Error::Refused(r)) => {
             // The acting user or a custom field changed since the schedule
             // was saved: this tick is skipped (logged), the next one tried.

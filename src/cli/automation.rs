@@ -8,6 +8,8 @@ use leadconv::automation::schedule::{self, NewSchedule, Schedule};
 use leadconv::automation::{self, Automation};
 use leadconv::config::Services;
 use leadconv::store::db;
+use leadconv::store::job::{self, Trigger};
+use leadconv::store::types::Overlap;
 
 use super::{json_arg, say};
 
@@ -26,6 +28,10 @@ pub enum ScheduleCommand {
         /// Standard 5-field cron expression in UTC, e.g. "0 2 * * *".
         #[arg(long)]
         cron: String,
+        /// A tick while the previous run is still in progress: `skip` it, or
+        /// `allow` a second job.
+        #[arg(long, value_enum, default_value_t = Overlap::Skip)]
+        overlap: Overlap,
         #[command(flatten)]
         definition: Definition,
     },
@@ -79,15 +85,19 @@ pub enum Manage {
     },
 }
 
-/// One line of `list` for people.
+/// One line of `list` for people, and the id its runs are counted by.
 trait Line {
     fn line(&self) -> String;
+    fn id(&self) -> i64;
 }
 
 impl Line for Rule {
     fn line(&self) -> String {
         let state = if self.enabled { "enabled" } else { "disabled" };
         format!("{}\t{}\t{state}\tacting_user={}\t{}", self.id, self.name, self.acting_user, self.criteria.0)
+    }
+    fn id(&self) -> i64 {
+        self.id
     }
 }
 
@@ -103,6 +113,9 @@ impl Line for Schedule {
             self.next_run_at.to_rfc3339()
         )
     }
+    fn id(&self) -> i64 {
+        self.id
+    }
 }
 
 impl Manage {
@@ -110,8 +123,19 @@ impl Manage {
         let pool = db::connect_migrated(&s.database_url, 2).await?;
         match self {
             Manage::List { json } => {
+                // When each last made a job, and how many leads its jobs converted.
+                let runs = job::origin_runs(&pool, T::TRIGGER == Trigger::Schedule).await?;
                 for r in automation::list::<T>(&pool).await? {
-                    say(if json { serde_json::to_string(&r)? } else { r.line() })?;
+                    let (last, converted) = runs.get(&r.id()).map_or((None, 0), |(at, n)| (Some(*at), *n));
+                    say(if json {
+                        let mut v = serde_json::to_value(&r)?;
+                        v["last_job_at"] = serde_json::to_value(last)?;
+                        v["leads_converted"] = converted.into();
+                        v.to_string()
+                    } else {
+                        let last = last.map_or("-".to_owned(), |t| t.to_rfc3339());
+                        format!("{}\tlast_job_at={last}\tleads_converted={converted}", r.line())
+                    })?;
                 }
             }
             Manage::Enable { id } => say(automation::set_enabled::<T>(&pool, id, true).await?.line())?,
@@ -150,6 +174,7 @@ impl ScheduleCommand {
         match self {
             ScheduleCommand::Add {
                 cron,
+                overlap,
                 definition: Definition { name, criteria, options, acting_user, disabled },
             } => {
                 let new = NewSchedule {
@@ -159,6 +184,7 @@ impl ScheduleCommand {
                     options: json_arg("options", &options)?,
                     acting_user,
                     enabled: !disabled,
+                    overlap,
                 };
                 let pool = db::connect_migrated(&s.database_url, 2).await?;
                 say(schedule::create(&pool, new).await?.id)?;

@@ -54,6 +54,9 @@ pub struct CreateSchedule {
     options: Option<Value>,
     #[serde(default)]
     enabled: Option<bool>,
+    /// A tick while the previous run is in progress: `skip` (default) or `allow`.
+    #[serde(default)]
+    overlap: Option<crate::store::types::Overlap>,
 }
 
 /// `POST /v1/schedules`: 201 with the schedule.
@@ -69,6 +72,7 @@ pub async fn create_schedule(
         options: b.options.unwrap_or_else(|| json!({})),
         acting_user: user,
         enabled: b.enabled.unwrap_or(true),
+        overlap: b.overlap.unwrap_or(crate::store::types::Overlap::Skip),
     };
     let created = schedule::create(&s.pool, new).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())

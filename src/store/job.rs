@@ -256,6 +256,55 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     Ok(get(pool, id).await?.expect("the job exists"))
 }
 
+/// The rule or schedule that made a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Rule(i64),
+    Schedule(i64),
+}
+
+/// Records which rule or schedule made job `id` (in the transaction that
+/// created it). Returns the job's lead count.
+pub async fn link_origin(tx: &mut sqlx::PgConnection, id: Uuid, origin: Origin) -> sqlx::Result<i32> {
+    let (rule, schedule) = match origin {
+        Origin::Rule(r) => (Some(r), None),
+        Origin::Schedule(s) => (None, Some(s)),
+    };
+    sqlx::query_scalar!(
+        "UPDATE conversion_jobs SET rule_id = $2, schedule_id = $3 WHERE id = $1 RETURNING total_count",
+        id,
+        rule,
+        schedule
+    )
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Deletes a job that matched no lead, in the transaction that created it.
+pub async fn delete_empty(tx: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!("DELETE FROM conversion_jobs WHERE id = $1 AND total_count = 0", id).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// When each rule (or schedule) last made a job and how many leads its
+/// jobs converted, by rule (or schedule) id.
+pub async fn origin_runs(
+    pool: &PgPool,
+    of_schedules: bool,
+) -> sqlx::Result<std::collections::HashMap<i64, (chrono::DateTime<chrono::Utc>, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT CASE WHEN $1 THEN schedule_id ELSE rule_id END AS "origin!", max(created_at) AS "last_job_at!",
+                  sum(converted_count)::bigint AS "converted!"
+           FROM conversion_jobs
+           WHERE CASE WHEN $1 THEN schedule_id ELSE rule_id END IS NOT NULL
+           GROUP BY 1"#,
+        of_schedules
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.origin, (r.last_job_at, r.converted))).collect())
+}
+
 /// Rewinds the outbox of job `id` to its first lead and takes its
 /// publisher lease, so that whoever publishes it next (the caller, or a
 /// worker's sweeper when the lease runs out) sends every lead still pending

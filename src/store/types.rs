@@ -50,6 +50,15 @@ macro_rules! text_enum {
 }
 
 text_enum!(
+    /// `conversion_schedules.overlap`: what a tick does while the previous
+    /// run of the same schedule is still in progress.
+    Overlap {
+        Skip => "skip",
+        Allow => "allow",
+    }
+);
+
+text_enum!(
     /// `conversion_jobs.status`.
     JobStatus {
         Scheduled => "scheduled",
