@@ -482,3 +482,31 @@ async fn a_caller_cannot_choose_the_workflow_or_schedule_trigger() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(api.crm.count("SELECT count(*) FROM conversion_jobs WHERE trigger = 'manual'").await, 1);
 }
+
+// Issue 12: every field the API answers with null is marked nullable in
+// the OpenAPI document (a generated client would otherwise reject real
+// answers), checked on a job that has not started and its pending results.
+#[tokio::test]
+async fn fields_answered_null_are_nullable_in_the_openapi_document() {
+    let api = Api::new().await;
+    let leads = api.leads(2).await;
+    let (status, created) = api.post("/v1/jobs", json!({"criteria": {"ids": leads}})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let id = created["job_id"].as_str().unwrap().to_owned();
+    let doc: Value = serde_json::from_str(leadconv::http::OPENAPI).unwrap();
+    let (_, job) = api.get(&format!("/v1/jobs/{id}")).await;
+    let (_, page) = api.get(&format!("/v1/jobs/{id}/results")).await;
+    let mut answers = vec![("Job", job)];
+    answers.extend(page["results"].as_array().unwrap().iter().map(|r| ("LeadResult", r.clone())));
+    let mut checked = 0;
+    for (schema, answer) in answers {
+        let props = &doc["components"]["schemas"][schema]["properties"];
+        for (field, value) in answer.as_object().unwrap() {
+            if value.is_null() {
+                checked += 1;
+                assert_eq!(props[field]["nullable"], json!(true), "{schema}.{field} is answered null but not nullable");
+            }
+        }
+    }
+    assert!(checked >= 10, "the answers had null fields to check ({checked})");
+}
