@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// convert endpoint (`POST /v1/leads/{id}/convert`) on a `leadconv serve`.
     #[arg(long, default_value_t = 0)]
     pub api_calls: usize,
+    /// Callers making those calls at once (each one call after another),
+    /// as workflow rules firing together would. With none given by
+    /// `--api-calls`, 10 calls per client.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub api_clients: u16,
 }
 
 /// One run's figures.
@@ -262,8 +267,10 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     let producer_done = t.elapsed();
     println!("enqueue: job {job_id} published in {producer_done:.1?}");
 
-    let api = if args.api_calls > 0 {
-        Some(convert_calls(pool, base("serve"), seeded.acting_user, args.api_calls, job_id).await?)
+    let calls =
+        if args.api_calls == 0 && args.api_clients > 1 { usize::from(args.api_clients) * 10 } else { args.api_calls };
+    let api = if calls > 0 {
+        Some(convert_calls(pool, base("serve"), seeded.acting_user, calls, args.api_clients, job_id).await?)
     } else {
         None
     };
@@ -293,8 +300,8 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     println!("through RabbitMQ: {done} of {} leads in {wall:.1?}", job.total_count);
     if let Some(a) = api {
         println!(
-            "one-lead convert endpoint during the bulk job: {} calls, {} answered 200 with the result; latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; bulk job pending when they ended: {}",
-            a.calls, a.ok, a.p50, a.p99, a.max, a.bulk_pending_after
+            "one-lead convert endpoint during the bulk job: {} calls by {} concurrent clients, {} answered 200 with the result; latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; bulk job pending when they ended: {}",
+            a.calls, args.api_clients, a.ok, a.p50, a.p99, a.max, a.bulk_pending_after
         );
     }
 
@@ -365,6 +372,7 @@ async fn convert_calls(
     mut serve: Command,
     acting: i64,
     calls: usize,
+    clients: u16,
     bulk: Uuid,
 ) -> anyhow::Result<ApiFigures> {
     // Wait until the bulk job is really under way.
@@ -394,20 +402,33 @@ async fn convert_calls(
         leads.push(id);
     }
     let http = reqwest::Client::new();
+    // Each client calls one lead after another; the clients run at once.
+    let per_client = leads.len().div_ceil(usize::from(clients.max(1)));
+    let runs = leads.chunks(per_client.max(1)).map(|mine| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        let mine = mine.to_vec();
+        async move {
+            let mut out = Vec::with_capacity(mine.len());
+            for id in mine {
+                let t = Instant::now();
+                let resp = http
+                    .post(format!("{base}/v1/leads/{id}/convert"))
+                    .bearer_auth(&token)
+                    .json(&json!({"timeout_ms": 10000}))
+                    .send()
+                    .await?;
+                out.push((resp.status() == reqwest::StatusCode::OK, t.elapsed().as_secs_f64() * 1000.0));
+            }
+            anyhow::Ok(out)
+        }
+    });
     let mut took = Vec::with_capacity(calls);
     let mut ok = 0;
-    for id in leads {
-        let t = Instant::now();
-        let resp = http
-            .post(format!("{base}/v1/leads/{id}/convert"))
-            .bearer_auth(&token)
-            .json(&json!({"timeout_ms": 10000}))
-            .send()
-            .await?;
-        if resp.status() == reqwest::StatusCode::OK {
-            ok += 1;
+    for client in futures::future::try_join_all(runs).await? {
+        for (answered, ms) in client {
+            ok += usize::from(answered);
+            took.push(ms);
         }
-        took.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let _ = server.start_kill();
     let _ = server.wait().await;

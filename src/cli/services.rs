@@ -16,8 +16,9 @@ pub struct Worker {
     /// Bulk conversions in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
-    /// Workflow-triggered conversions in flight at once, reserved beside the bulk ones.
-    #[arg(long, default_value_t = 2)]
+    /// Workflow-triggered conversions (rules, convert-now) in flight at once,
+    /// reserved beside the bulk ones: sized for concurrent convert-now callers.
+    #[arg(long, env = "LEADCONV_WORKFLOW_CONCURRENCY", default_value_t = 8)]
     pub workflow_concurrency: u16,
     /// Exit once the queues are empty and no job waits to be published.
     #[arg(long)]

@@ -222,13 +222,30 @@ pub async fn convert_lead(
     let checked = job::check(&s.pool, new).await?;
     let created = s.enqueuer.submit(&checked).await?;
     let deadline = tokio::time::Instant::now() + timeout;
+    // Woken by the worker's notification on commit; registered before the
+    // first look, so a result committed in between is seen either way. The
+    // slow poll covers a notification lost while the listener reconnects.
+    let mut woken = Some(s.finished.wait(created.id));
     loop {
         if let Some(r) = convert::finished_result(&s.pool, created.id).await? {
+            s.finished.forget(created.id);
             return Ok(Json(r).into_response());
         }
         if tokio::time::Instant::now() >= deadline || created.total_count == 0 {
+            s.finished.forget(created.id);
             return Ok((StatusCode::ACCEPTED, Json(json!({"job_id": created.id, "status": "pending"}))).into_response());
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let poll = tokio::time::sleep(Duration::from_millis(250));
+        match woken.as_mut() {
+            Some(rx) => tokio::select! {
+                _ = rx => woken = None,
+                _ = poll => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            },
+            None => tokio::select! {
+                _ = poll => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            },
+        }
     }
 }

@@ -66,6 +66,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Convert-now requests waiting for their job, woken on commit.
+    pub finished: Arc<crate::store::finished::Waiters>,
     pub enqueuer: Arc<Enqueuer>,
     pub metrics: PrometheusHandle,
 }

@@ -21,7 +21,8 @@ pub struct ServeConfig {
 pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
     let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
-    let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics });
+    let finished = crate::store::finished::Waiters::start(pool.clone(), stop.clone());
+    let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics, finished });
     // Rule relay and scheduler: every replica runs both; the database
     // (SKIP LOCKED claims) keeps their work from being done twice. They
     // start once the schema is there (until then /readyz says why).

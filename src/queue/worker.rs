@@ -63,7 +63,7 @@ impl WorkerConfig {
             amqp_url: amqp_url.into(),
             topology,
             concurrency: 8,
-            workflow_concurrency: 2,
+            workflow_concurrency: 8,
             exit_when_idle: false,
             lease: Duration::from_secs(30),
             tick: Duration::from_millis(500),
@@ -354,7 +354,10 @@ impl Handler {
             }
         };
         match convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at, earlier).await {
-            Ok(_) => self.ack(&delivery).await,
+            Ok(_) => {
+                self.answer_waiter(job_id).await;
+                self.ack(&delivery).await
+            }
             Err(ConvertError::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
             Err(e @ ConvertError::NotInJob { .. }) => {
                 // A stray message: nothing to convert, nothing to record.
@@ -364,6 +367,16 @@ impl Handler {
             Err(ConvertError::Database(e)) => {
                 tracing::error!(%job_id, lead_id, error = %e, "conversion failed with a database error");
                 self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
+            }
+        }
+    }
+
+    /// A workflow job's result is committed: wake the convert-now request
+    /// waiting for it (best effort: the request also polls, slowly).
+    async fn answer_waiter(&self, job_id: Uuid) {
+        if self.lane == Lane::Workflow {
+            if let Err(e) = crate::store::finished::notify(&self.pool, job_id).await {
+                tracing::debug!(%job_id, error = %e, "could not notify the finished workflow job");
             }
         }
     }
@@ -421,7 +434,10 @@ impl Handler {
         let attempts = queue::attempt_of(&delivery.properties)
             + if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 };
         match convert::record_failure(&self.pool, msg.job_id, msg.lead_id, code, reason, attempts).await {
-            Ok(()) => self.ack(&delivery).await,
+            Ok(()) => {
+                self.answer_waiter(msg.job_id).await;
+                self.ack(&delivery).await
+            }
             Err(e) => {
                 tracing::error!(job_id = %msg.job_id, lead_id = msg.lead_id, error = %e, "could not record the failure; dead-lettering the message");
                 metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod convert;
 pub mod criteria;
 pub mod db;
+pub mod finished;
 pub mod job;
 pub mod mapping;
 pub mod options;

@@ -1,0 +1,79 @@
+//! "This workflow job is done", delivered on commit: the worker notifies
+//! [`CHANNEL`] after a workflow conversion commits, and `serve` wakes the
+//! convert-now request waiting for that job at once, instead of each
+//! request polling the database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The notification channel; the payload is the job id.
+pub const CHANNEL: &str = "leadconv_workflow_finished";
+
+/// Says that the (one-lead, workflow) job `job_id` has its result.
+pub async fn notify(pool: &PgPool, job_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!("SELECT pg_notify($1, $2)", CHANNEL, job_id.to_string()).execute(pool).await?;
+    Ok(())
+}
+
+/// The requests waiting for jobs to finish, woken by one listening
+/// connection per `serve` process.
+#[derive(Default)]
+pub struct Waiters {
+    jobs: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
+}
+
+impl Waiters {
+    /// Listens until `stop`, reconnecting after errors. A notification
+    /// missed while reconnecting costs the waiter only its fallback poll.
+    pub fn start(pool: PgPool, stop: CancellationToken) -> Arc<Waiters> {
+        let waiters = Arc::new(Waiters::default());
+        let w = waiters.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Err(e) = w.listen(&pool, &stop).await {
+                    tracing::debug!(error = %e, "finished-job listener lost its connection; reconnecting");
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        });
+        waiters
+    }
+
+    async fn listen(&self, pool: &PgPool, stop: &CancellationToken) -> sqlx::Result<()> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(CHANNEL).await?;
+        loop {
+            let n = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                n = listener.recv() => n?,
+            };
+            if let Ok(job) = n.payload().parse::<Uuid>() {
+                for tx in self.jobs.lock().expect("waiters lock").remove(&job).unwrap_or_default() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// Registers interest in `job`; the receiver fires when it finishes.
+    pub fn wait(&self, job: Uuid) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.lock().expect("waiters lock").entry(job).or_default().push(tx);
+        rx
+    }
+
+    /// Drops the waiters of `job` (a request that gave up).
+    pub fn forget(&self, job: Uuid) {
+        self.jobs.lock().expect("waiters lock").remove(&job);
+    }
+}
