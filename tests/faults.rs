@@ -24,15 +24,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 fn leadconv(crm: &Crm, broker: &TestBroker, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_leadconv"));
-    c.args(args)
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    c
+    leadconv_command(&crm.url(), broker.prefix(), args)
 }
 
 async fn converted(crm: &Crm) -> i64 {
@@ -301,6 +293,29 @@ async fn a_frozen_worker_does_not_stall_the_other_one() {
     assert_exactly_once(&crm, job_id, total).await;
 }
 
+/// `leadconv enqueue` of every lead (with a deal), talking to RabbitMQ
+/// through `mq`, with a publisher lease of `lease_secs` and small batches.
+fn enqueue_through(crm: &Crm, broker: &TestBroker, acting: i64, mq: &Proxy, lease_secs: &str) -> Command {
+    let options = with_deal().to_string();
+    let acting = acting.to_string();
+    let args = [
+        "enqueue",
+        "--criteria",
+        r#"{"all_leads": true}"#,
+        "--options",
+        &options,
+        "--requested-by",
+        &acting,
+        "--lease-secs",
+        lease_secs,
+        "--batch-size",
+        "500",
+    ];
+    let mut c = leadconv(crm, broker, &args);
+    c.env("AMQP_URL", amqp_url().replace("127.0.0.1:5672", &mq.addr.to_string()));
+    c
+}
+
 /// Messages on `queue` now, counted by the broker.
 async fn messages(broker: &TestBroker) -> u32 {
     broker.depth(&broker.topology.work_queue(Lane::Bulk)).await
@@ -319,24 +334,7 @@ async fn a_publisher_held_up_by_the_broker_keeps_its_job_and_nothing_is_publishe
     let mq = Proxy::start("127.0.0.1:5672").await;
     // Enough for the handshake, the declarations and a few thousand messages.
     mq.pause_after(250_000);
-    let mut producer = leadconv(
-        &crm,
-        &broker,
-        &[
-            "enqueue",
-            "--criteria",
-            r#"{"all_leads": true}"#,
-            "--options",
-            &with_deal().to_string(),
-            "--requested-by",
-            &acting.to_string(),
-            "--lease-secs",
-            "2",
-            "--batch-size",
-            "500",
-        ],
-    );
-    producer.env("AMQP_URL", amqp_url().replace("127.0.0.1:5672", &mq.addr.to_string()));
+    let mut producer = enqueue_through(&crm, &broker, acting, &mq, "2");
     let producer = producer.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
 
     // A sweeper, as every worker runs one, on a direct connection.
@@ -389,24 +387,7 @@ async fn a_producer_that_loses_the_broker_hands_the_job_to_the_workers_at_once()
     let acting = seeded(&crm, 6_000).await;
     let mq = Proxy::start("127.0.0.1:5672").await;
     mq.cut_after(250_000);
-    let mut producer = leadconv(
-        &crm,
-        &broker,
-        &[
-            "enqueue",
-            "--criteria",
-            r#"{"all_leads": true}"#,
-            "--options",
-            &with_deal().to_string(),
-            "--requested-by",
-            &acting.to_string(),
-            "--lease-secs",
-            "600",
-            "--batch-size",
-            "500",
-        ],
-    );
-    producer.env("AMQP_URL", amqp_url().replace("127.0.0.1:5672", &mq.addr.to_string()));
+    let mut producer = enqueue_through(&crm, &broker, acting, &mq, "600");
     let out = tokio::time::timeout(Duration::from_secs(120), producer.output()).await.unwrap().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");

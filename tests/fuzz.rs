@@ -9,7 +9,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::broker::{amqp_url, TestBroker};
+use common::broker::TestBroker;
 use common::server::serve;
 use common::*;
 use serde_json::json;
@@ -26,15 +26,7 @@ async fn the_api_keeps_to_its_openapi_document_under_a_fuzzer() {
     let server = serve(&crm.db, &broker).await;
     // A worker, so that convert-now answers with a result instead of
     // waiting out its timeout.
-    let _worker = tokio::process::Command::new(leadconv_bin())
-        .args(["worker", "--concurrency", "2"])
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
-        .env("RUST_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let _worker = leadconv_command(&crm.url(), broker.prefix(), &["worker", "--concurrency", "2"]).spawn().unwrap();
 
     let fuzzer = std::process::Command::new("schemathesis").arg("--version").output();
     assert!(

@@ -9,7 +9,7 @@ mod common;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::broker::{amqp_url, wait_for, TestBroker};
+use common::broker::{wait_for, TestBroker};
 use common::server::{free_port, serve};
 use common::*;
 use reqwest::StatusCode;
@@ -19,16 +19,16 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 /// Runs `leadconv ARGS` against `database_url`, this test's queues and
 /// RabbitMQ (unless `amqp` overrides it).
 async fn run(database_url: &str, amqp: Option<&str>, prefix: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(leadconv_bin())
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("AMQP_URL", amqp.map_or_else(amqp_url, str::to_owned))
-        .env("LEADCONV_QUEUE_PREFIX", prefix)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap()
+    let mut c = leadconv_command(database_url, prefix, args);
+    if let Some(amqp) = amqp {
+        c.env("AMQP_URL", amqp);
+    }
+    c.output().await.unwrap()
+}
+
+/// A worker serving its metrics on `addr`, for as long as it is kept.
+fn worker_with_metrics(crm: &Crm, broker: &TestBroker, addr: &str) -> tokio::process::Child {
+    leadconv_command(&crm.url(), broker.prefix(), &["worker", "--metrics", addr]).spawn().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -247,11 +247,7 @@ async fn status_watch_into_a_pipe_prints_lines_and_fails_for_a_cancelled_job() {
 async fn logs_into_a_pipe_have_no_colour_codes() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let out = tokio::process::Command::new(leadconv_bin())
-        .args(["worker", "--exit-when-idle"])
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
+    let out = leadconv_command(&crm.url(), broker.prefix(), &["worker", "--exit-when-idle"])
         .env("RUST_LOG", "info")
         .output()
         .await
@@ -330,15 +326,7 @@ async fn metrics_add_up_against_the_database() {
     crm.lead(json!({"owner_id": rep, "last_name": ""})).await; // fails: missing_mandatory_field
 
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut worker = tokio::process::Command::new(leadconv_bin())
-        .args(["worker", "--metrics", &addr])
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut worker = worker_with_metrics(&crm, &broker, &addr);
     let before = scrape_until(&addr, "the worker's /metrics", |_| true).await;
     let converted =
         [("outcome", "converted"), ("contact_action", "created"), ("account_action", "none"), ("deal_action", "none")];
@@ -415,15 +403,7 @@ async fn jobs_made_by_the_command_line_count_in_the_metrics() {
     let rep = crm.user("Rep", json!({})).await;
     leads(&crm, rep, 7).await;
     let addr = format!("127.0.0.1:{}", free_port());
-    let _worker = tokio::process::Command::new(leadconv_bin())
-        .args(["worker", "--metrics", &addr])
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let _worker = worker_with_metrics(&crm, &broker, &addr);
     scrape_until(&addr, "the worker's /metrics", |_| true).await;
     enqueue_all(&crm, &broker, rep).await;
     let s = scrape_until(&addr, "the job in the worker's totals", |s| {
@@ -511,11 +491,7 @@ async fn tokens_are_listed_and_revoked_and_requests_are_logged() {
     assert!(tokens[0]["revoked_at"].is_null());
     assert!(!text(&listed.stdout).contains(&token), "the token is shown once, at creation");
 
-    let mut child = tokio::process::Command::new(leadconv_bin())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", crm.url())
-        .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
+    let mut child = leadconv_command(&crm.url(), broker.prefix(), &["serve", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "warn,leadconv::access=info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -33,6 +33,22 @@ pub fn leadconv_bin() -> std::path::PathBuf {
 }
 
 /// The server's maintenance database; tests create their own next to it.
+/// `leadconv ARGS` against `database_url` and a test's own queues
+/// (`prefix`) on the shared RabbitMQ, logging warnings only, with no stdin,
+/// killed when dropped. Callers add or override the environment.
+#[allow(dead_code)]
+pub fn leadconv_command(database_url: &str, prefix: &str, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(leadconv_bin());
+    c.args(args)
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", broker::amqp_url())
+        .env("LEADCONV_QUEUE_PREFIX", prefix)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
 pub fn admin_url() -> String {
     std::env::var("LEADCONV_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
