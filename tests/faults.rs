@@ -238,13 +238,40 @@ async fn signal(child: &Child, signal: &str) {
     assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().await.unwrap().success());
 }
 
+/// The local ports of the TCP connections process `pid` has open to
+/// Postgres (127.0.0.1:5432), from /proc: how `pg_stat_activity` tells its
+/// sessions apart (`client_port`).
+fn postgres_client_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .collect();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let ports: Vec<u16> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local, remote as hex ip:port; remote 0100007F:1538 is 127.0.0.1:5432.
+            let (local, remote, inode) = (f.get(1)?, f.get(2)?, f.get(9)?);
+            (remote.ends_with(":1538") && inodes.contains(*inode))
+                .then(|| u16::from_str_radix(local.rsplit(':').next()?, 16).ok())
+                .flatten()
+        })
+        .collect();
+    assert!(!ports.is_empty(), "process {pid} has no connection to Postgres");
+    ports
+}
+
 /// Seeds `leads` leads (30 % duplicates) and returns the acting user.
 async fn seeded(crm: &Crm, leads: usize) -> i64 {
     seed::seed(crm.pool(), &SeedSpec { leads, duplicates: 0.3, rng_seed: 11 }).await.unwrap().acting_user
 }
 
 /// One of two workers frozen (SIGSTOP: a paused VM, a half-open connection)
-/// for 30 s mid-job: the other keeps at least half of its pace, because
+/// for 30 s mid-job, at the worst moment (one of its transactions holds the
+/// job's progress counters): the other keeps at least half of its pace, because
 /// nothing it needs is held by the frozen one for long (per-backend counter
 /// shards; Postgres ends the frozen one's idle transactions and cancels lock
 /// waits), and after SIGCONT the job completes exactly.
@@ -266,7 +293,28 @@ async fn a_frozen_worker_does_not_stall_the_other_one() {
     let per_worker = pace(c0, c1, both) / 2.0;
     assert!(c1 < total - 2_000, "the job is still running when the worker freezes");
 
-    signal(&frozen, "STOP").await;
+    // The worst moment: frozen while one of its transactions holds the
+    // job's progress counters (it has counted its lead and not committed).
+    let frozen_ports = postgres_client_ports(frozen.id().unwrap());
+    let mut holding = false;
+    for _ in 0..500 {
+        signal(&frozen, "STOP").await;
+        holding = crm
+            .count(&format!(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.relation = 'conversion_job_counters'::regclass AND l.granted
+                   AND a.client_port IN ({})",
+                frozen_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            ))
+            .await
+            > 0;
+        if holding {
+            break;
+        }
+        signal(&frozen, "CONT").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(holding, "never caught the worker holding the job's counters");
     let t1 = std::time::Instant::now();
     let mut alone = c1;
     while t1.elapsed() < Duration::from_secs(30) && alone < total {
