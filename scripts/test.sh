@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/services.sh
 if ! command -v schemathesis >/dev/null 2>&1; then
+    # A machine with only Rust: Python and pip from Debian's packages first.
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        SUDO=""
+        if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+        echo "[test] installing python3-pip from Debian's packages" >&2
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    fi
     echo "[test] installing schemathesis from PyPI (the API fuzzer of tests/fuzz.rs)" >&2
     python3 -m pip install --quiet --disable-pip-version-check "schemathesis==4.32.5" \
         || python3 -m pip install --quiet --disable-pip-version-check --user "schemathesis==4.32.5" \
