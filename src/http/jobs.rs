@@ -220,21 +220,23 @@ pub async fn convert_lead(
         trigger: Trigger::Workflow,
     };
     let checked = job::check(&s.pool, new).await?;
-    let created = s.enqueuer.submit(&checked).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    // Woken by the worker's notification on commit; registered before the
-    // first look, so a result committed in between is seen either way. The
-    // slow poll covers a notification lost while the listener reconnects.
+    let created = s.enqueuer.create(&checked).await?;
+    // Published beside the wait: the answer needs the message at the
+    // worker, not the publisher's bookkeeping after the broker's confirm.
     let mut woken = Some(s.finished.wait(created.id));
+    let (enqueuer, job) = (s.enqueuer.clone(), created.clone());
+    let publishing = tokio::spawn(async move { enqueuer.publish(&job).await });
+    let deadline = tokio::time::Instant::now() + timeout;
+    let pending = || (StatusCode::ACCEPTED, Json(json!({"job_id": created.id, "status": "pending"}))).into_response();
+    if created.total_count == 0 {
+        // Converted by someone else between the look above and the snapshot.
+        s.finished.forget(created.id);
+        return Ok(pending());
+    }
     loop {
-        if let Some(r) = convert::finished_result(&s.pool, created.id).await? {
-            s.finished.forget(created.id);
-            return Ok(Json(r).into_response());
-        }
-        if tokio::time::Instant::now() >= deadline || created.total_count == 0 {
-            s.finished.forget(created.id);
-            return Ok((StatusCode::ACCEPTED, Json(json!({"job_id": created.id, "status": "pending"}))).into_response());
-        }
+        // Woken by the worker's notification on commit (registered before
+        // the lead was published, so it cannot come first); the slow poll
+        // covers a notification lost while the listener reconnects.
         let poll = tokio::time::sleep(Duration::from_millis(250));
         match woken.as_mut() {
             Some(rx) => tokio::select! {
@@ -246,6 +248,16 @@ pub async fn convert_lead(
                 _ = poll => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             },
+        }
+        if let Some(r) = convert::finished_result(&s.pool, created.id).await? {
+            s.finished.forget(created.id);
+            return Ok(Json(r).into_response());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            s.finished.forget(created.id);
+            // A 202 still means "published" (or left to the sweepers).
+            let _ = publishing.await;
+            return Ok(pending());
         }
     }
 }

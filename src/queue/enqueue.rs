@@ -62,9 +62,15 @@ impl Enqueuer {
     /// returns, even when publishing failed (it is then left to the outbox
     /// sweeper and the error is only logged).
     pub async fn submit(&self, checked: &Checked) -> Result<Job, crate::Error> {
-        let created = job::create(&self.pool, checked, Dispatch::Queue { lease: self.lease }).await?;
+        let created = self.create(checked).await?;
         self.publish(&created).await;
         Ok(created)
+    }
+
+    /// Creates the job with this process's publisher lease, for a caller
+    /// that publishes it itself ([`Enqueuer::publish`]) when it suits it.
+    pub async fn create(&self, checked: &Checked) -> Result<Job, crate::Error> {
+        job::create(&self.pool, checked, Dispatch::Queue { lease: self.lease }).await
     }
 
     /// Publishes the leads of a job created (and committed) with

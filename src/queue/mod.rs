@@ -7,6 +7,7 @@
 //! `store::convert`.
 
 pub mod enqueue;
+mod priority;
 pub mod producer;
 mod topology;
 pub mod worker;

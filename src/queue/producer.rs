@@ -110,28 +110,23 @@ pub async fn publish_job(
     let key = Topology::routing_key(lane, None);
     let mut published = 0u64;
     loop {
-        // The watermark as it is now, and whether the lease is still ours.
-        let Some(after) = sqlx::query_scalar!(
-            "SELECT published_through FROM conversion_jobs WHERE id = $1 AND publisher_token = $2",
+        // The next page above the watermark as it is now, and whether the
+        // lease is still ours (no row: another publisher holds it). Keyset
+        // pages: memory stays at one batch whatever the job's size.
+        let Some(ids) = sqlx::query_scalar!(
+            r#"SELECT ARRAY(SELECT r.lead_id FROM conversion_results r
+                            WHERE r.job_id = j.id AND r.outcome = 'pending' AND r.lead_id > j.published_through
+                            ORDER BY r.lead_id LIMIT $3) AS "ids!"
+               FROM conversion_jobs j WHERE j.id = $1 AND j.publisher_token = $2"#,
             job_id,
-            lease.token
+            lease.token,
+            batch.max(1)
         )
         .fetch_optional(pool)
         .await?
         else {
             return Err(PublishError::LeaseLost(job_id));
         };
-        // Keyset pages: memory stays at one batch whatever the job's size.
-        let ids: Vec<i64> = sqlx::query_scalar!(
-            "SELECT lead_id FROM conversion_results
-             WHERE job_id = $1 AND outcome = 'pending' AND lead_id > $2
-             ORDER BY lead_id LIMIT $3",
-            job_id,
-            after,
-            batch.max(1)
-        )
-        .fetch_all(pool)
-        .await?;
         let Some(&last) = ids.last() else { break };
         let sent = async {
             let enqueued_at = Some(chrono::Utc::now());
@@ -167,15 +162,20 @@ pub async fn publish_job(
                 }
             }
         }
-        // Confirmed: move the watermark and renew the lease.
+        // Confirmed: move the watermark and renew the lease; a short page
+        // was the last one, so the job is published (one statement less
+        // for a one-lead convert-now job).
+        let last_page = (ids.len() as i64) < batch.max(1);
         let moved = sqlx::query!(
             "UPDATE conversion_jobs SET published_through = greatest(published_through, $3),
-                    publisher_lease_until = now() + make_interval(secs => $4)
+                    publisher_lease_until = CASE WHEN $5 THEN NULL ELSE now() + make_interval(secs => $4) END,
+                    published_at = CASE WHEN $5 THEN coalesce(published_at, now()) ELSE published_at END
              WHERE id = $1 AND publisher_token = $2",
             job_id,
             lease.token,
             last,
-            lease.length.as_secs_f64()
+            lease.length.as_secs_f64(),
+            last_page
         )
         .execute(pool)
         .await?;
@@ -184,6 +184,10 @@ pub async fn publish_job(
         }
         published += ids.len() as u64;
         tracing::debug!(%job_id, published, "batch confirmed");
+        if last_page {
+            tracing::info!(%job_id, published, "job published");
+            return Ok(published);
+        }
     }
     sqlx::query!(
         "UPDATE conversion_jobs SET published_at = now(), publisher_lease_until = NULL

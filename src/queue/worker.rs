@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorCode};
+use crate::queue::priority::Priority;
 use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
 use crate::store::convert::{self, ConvertError};
 use crate::store::job;
@@ -41,6 +42,8 @@ pub struct WorkerConfig {
     pub amqp_url: String,
     pub topology: Topology,
     /// Bulk conversions in flight at once (the bulk queue's prefetch).
+    /// While workflow conversions run, only a quarter of them start (see
+    /// [`Priority`]).
     pub concurrency: u16,
     /// Workflow conversions in flight at once, on top of the bulk ones.
     pub workflow_concurrency: u16,
@@ -137,6 +140,7 @@ async fn session(
     // round trip to the broker; the semaphores bound the conversions.
     let slots = |n: u16| Arc::new(tokio::sync::Semaphore::new(usize::from(n.max(1))));
     let (workflow_slots, bulk_slots) = (slots(cfg.workflow_concurrency), slots(cfg.concurrency));
+    let priority = Arc::new(Priority::new(Priority::floor_for(cfg.concurrency)));
     for (lane, prefetch) in [(Lane::Workflow, cfg.workflow_concurrency), (Lane::Bulk, cfg.concurrency)] {
         let ch = conn.create_channel().await?;
         ch.basic_qos(prefetch.max(1).saturating_mul(2), BasicQosOptions::default()).await?;
@@ -180,9 +184,14 @@ async fn session(
                     let ctx = Handler { pool: pool.clone(), publisher: publisher.clone(), topology: cfg.topology.clone(), cache: cache.clone(), lane, broken: broken.clone() };
                     let counter = in_flight.clone();
                     let lane_slots = if lane == Lane::Workflow { workflow_slots.clone() } else { bulk_slots.clone() };
+                    let priority = priority.clone();
                     metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_add(1, Ordering::SeqCst) + 1) as f64);
                     tasks.spawn(async move {
                         let _slot = lane_slots.acquire_owned().await.expect("the semaphore is never closed");
+                        let _turn = match lane {
+                            Lane::Workflow => priority.workflow_turn(),
+                            Lane::Bulk => priority.bulk_turn().await,
+                        };
                         ctx.handle(delivery).await;
                         metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_sub(1, Ordering::SeqCst) - 1) as f64);
                     });
@@ -354,10 +363,7 @@ impl Handler {
             }
         };
         match convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at, earlier).await {
-            Ok(_) => {
-                self.answer_waiter(job_id).await;
-                self.ack(&delivery).await
-            }
+            Ok(_) => self.ack(&delivery).await,
             Err(ConvertError::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
             Err(e @ ConvertError::NotInJob { .. }) => {
                 // A stray message: nothing to convert, nothing to record.
@@ -367,16 +373,6 @@ impl Handler {
             Err(ConvertError::Database(e)) => {
                 tracing::error!(%job_id, lead_id, error = %e, "conversion failed with a database error");
                 self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
-            }
-        }
-    }
-
-    /// A workflow job's result is committed: wake the convert-now request
-    /// waiting for it (best effort: the request also polls, slowly).
-    async fn answer_waiter(&self, job_id: Uuid) {
-        if self.lane == Lane::Workflow {
-            if let Err(e) = crate::store::finished::notify(&self.pool, job_id).await {
-                tracing::debug!(%job_id, error = %e, "could not notify the finished workflow job");
             }
         }
     }
@@ -434,10 +430,7 @@ impl Handler {
         let attempts = queue::attempt_of(&delivery.properties)
             + if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 };
         match convert::record_failure(&self.pool, msg.job_id, msg.lead_id, code, reason, attempts).await {
-            Ok(()) => {
-                self.answer_waiter(msg.job_id).await;
-                self.ack(&delivery).await
-            }
+            Ok(()) => self.ack(&delivery).await,
             Err(e) => {
                 tracing::error!(job_id = %msg.job_id, lead_id = msg.lead_id, error = %e, "could not record the failure; dead-lettering the message");
                 metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);

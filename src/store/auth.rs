@@ -42,13 +42,25 @@ pub struct TokenUser {
     pub can_convert: bool,
 }
 
+/// How stale `last_used_at` may be: writing it on every request would make
+/// each authenticated request a write and a WAL flush, and serialise the
+/// concurrent requests of one token on its row.
+const LAST_USED_PRECISION_SECS: f64 = 60.0;
+
 pub async fn lookup(pool: &PgPool, token: &str) -> sqlx::Result<Option<TokenUser>> {
     sqlx::query_as!(
         TokenUser,
-        "UPDATE api_tokens t SET last_used_at = now() FROM users u
-         WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND u.id = t.user_id
-         RETURNING u.id, u.active, u.can_convert",
-        hash(token)
+        r#"WITH t AS (
+               SELECT t.id AS token_id, t.last_used_at, u.id, u.active, u.can_convert
+               FROM api_tokens t JOIN users u ON u.id = t.user_id
+               WHERE t.token_hash = $1 AND t.revoked_at IS NULL),
+           used AS (
+               UPDATE api_tokens a SET last_used_at = now() FROM t
+               WHERE a.id = t.token_id
+                 AND (t.last_used_at IS NULL OR t.last_used_at < now() - make_interval(secs => $2)))
+           SELECT id AS "id!", active AS "active!", can_convert AS "can_convert!" FROM t"#,
+        hash(token),
+        LAST_USED_PRECISION_SECS
     )
     .fetch_optional(pool)
     .await

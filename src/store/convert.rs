@@ -161,7 +161,9 @@ async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u3
         return Err(ConvertError::NotInJob { job_id, lead_id });
     };
     let (r, fresh) = match status {
-        Pending::Yes => (finish(&mut tx, job_id, lead_id, f, tries, None, None).await?, true),
+        Pending::Yes { workflow, .. } => {
+            (finish(&mut tx, job_id, lead_id, f, tries, None, None, workflow).await?, true)
+        }
         Pending::No(r) => (*r, false),
     };
     tx.commit().await?;
@@ -176,21 +178,41 @@ fn is_lock_conflict(e: &sqlx::Error) -> bool {
 }
 
 enum Pending {
-    Yes,
+    /// Still to do; `cancelled`: the job was cancelled meanwhile;
+    /// `workflow`: a convert-now request waits on the commit.
+    Yes {
+        cancelled: bool,
+        workflow: bool,
+    },
     No(Box<LeadResult>),
+}
+
+#[derive(sqlx::FromRow)]
+struct Locked {
+    #[sqlx(flatten)]
+    result: LeadResult,
+    job_status: JobStatus,
+    workflow: bool,
 }
 
 /// Locks the lead's result row, the job's gate for this lead: whoever holds
 /// it is the only one converting this lead for this job.
 async fn lock_result(conn: &mut PgConnection, job_id: Uuid, lead_id: i64) -> sqlx::Result<Option<Pending>> {
-    let row: Option<LeadResult> = sqlx::query_as(&format!(
-        "SELECT {RESULT_COLUMNS} FROM conversion_results WHERE job_id = $1 AND lead_id = $2 FOR UPDATE"
+    // The job's status and trigger ride along: one round trip, not two.
+    let row: Option<Locked> = sqlx::query_as(&format!(
+        "SELECT {RESULT_COLUMNS},
+                (SELECT status FROM conversion_jobs WHERE id = $1) AS job_status,
+                (SELECT trigger = 'workflow' FROM conversion_jobs WHERE id = $1) AS workflow
+         FROM conversion_results WHERE job_id = $1 AND lead_id = $2 FOR UPDATE"
     ))
     .bind(job_id)
     .bind(lead_id)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|r| if r.outcome == Outcome::Pending { Pending::Yes } else { Pending::No(Box::new(r)) }))
+    Ok(row.map(|l| match l.result.outcome {
+        Outcome::Pending => Pending::Yes { cancelled: l.job_status == JobStatus::Cancelled, workflow: l.workflow },
+        _ => Pending::No(Box::new(l.result)),
+    }))
 }
 
 async fn try_convert(
@@ -206,14 +228,11 @@ async fn try_convert(
     let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
         return Err(ConvertError::NotInJob { job_id, lead_id });
     };
-    if let Pending::No(done) = status {
-        return Ok(*done);
-    }
-    let job_status =
-        sqlx::query_scalar!(r#"SELECT status AS "status: JobStatus" FROM conversion_jobs WHERE id = $1"#, job_id)
-            .fetch_one(&mut *tx)
-            .await?;
-    let finish_with = if job_status == JobStatus::Cancelled {
+    let (cancelled, workflow) = match status {
+        Pending::No(done) => return Ok(*done),
+        Pending::Yes { cancelled, workflow } => (cancelled, workflow),
+    };
+    let finish_with = if cancelled {
         Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))
     } else {
         let facts = snapshot::load(&mut tx, settings, lead_id, Locking::ForUpdate).await?;
@@ -227,7 +246,7 @@ async fn try_convert(
             Verdict::Failed { code, message } => Finish::failed(*code, message.clone()),
         }
     };
-    let result = finish(&mut tx, job_id, lead_id, &finish_with, tries, Some(started), enqueued_at).await?;
+    let result = finish(&mut tx, job_id, lead_id, &finish_with, tries, Some(started), enqueued_at, workflow).await?;
     tx.commit().await?;
     crate::metrics::record_result(&result, started.elapsed());
     Ok(result)
@@ -296,6 +315,12 @@ impl Finish {
 /// Postgres backend (migration 0011): a shard row is only ever updated by
 /// one transaction at a time, so a conversion never waits for another
 /// one's commit, and a stuck one holds up nobody.
+/// Writes the result row and counts it in the job's counter shard of this
+/// session, in one statement. For a workflow job it also notifies
+/// [`finished::CHANNEL`](crate::store::finished::CHANNEL), which Postgres
+/// delivers on commit: the waiting convert-now request learns of the
+/// result the moment it exists, at no extra round trip.
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     conn: &mut PgConnection,
     job_id: Uuid,
@@ -304,16 +329,26 @@ async fn finish(
     tries: u32,
     started: Option<std::time::Instant>,
     enqueued_at: Option<DateTime<Utc>>,
+    workflow: bool,
 ) -> sqlx::Result<LeadResult> {
     let converted = f.ids.contact_id != 0;
     let duration_ms = started.map(|s| i32::try_from(s.elapsed().as_millis()).unwrap_or(i32::MAX));
+    let n = |b: bool| i32::from(b);
     let result: LeadResult = sqlx::query_as(&format!(
-        "UPDATE conversion_results SET outcome = $3, contact_action = $4, account_action = $5, deal_action = $6,
-                contact_id = $7, account_id = $8, deal_id = $9, is_repeat = $10, error_code = $11,
-                error_message = $12, attempts = attempts + $13, duration_ms = $14,
-                enqueued_at = coalesce($15, enqueued_at), email_opt_out_applied = $16, finished_at = now()
-         WHERE job_id = $1 AND lead_id = $2 AND outcome = 'pending'
-         RETURNING {RESULT_COLUMNS}"
+        "WITH r AS (
+             UPDATE conversion_results SET outcome = $3, contact_action = $4, account_action = $5, deal_action = $6,
+                    contact_id = $7, account_id = $8, deal_id = $9, is_repeat = $10, error_code = $11,
+                    error_message = $12, attempts = attempts + $13, duration_ms = $14,
+                    enqueued_at = coalesce($15, enqueued_at), email_opt_out_applied = $16, finished_at = now()
+             WHERE job_id = $1 AND lead_id = $2 AND outcome = 'pending'
+             RETURNING {RESULT_COLUMNS}),
+         counted AS (
+             INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
+             SELECT job_id, pg_backend_pid(), $17, $18, $19, $20 FROM r
+             ON CONFLICT (job_id, shard) DO UPDATE SET
+                 converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
+                 skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now())
+         SELECT r.*, CASE WHEN $21 THEN pg_notify($22, r.job_id::text) END AS notified FROM r"
     ))
     .bind(job_id)
     .bind(lead_id)
@@ -331,22 +366,13 @@ async fn finish(
     .bind(duration_ms)
     .bind(enqueued_at)
     .bind(f.email_opt_out_applied)
+    .bind(n(f.outcome == Outcome::Converted))
+    .bind(n(f.merged))
+    .bind(n(f.outcome == Outcome::Skipped))
+    .bind(n(f.outcome == Outcome::Failed))
+    .bind(workflow)
+    .bind(crate::store::finished::CHANNEL)
     .fetch_one(&mut *conn)
-    .await?;
-    let n = |b: bool| i32::from(b);
-    sqlx::query!(
-        "INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
-         VALUES ($1, pg_backend_pid(), $2, $3, $4, $5)
-         ON CONFLICT (job_id, shard) DO UPDATE SET
-             converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
-             skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now()",
-        job_id,
-        n(f.outcome == Outcome::Converted),
-        n(f.merged),
-        n(f.outcome == Outcome::Skipped),
-        n(f.outcome == Outcome::Failed)
-    )
-    .execute(&mut *conn)
     .await?;
     Ok(result)
 }

@@ -1,7 +1,8 @@
-//! "This workflow job is done", delivered on commit: the worker notifies
-//! [`CHANNEL`] after a workflow conversion commits, and `serve` wakes the
-//! convert-now request waiting for that job at once, instead of each
-//! request polling the database.
+//! "This workflow job is done", delivered on commit: the statement that
+//! records a workflow job's result also notifies [`CHANNEL`] (see
+//! `convert::finish`), Postgres delivers it when that transaction commits,
+//! and `serve` wakes the convert-now request waiting for that job at once,
+//! instead of each request polling the database.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,12 +16,6 @@ use uuid::Uuid;
 
 /// The notification channel; the payload is the job id.
 pub const CHANNEL: &str = "leadconv_workflow_finished";
-
-/// Says that the (one-lead, workflow) job `job_id` has its result.
-pub async fn notify(pool: &PgPool, job_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query!("SELECT pg_notify($1, $2)", CHANNEL, job_id.to_string()).execute(pool).await?;
-    Ok(())
-}
 
 /// The requests waiting for jobs to finish, woken by one listening
 /// connection per `serve` process.

@@ -1,0 +1,137 @@
+//! Workflow conversions first. A convert-now caller waits on its answer; a
+//! bulk job does not notice a few milliseconds. On a small machine both
+//! lanes share the same cores (and the same Postgres), so while any
+//! workflow conversion is in flight, bulk conversions start only while
+//! fewer than the bulk *floor* of them run. The bulk job keeps moving at
+//! its floor, so a storm of workflow calls slows it down but never stops it.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+/// The two lanes' conversions in flight, and who may start.
+pub struct Priority {
+    running: Mutex<Running>,
+    changed: Notify,
+    bulk_floor: usize,
+}
+
+#[derive(Default)]
+struct Running {
+    workflow: usize,
+    bulk: usize,
+}
+
+impl Priority {
+    /// `bulk_floor`: bulk conversions that may run beside workflow ones
+    /// (at least 1).
+    pub fn new(bulk_floor: usize) -> Priority {
+        Priority { running: Mutex::new(Running::default()), changed: Notify::new(), bulk_floor: bulk_floor.max(1) }
+    }
+
+    /// The floor for a worker converting `concurrency` bulk leads at once:
+    /// a quarter of them, at least one.
+    pub fn floor_for(concurrency: u16) -> usize {
+        usize::from(concurrency / 4).max(1)
+    }
+
+    /// A workflow conversion starts at once; the turn ends when dropped.
+    pub fn workflow_turn(self: &Arc<Self>) -> Turn {
+        self.running.lock().expect("priority lock").workflow += 1;
+        Turn { priority: self.clone(), workflow: true }
+    }
+
+    /// Waits until a bulk conversion may start: no workflow conversion in
+    /// flight, or fewer bulk ones running than the floor.
+    pub async fn bulk_turn(self: &Arc<Self>) -> Turn {
+        loop {
+            // Created before the look, so a change made between the look
+            // and the wait still wakes it.
+            let changed = self.changed.notified();
+            {
+                let mut running = self.running.lock().expect("priority lock");
+                if running.workflow == 0 || running.bulk < self.bulk_floor {
+                    running.bulk += 1;
+                    return Turn { priority: self.clone(), workflow: false };
+                }
+            }
+            changed.await;
+        }
+    }
+
+    fn end(&self, workflow: bool) {
+        {
+            let mut running = self.running.lock().expect("priority lock");
+            if workflow {
+                running.workflow -= 1;
+            } else {
+                running.bulk -= 1;
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// One conversion's place in its lane; dropping it ends the turn.
+pub struct Turn {
+    priority: Arc<Priority>,
+    workflow: bool,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.priority.end(self.workflow);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// True when `f` is still waiting after one poll (its wake-ups come
+    /// only from `Priority`'s own notifications, so no time is involved).
+    async fn still_waiting<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        tokio::select! {
+            biased;
+            _ = f => false,
+            _ = tokio::task::yield_now() => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn bulk_runs_freely_without_workflow_work() {
+        let p = Arc::new(Priority::new(1));
+        let _a = p.bulk_turn().await;
+        let _b = p.bulk_turn().await;
+        let _c = p.bulk_turn().await;
+    }
+
+    #[tokio::test]
+    async fn bulk_beyond_the_floor_waits_while_a_workflow_conversion_runs() {
+        let p = Arc::new(Priority::new(2));
+        let first = p.bulk_turn().await;
+        let wf = p.workflow_turn();
+        // One more fits under the floor of two …
+        let second = p.bulk_turn().await;
+        // … a third waits for the workflow conversion to end.
+        let mut third = Box::pin(p.bulk_turn());
+        assert!(still_waiting(&mut third).await, "a third bulk conversion started beside a workflow one");
+        drop(first);
+        // Back under the floor: it may start.
+        let third_turn =
+            tokio::time::timeout(Duration::from_secs(1), &mut third).await.expect("it starts under the floor");
+        let mut fourth = Box::pin(p.bulk_turn());
+        assert!(still_waiting(&mut fourth).await);
+        drop(wf);
+        tokio::time::timeout(Duration::from_secs(1), &mut fourth).await.expect("no workflow work: bulk runs freely");
+        drop((second, third_turn));
+    }
+
+    #[test]
+    fn the_floor_is_a_quarter_and_never_zero() {
+        assert_eq!(Priority::floor_for(8), 2);
+        assert_eq!(Priority::floor_for(2), 1);
+        assert_eq!(Priority::floor_for(0), 1);
+    }
+}
