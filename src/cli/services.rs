@@ -80,7 +80,9 @@ pub struct Serve {
 
 impl Serve {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let pool = db::connect_limited(&s.database_url, 16, Some(&self.limits.limits())).await?;
+        // Sized for a few dozen concurrent callers; a few connections stay
+        // open so that the first burst of convert-now calls finds them.
+        let pool = db::connect_warm(&s.database_url, 24, 4, Some(&self.limits.limits())).await?;
         let cfg = serve::ServeConfig { listen: self.listen, amqp_url: s.amqp_url.clone(), topology: s.topology() };
         serve::run(pool, cfg, shutdown::on_signal()).await
     }

@@ -71,6 +71,13 @@ pub async fn connect_service(url: &str, connections: u32, limits: &Limits) -> an
 /// [`connect`] with every connection under `limits` (for `serve`, which
 /// starts on an unmigrated database and says so on `/readyz`).
 pub async fn connect_limited(url: &str, connections: u32, limits: Option<&Limits>) -> anyhow::Result<PgPool> {
+    connect_warm(url, connections, 0, limits).await
+}
+
+/// [`connect_limited`] keeping `warm` connections open even when idle: a
+/// burst of requests after a quiet spell (or right after start) then finds
+/// them ready instead of each paying for a new connection.
+pub async fn connect_warm(url: &str, connections: u32, warm: u32, limits: Option<&Limits>) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse().map_err(|e| {
         anyhow::anyhow!("DATABASE_URL is not a Postgres URL ({e}); expected postgres://user@host:port/database")
     })?;
@@ -100,6 +107,7 @@ pub async fn connect_limited(url: &str, connections: u32, limits: Option<&Limits
     }
     Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
+        .min_connections(warm.min(connections))
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options))
 }
