@@ -63,6 +63,9 @@ enum Command {
     Results(cli::jobs::Results),
     /// Cancel a job: its pending leads become skipped (cancelled).
     Cancel(cli::jobs::Cancel),
+    /// Convert the failed (or skipped) leads of a job again, as a new job
+    /// with the same options that names the first (`retry_of`).
+    Retry(cli::jobs::Retry),
     /// Publish every pending lead of a job again, e.g. after RabbitMQ lost
     /// its queues' contents. Leads whose message was not lost get it twice,
     /// which is harmless: a lead is converted once.
@@ -132,6 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(c) => c.run(s).await,
         Command::Results(c) => c.run(s).await,
         Command::Cancel(c) => c.run(s).await,
+        Command::Retry(c) => c.run(s).await,
         Command::Republish(c) => c.run(s).await,
     }
 }

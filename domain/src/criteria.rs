@@ -17,7 +17,7 @@ const MAX_DEPTH: usize = 16;
 /// Conditions in one job's criteria, all groups together.
 const MAX_CONDITIONS: usize = 500;
 /// Values in one `in`/`not_in` list or `ids` list.
-const MAX_LIST: usize = 100_000;
+pub const MAX_LIST: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     RuleNotFound,
     ScheduleNotFound,
     DuplicateName,
+    // Retries (SPEC §4).
+    NothingToRetry,
 }
 
 impl ErrorCode {
@@ -72,6 +74,7 @@ impl ErrorCode {
             ErrorCode::RuleNotFound => "rule_not_found",
             ErrorCode::ScheduleNotFound => "schedule_not_found",
             ErrorCode::DuplicateName => "duplicate_name",
+            ErrorCode::NothingToRetry => "nothing_to_retry",
         }
     }
 
@@ -109,6 +112,7 @@ impl ErrorCode {
             ErrorCode::RuleNotFound => "no conversion rule has this id",
             ErrorCode::ScheduleNotFound => "no conversion schedule has this id",
             ErrorCode::DuplicateName => "another rule or schedule already has this name",
+            ErrorCode::NothingToRetry => "the job has no unconverted leads of that outcome (and code) to retry",
         }
     }
 }

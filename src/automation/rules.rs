@@ -250,7 +250,7 @@ pub async fn relay_batch(enqueuer: &Enqueuer) -> Result<usize, crate::Error> {
             criteria: parsed,
             settings: checked.settings.clone(),
         };
-        let id = job::create_in(&mut tx, &one, Dispatch::Queue { lease: enqueuer.lease }).await?;
+        let id = job::create_in(&mut tx, &one, Dispatch::Queue { lease: enqueuer.lease }).await?.id;
         job::link_origin(&mut tx, id, job::Origin::Rule(rule.id)).await?;
         tracing::info!(rule_id = rule.id, rule = %rule.name, lead_id = lead, job_id = %id, "rule matched");
         created.push(id);

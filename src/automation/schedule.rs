@@ -239,7 +239,7 @@ pub async fn run_due(enqueuer: &Enqueuer) -> Result<Option<i64>, crate::Error> {
             None
         }
         Ok(checked) => {
-            let id = job::create_in(&mut tx, &checked, Dispatch::Queue { lease: enqueuer.lease }).await?;
+            let id = job::create_in(&mut tx, &checked, Dispatch::Queue { lease: enqueuer.lease }).await?.id;
             // A tick matching no lead leaves no job, only its run time.
             let total = job::link_origin(&mut tx, id, job::Origin::Schedule(s.id)).await?;
             if total == 0 {

@@ -52,7 +52,6 @@ pub struct Enqueue {
 impl Enqueue {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         let Enqueue { criteria, options, requested_by, trigger, dry_run, json, lease_secs, batch_size } = self;
-        let topology = s.topology();
         let new = NewJob {
             criteria: json_arg("criteria", &criteria)?,
             options: json_arg("options", &options)?,
@@ -81,40 +80,102 @@ impl Enqueue {
             }
             return Ok(());
         }
-        // The broker is checked before anything is written, so an
-        // unreachable RabbitMQ refuses the job instead of leaving one.
-        let conn = queue::connect(&s.amqp_url).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        topology.declare(&ch).await?;
-        let lease = producer::Lease::new(lease_secs);
-        let created = job::create(&pool, &checked, Dispatch::Queue { lease }).await?;
-        if json {
-            say(serde_json::json!({"job_id": created.id, "total_count": created.total_count}))?;
-        } else {
-            say(created.id)?;
-        }
-        std::io::stdout().flush()?;
         let lane = Lane::for_trigger(trigger);
-        match producer::publish_job(&pool, &ch, &topology, created.id, lane, &lease, batch_size).await {
-            Ok(published) => tracing::info!(job_id = %created.id, published, "enqueued"),
-            // The job exists and its outbox is in Postgres: losing RabbitMQ
-            // now delays it, it does not fail it. Give the lease up at once
-            // so that a worker's sweeper publishes the rest without waiting
-            // for it to run out.
-            Err(producer::PublishError::Broker(e)) => {
-                producer::release(&pool, created.id, &lease).await?;
-                eprintln!(
-                    "warning: lost {} while publishing job {} ({e}); the workers publish the rest of its leads",
-                    queue::describe(&s.amqp_url),
-                    created.id
-                );
-            }
-            Err(e @ producer::PublishError::LeaseLost(_)) => eprintln!("warning: {e}; it publishes the rest"),
-            Err(e) => return Err(e.into()),
+        create_and_publish(s, &pool, lane, json, lease_secs, batch_size, |dispatch| {
+            job::create(&pool, &checked, dispatch)
+        })
+        .await
+    }
+}
+
+/// Creates a job with `create` and publishes its leads on `lane`, printing
+/// its id (or, with `json`, its id and size) as soon as it exists. The
+/// broker is checked before anything is written, so an unreachable
+/// RabbitMQ refuses the job instead of leaving one.
+async fn create_and_publish<F, Fut>(
+    s: &Services,
+    pool: &sqlx::PgPool,
+    lane: Lane,
+    json: bool,
+    lease_secs: Duration,
+    batch_size: i64,
+    create: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Dispatch) -> Fut,
+    Fut: std::future::Future<Output = Result<job::Job, leadconv::Error>>,
+{
+    let topology = s.topology();
+    let conn = queue::connect(&s.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology.declare(&ch).await?;
+    let lease = producer::Lease::new(lease_secs);
+    let created = create(Dispatch::Queue { lease }).await?;
+    if json {
+        let mut out = serde_json::json!({"job_id": created.id, "total_count": created.total_count});
+        if let Some(of) = created.retry_of {
+            out["retry_of"] = serde_json::json!(of);
         }
-        let _ = conn.close(200, "bye").await;
-        Ok(())
+        say(out)?;
+    } else {
+        say(created.id)?;
+    }
+    std::io::stdout().flush()?;
+    match producer::publish_job(pool, &ch, &topology, created.id, lane, &lease, batch_size).await {
+        Ok(published) => tracing::info!(job_id = %created.id, published, "enqueued"),
+        // The job exists and its outbox is in Postgres: losing RabbitMQ
+        // now delays it, it does not fail it. Give the lease up at once
+        // so that a worker's sweeper publishes the rest without waiting
+        // for it to run out.
+        Err(producer::PublishError::Broker(e)) => {
+            producer::release(pool, created.id, &lease).await?;
+            eprintln!(
+                "warning: lost {} while publishing job {} ({e}); the workers publish the rest of its leads",
+                queue::describe(&s.amqp_url),
+                created.id
+            );
+        }
+        Err(e @ producer::PublishError::LeaseLost(_)) => eprintln!("warning: {e}; it publishes the rest"),
+        Err(e) => return Err(e.into()),
+    }
+    let _ = conn.close(200, "bye").await;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct Retry {
+    /// The job whose failed (or skipped) leads to convert again.
+    pub job_id: Uuid,
+    /// Which leads: `failed` ones, or `skipped` ones (say, those a cancel left).
+    #[arg(long, value_enum, default_value_t = Outcome::Failed)]
+    pub outcome: Outcome,
+    /// Only the leads that ended with this error code (e.g. missing_mandatory_field).
+    #[arg(long)]
+    pub code: Option<String>,
+    /// The acting user (needs can_convert and active); by default whoever
+    /// asked for the earlier job.
+    #[arg(long)]
+    pub requested_by: Option<i64>,
+    /// Machine-readable output: the new job's id, size and the job it retries.
+    #[arg(long)]
+    pub json: bool,
+    /// How long this process holds the job's publisher lease between
+    /// batches; after that a worker's sweeper takes over publishing.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub lease_secs: Duration,
+}
+
+impl Retry {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
+        let of = job::RetryOf { job_id: self.job_id, outcome: self.outcome, code: self.code };
+        let new = job::retry_request(&pool, &of, self.requested_by, Trigger::Manual).await?;
+        let checked = job::check(&pool, new).await?;
+        create_and_publish(s, &pool, Lane::Bulk, self.json, self.lease_secs, producer::BATCH, |dispatch| {
+            job::create_retry(&pool, &checked, of.job_id, dispatch)
+        })
+        .await
     }
 }
 

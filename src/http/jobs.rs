@@ -76,6 +76,43 @@ pub async fn create(
         .into_response())
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RetryJob {
+    /// `failed` (default) or `skipped`.
+    #[serde(default)]
+    outcome: Option<Outcome>,
+    /// Only the leads that ended with this error code.
+    #[serde(default)]
+    code: Option<String>,
+}
+
+/// `POST /v1/jobs/{id}/retry`: the failed (or skipped) leads of a job,
+/// still unconverted, as a new job with its options, asked for by the
+/// caller and naming the first (`retry_of`).
+pub async fn retry(
+    State(s): State<AppState>,
+    Acting(user): Acting,
+    Path(raw): Path<String>,
+    Body(b): Body<RetryJob>,
+) -> Result<Response, ApiError> {
+    let of = job::RetryOf {
+        job_id: parse_uuid(&raw, "job_id")?,
+        outcome: b.outcome.unwrap_or(Outcome::Failed),
+        code: b.code,
+    };
+    let new = job::retry_request(&s.pool, &of, Some(user), Trigger::Api).await?;
+    let checked = job::check(&s.pool, new).await?;
+    let created =
+        job::create_retry(&s.pool, &checked, of.job_id, job::Dispatch::Queue { lease: s.enqueuer.lease }).await?;
+    s.enqueuer.publish(&created).await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": created.id, "status": created.status, "total_count": created.total_count, "retry_of": of.job_id})),
+    )
+        .into_response())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
@@ -198,8 +235,15 @@ pub async fn convert_lead(
 ) -> Result<Response, ApiError> {
     let lead_id = parse_i64(&raw, "lead_id")?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(5000).min(60_000));
-    let converted = convert::lead_converted_at(&s.pool, lead_id).await?;
-    match converted {
+    let new = NewJob {
+        criteria: json!({"ids": [lead_id]}),
+        options: b.options.unwrap_or_else(|| json!({})),
+        requested_by: user,
+        trigger: Trigger::Workflow,
+    };
+    // Both only read: asked at once, they cost the caller one wait.
+    let (converted, checked) = tokio::join!(convert::lead_converted_at(&s.pool, lead_id), job::check(&s.pool, new));
+    match converted? {
         None => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "lead_not_found", "lead_id", format!("no lead {lead_id}")))
         }
@@ -213,13 +257,7 @@ pub async fn convert_lead(
         }
         Some(None) => {}
     }
-    let new = NewJob {
-        criteria: json!({"ids": [lead_id]}),
-        options: b.options.unwrap_or_else(|| json!({})),
-        requested_by: user,
-        trigger: Trigger::Workflow,
-    };
-    let checked = job::check(&s.pool, new).await?;
+    let checked = checked?;
     let created = s.enqueuer.create(&checked).await?;
     // Published beside the wait: the answer needs the message at the
     // worker, not the publisher's bookkeeping after the broker's confirm.

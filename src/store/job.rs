@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::error::{ErrorCode, Refusal};
 use crate::store::criteria::Criteria;
 use crate::store::options::{ConversionOptions, Settings};
+use crate::store::types::Outcome;
 
 pub use crate::store::types::{JobStatus, Trigger};
 
@@ -33,6 +34,12 @@ pub struct Job {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The rule that made it (a `workflow` job), if any.
+    pub rule_id: Option<i64>,
+    /// The schedule that made it, if any.
+    pub schedule_id: Option<i64>,
+    /// The job whose failed (or skipped) leads this one retries.
+    pub retry_of: Option<Uuid>,
 }
 
 impl Job {
@@ -121,13 +128,12 @@ pub enum Dispatch {
 }
 
 /// Creates the job and its snapshot: one `pending` result row per
-/// matching, unconverted lead, in one transaction and one set-based
-/// statement (a million leads never pass through this process).
+/// matching, unconverted lead, in one statement (a million leads never pass
+/// through this process, and a one-lead convert-now job costs one round
+/// trip).
 pub async fn create(pool: &PgPool, checked: &Checked, dispatch: Dispatch) -> Result<Job, crate::Error> {
-    let mut tx = pool.begin().await?;
-    let id = create_in(&mut tx, checked, dispatch).await?;
-    tx.commit().await?;
-    Ok(get(pool, id).await?.expect("the job was just created"))
+    let mut conn = pool.acquire().await?;
+    create_in(&mut conn, checked, dispatch).await
 }
 
 /// [`create`] inside the caller's transaction, for callers whose own
@@ -137,52 +143,52 @@ pub async fn create_in(
     tx: &mut sqlx::PgConnection,
     checked: &Checked,
     dispatch: Dispatch,
-) -> Result<Uuid, crate::Error> {
+) -> Result<Job, crate::Error> {
+    use sqlx::FromRow;
     let id = Uuid::new_v4();
     let (lease, token, published) = match dispatch {
         Dispatch::Queue { lease } => (lease.length.as_secs_f64(), Some(lease.token), false),
         Dispatch::InProcess => (0.0, None, true),
     };
-    sqlx::query!(
-        "INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, publisher_lease_until,
-                                      publisher_token, published_at)
-         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7, CASE WHEN $8 THEN now() END)",
-        id,
-        checked.new.criteria,
-        checked.new.options,
-        checked.new.requested_by,
-        checked.new.trigger as Trigger,
-        lease,
-        token,
-        published
-    )
-    .execute(&mut *tx)
-    .await?;
-    let mut qb = sqlx::QueryBuilder::new("INSERT INTO conversion_results (job_id, lead_id) SELECT ");
+    // The snapshot's rows are inserted first and the job row, which counts
+    // them, last: the foreign key is checked at the end of the statement.
+    // A job matching nothing is complete at once, with nothing to publish.
+    let mut qb = sqlx::QueryBuilder::new("WITH snapshot AS (INSERT INTO conversion_results (job_id, lead_id) SELECT ");
     qb.push_bind(id).push(", l.id FROM leads l WHERE l.converted_at IS NULL AND ");
     crate::store::criteria::push_sql(&checked.criteria, &mut qb);
-    let total = qb.build().execute(&mut *tx).await?.rows_affected();
-    let total = i32::try_from(total).map_err(|_| {
-        Refusal::new(
+    qb.push(
+        " RETURNING 1), matched AS (SELECT count(*) AS n FROM snapshot)
+         INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, total_count, status,
+                                      finished_at, published_at, publisher_lease_until, publisher_token)
+         SELECT ",
+    );
+    qb.push_bind(id).push(", ");
+    qb.push_bind(&checked.new.criteria).push(", ");
+    qb.push_bind(&checked.new.options).push(", ");
+    qb.push_bind(checked.new.requested_by).push(", ");
+    qb.push_bind(checked.new.trigger).push(
+        ", n::int, CASE WHEN n = 0 THEN 'completed' ELSE 'scheduled' END,
+           CASE WHEN n = 0 THEN now() END, ",
+    );
+    qb.push("CASE WHEN n = 0 OR ").push_bind(published).push(" THEN now() END, ");
+    qb.push("CASE WHEN n > 0 THEN now() + make_interval(secs => ").push_bind(lease).push(") END, ");
+    qb.push_bind(token).push(
+        " FROM matched
+         RETURNING id, status, criteria, options, requested_by, trigger, total_count, converted_count,
+                   merged_count, skipped_count, failed_count, created_at, started_at, finished_at, rule_id,
+                   schedule_id, retry_of",
+    );
+    match qb.build().fetch_one(&mut *tx).await {
+        Ok(row) => Ok(Job::from_row(&row)?),
+        // `n::int` overflowed: the statement failed, nothing was written.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22003") => Err(Refusal::new(
             ErrorCode::InvalidCriteria,
             "criteria",
-            format!("{total} leads match; a job holds at most {}", i32::MAX),
+            format!("more leads match than a job holds (at most {})", i32::MAX),
         )
-    })?;
-    // A job matching nothing is complete at once, with nothing to publish.
-    sqlx::query!(
-        "UPDATE conversion_jobs SET total_count = $2,
-                status = CASE WHEN $2 = 0 THEN 'completed' ELSE status END,
-                finished_at = CASE WHEN $2 = 0 THEN now() END,
-                published_at = CASE WHEN $2 = 0 THEN now() ELSE published_at END,
-                publisher_lease_until = CASE WHEN $2 = 0 THEN NULL ELSE publisher_lease_until END
-         WHERE id = $1",
-        id,
-        total
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(id)
+        .into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Moves the job's counter shards into its `conversion_jobs` row (counts,
@@ -261,20 +267,24 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
 pub enum Origin {
     Rule(i64),
     Schedule(i64),
+    /// A retry of the failed (or skipped) leads of this job.
+    Retry(Uuid),
 }
 
-/// Records which rule or schedule made job `id` (in the transaction that
-/// created it). Returns the job's lead count.
+/// Records which rule, schedule or earlier job made job `id` (in the
+/// transaction that created it). Returns the job's lead count.
 pub async fn link_origin(tx: &mut sqlx::PgConnection, id: Uuid, origin: Origin) -> sqlx::Result<i32> {
-    let (rule, schedule) = match origin {
-        Origin::Rule(r) => (Some(r), None),
-        Origin::Schedule(s) => (None, Some(s)),
+    let (rule, schedule, retry_of) = match origin {
+        Origin::Rule(r) => (Some(r), None, None),
+        Origin::Schedule(s) => (None, Some(s), None),
+        Origin::Retry(j) => (None, None, Some(j)),
     };
     sqlx::query_scalar!(
-        "UPDATE conversion_jobs SET rule_id = $2, schedule_id = $3 WHERE id = $1 RETURNING total_count",
+        "UPDATE conversion_jobs SET rule_id = $2, schedule_id = $3, retry_of = $4 WHERE id = $1 RETURNING total_count",
         id,
         rule,
-        schedule
+        schedule,
+        retry_of
     )
     .fetch_one(&mut *tx)
     .await
@@ -356,7 +366,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
                 options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
-                started_at, finished_at
+                started_at, finished_at, rule_id, schedule_id, retry_of
          FROM conversion_job_progress WHERE id = $1"#,
         id
     )
@@ -381,7 +391,7 @@ pub async fn list(
                 options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
-                started_at, finished_at
+                started_at, finished_at, rule_id, schedule_id, retry_of
          FROM conversion_job_progress
          WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
          ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"#,
@@ -412,4 +422,97 @@ pub async fn pending_by_trigger(pool: &PgPool) -> sqlx::Result<Vec<(Trigger, i64
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|r| (r.trigger, r.pending)).collect())
+}
+
+/// Which leads of an earlier job a retry converts again.
+#[derive(Debug, Clone)]
+pub struct RetryOf {
+    pub job_id: Uuid,
+    /// `failed` (the default) or `skipped` (say, the leads a cancel left).
+    pub outcome: Outcome,
+    /// Only the leads that ended with this error code.
+    pub code: Option<String>,
+}
+
+/// The new job a retry asks for: the leads of `of` that ended with its
+/// outcome (and code) and are still unconverted, as an id list, with the
+/// earlier job's options, asked for by `requested_by` (default: whoever
+/// asked for the earlier job). Checked like any job before it is created
+/// with [`create_retry`].
+pub async fn retry_request(
+    pool: &PgPool,
+    of: &RetryOf,
+    requested_by: Option<i64>,
+    trigger: Trigger,
+) -> Result<NewJob, crate::Error> {
+    if !matches!(of.outcome, Outcome::Failed | Outcome::Skipped) {
+        return Err(Refusal::new(
+            ErrorCode::InvalidOption,
+            "outcome",
+            format!("a retry takes failed or skipped leads, not {} ones", of.outcome),
+        )
+        .into());
+    }
+    if let Some(code) = &of.code {
+        if serde_json::from_value::<ErrorCode>(Value::String(code.clone())).is_err() {
+            return Err(Refusal::new(
+                ErrorCode::InvalidOption,
+                "code",
+                format!("{code:?} is not an error code; `leadconv results JOB` shows the codes of a job's leads"),
+            )
+            .into());
+        }
+    }
+    let Some(earlier) = get(pool, of.job_id).await? else {
+        return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {}", of.job_id)).into());
+    };
+    let limit = i64::try_from(leadconv_domain::criteria::MAX_LIST).expect("a small constant");
+    let ids: Vec<i64> = sqlx::query_scalar!(
+        "SELECT r.lead_id FROM conversion_results r JOIN leads l ON l.id = r.lead_id
+         WHERE r.job_id = $1 AND r.outcome = $2 AND ($3::text IS NULL OR r.error_code = $3) AND l.converted_at IS NULL
+         ORDER BY r.lead_id LIMIT $4",
+        of.job_id,
+        of.outcome as Outcome,
+        of.code,
+        limit + 1
+    )
+    .fetch_all(pool)
+    .await?;
+    let which = match &of.code {
+        Some(code) => format!("{} leads with code {code}", of.outcome),
+        None => format!("{} leads", of.outcome),
+    };
+    if ids.is_empty() {
+        return Err(Refusal::new(
+            ErrorCode::NothingToRetry,
+            "job_id",
+            format!("job {} has no unconverted {which}", of.job_id),
+        )
+        .into());
+    }
+    if ids.len() as i64 > limit {
+        return Err(Refusal::new(
+            ErrorCode::InvalidCriteria,
+            "job_id",
+            format!("job {} has more than {limit} unconverted {which}; retry them a code at a time", of.job_id),
+        )
+        .into());
+    }
+    Ok(NewJob {
+        criteria: json!({ "ids": ids }),
+        options: earlier.options.0,
+        requested_by: requested_by.unwrap_or(earlier.requested_by),
+        trigger,
+    })
+}
+
+/// Creates the retry job checked from [`retry_request`], naming the job it
+/// retries (`retry_of`).
+pub async fn create_retry(pool: &PgPool, checked: &Checked, of: Uuid, dispatch: Dispatch) -> Result<Job, crate::Error> {
+    let mut tx = pool.begin().await?;
+    let mut job = create_in(&mut tx, checked, dispatch).await?;
+    link_origin(&mut tx, job.id, Origin::Retry(of)).await?;
+    tx.commit().await?;
+    job.retry_of = Some(of);
+    Ok(job)
 }
