@@ -5,6 +5,7 @@
 //! handler, and none produces a 500.
 
 mod automation;
+pub mod console;
 mod jobs;
 pub mod serve;
 
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/schedules/{schedule_id}", get(automation::read::<Schedule>).delete(automation::delete::<Schedule>))
         .route("/v1/schedules/{schedule_id}/enable", post(automation::enable::<Schedule>))
         .route("/v1/schedules/{schedule_id}/disable", post(automation::disable::<Schedule>))
+        .merge(console::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -102,3 +102,66 @@ pub async fn revoke_token(pool: &PgPool, id: i64) -> Result<TokenInfo, crate::Er
     .await?
     .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "token", format!("token {id} does not exist")).into())
 }
+
+/// A console session: who acts, and the CSRF token its forms carry.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: i64,
+    pub user_name: String,
+    pub csrf_token: String,
+}
+
+/// How long a console sign-in lasts.
+pub const SESSION_HOURS: f64 = 12.0;
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Exchanges an API token for a console session: `None` when the token is
+/// unknown, revoked, or its user may not convert. Returns the cookie value
+/// (stored only hashed) and the session.
+pub async fn sign_in(pool: &PgPool, token: &str) -> sqlx::Result<Option<(String, Session)>> {
+    let cookie = random_secret();
+    let csrf = random_secret();
+    let row = sqlx::query!(
+        r#"WITH t AS (
+               SELECT t.id, u.id AS user_id, u.name FROM api_tokens t JOIN users u ON u.id = t.user_id
+               WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND u.active AND u.can_convert),
+           s AS (
+               INSERT INTO console_sessions (session_hash, token_id, csrf_token, expires_at)
+               SELECT $2, id, $3, now() + make_interval(hours => $4::float8::int) FROM t)
+           SELECT user_id AS "user_id!", name AS "name!" FROM t"#,
+        hash(token),
+        hash(&cookie),
+        csrf,
+        SESSION_HOURS
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (cookie, Session { user_id: r.user_id, user_name: r.name, csrf_token: csrf })))
+}
+
+/// The session a cookie stands for, if it is live: not expired, its token
+/// not revoked, its user still active and allowed to convert.
+pub async fn session(pool: &PgPool, cookie: &str) -> sqlx::Result<Option<Session>> {
+    sqlx::query_as!(
+        Session,
+        "SELECT u.id AS user_id, u.name AS user_name, s.csrf_token
+         FROM console_sessions s JOIN api_tokens t ON t.id = s.token_id JOIN users u ON u.id = t.user_id
+         WHERE s.session_hash = $1 AND s.expires_at > now() AND t.revoked_at IS NULL AND u.active AND u.can_convert",
+        hash(cookie)
+    )
+    .fetch_optional(pool)
+    .await
+}
+
+/// Ends the session of `cookie` (sign-out), and any that have expired.
+pub async fn sign_out(pool: &PgPool, cookie: &str) -> sqlx::Result<()> {
+    sqlx::query!("DELETE FROM console_sessions WHERE session_hash = $1 OR expires_at < now()", hash(cookie))
+        .execute(pool)
+        .await?;
+    Ok(())
+}

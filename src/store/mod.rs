@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod auth;
+pub mod console;
 pub mod convert;
 pub mod criteria;
 pub mod db;

@@ -1,0 +1,473 @@
+//! The console: web pages on `serve` where an admin watches jobs move,
+//! reads which leads failed and why, retries or cancels, previews a dry
+//! run, and switches rules and schedules on and off (SPEC §5).
+//!
+//! Server-rendered HTML (maud escapes every value it prints, so a lead
+//! named `<script>` is text), one small script for live numbers, no build
+//! step. Security, the same as the API's and then some:
+//! - sign-in exchanges an API token for a session cookie (`HttpOnly`,
+//!   `SameSite=Strict`, `Secure` behind TLS); the token's user acts;
+//! - every state-changing form carries the session's CSRF token;
+//! - every answer carries a `Content-Security-Policy` that allows only
+//!   this origin's script and style, and no framing.
+
+mod pages;
+
+use axum::extract::{Form, FromRequestParts, Path, Query, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::TryStreamExt;
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::AppState;
+use crate::automation::{self, rules::Rule, schedule::Schedule, Automation};
+use crate::report::{PlanSummary, Progress};
+use crate::store::auth::{self, Session};
+use crate::store::console::{self as store, ResultFilter};
+use crate::store::convert;
+use crate::store::job::{self, JobStatus, NewJob, Trigger};
+use crate::store::types::Outcome;
+
+/// The session cookie's name.
+const COOKIE: &str = "leadconv_session";
+/// Results per page on a job's page.
+const PAGE: i64 = 50;
+/// Plans shown by a dry-run preview.
+const PREVIEW_PLANS: usize = 50;
+
+/// Only this origin's script and style; no inline script, no framing, forms
+/// post only here.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/console", get(jobs_page))
+        .route("/console/login", get(login_page).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/jobs", post(create_job))
+        .route("/console/jobs/{job_id}", get(job_page))
+        .route("/console/jobs/{job_id}/results.csv", get(results_csv))
+        .route("/console/jobs/{job_id}/cancel", post(cancel))
+        .route("/console/jobs/{job_id}/retry", post(retry))
+        .route("/console/preview", get(preview_page).post(preview))
+        .route("/console/automation", get(automation_page))
+        .route("/console/rules/{id}/{switch}", post(switch::<Rule>))
+        .route("/console/schedules/{id}/{switch}", post(switch::<Schedule>))
+        .route("/console/app.js", get(|| async { asset("text/javascript", include_str!("app.js")) }))
+        .route("/console/app.css", get(|| async { asset("text/css", include_str!("app.css")) }))
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// The console's routes, for the route list the OpenAPI test compares.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/console"),
+    ("GET", "/console/login"),
+    ("POST", "/console/login"),
+    ("POST", "/console/logout"),
+    ("POST", "/console/jobs"),
+    ("GET", "/console/jobs/{job_id}"),
+    ("GET", "/console/jobs/{job_id}/results.csv"),
+    ("POST", "/console/jobs/{job_id}/cancel"),
+    ("POST", "/console/jobs/{job_id}/retry"),
+    ("GET", "/console/preview"),
+    ("POST", "/console/preview"),
+    ("GET", "/console/automation"),
+    ("POST", "/console/rules/{id}/{switch}"),
+    ("POST", "/console/schedules/{id}/{switch}"),
+    ("GET", "/console/app.js"),
+    ("GET", "/console/app.css"),
+];
+
+async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "max-age=300")], body).into_response()
+}
+
+/// A page, or why there is none.
+type Page = Result<Response, Problem>;
+
+/// What went wrong, as a page.
+pub enum Problem {
+    /// No session cookie: sign in first.
+    SignIn,
+    /// A page with a status and a message.
+    Status(StatusCode, String),
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        match self {
+            Problem::SignIn => Redirect::to("/console/login").into_response(),
+            Problem::Status(status, message) => (status, pages::problem(status, &message)).into_response(),
+        }
+    }
+}
+
+impl From<crate::Error> for Problem {
+    fn from(e: crate::Error) -> Problem {
+        let api = super::ApiError::from(e);
+        Problem::Status(api.status, format!("{} ({})", api.message, api.code))
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(e: sqlx::Error) -> Problem {
+        crate::Error::from(e).into()
+    }
+}
+
+/// The signed-in user: from the session cookie. No cookie: a redirect to
+/// the sign-in page; a cookie that names no live session (forged, expired,
+/// its token revoked): 401.
+pub struct Console(pub Session);
+
+impl FromRequestParts<AppState> for Console {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let Some(cookie) = session_cookie(&parts.headers) else { return Err(Problem::SignIn) };
+        match auth::session(&state.pool, &cookie).await? {
+            Some(s) => Ok(Console(s)),
+            None => Err(Problem::Status(
+                StatusCode::UNAUTHORIZED,
+                "this session is not valid (expired, signed out, or its token revoked): sign in again".into(),
+            )),
+        }
+    }
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Refuses a form whose CSRF token is not the session's (compared in
+/// constant time).
+fn check_csrf(session: &Session, sent: &str) -> Result<(), Problem> {
+    let (a, b) = (session.csrf_token.as_bytes(), sent.as_bytes());
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(Problem::Status(StatusCode::FORBIDDEN, "the form's CSRF token is missing or wrong: reload the page".into()))
+    }
+}
+
+/// Behind a TLS-terminating proxy the cookie is `Secure`.
+fn over_tls(headers: &HeaderMap) -> bool {
+    headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+fn see_other(to: &str) -> Response {
+    Redirect::to(to).into_response()
+}
+
+// --- sign-in -------------------------------------------------------------
+
+async fn login_page() -> Response {
+    pages::login(None).into_response()
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(s): State<AppState>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Page {
+    let Some((cookie, _)) = auth::sign_in(&s.pool, f.token.trim()).await? else {
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            pages::login(Some("unknown or revoked token, or its user may not convert leads")),
+        )
+            .into_response());
+    };
+    let secure = if over_tls(&headers) { "; Secure" } else { "" };
+    let max_age = (auth::SESSION_HOURS * 3600.0) as u64;
+    let set = format!("{COOKIE}={cookie}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+    let mut res = see_other("/console");
+    res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&set).expect("a cookie is ASCII"));
+    Ok(res)
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(s): State<AppState>,
+    Console(session): Console,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    check_csrf(&session, &f.csrf)?;
+    if let Some(cookie) = session_cookie(&headers) {
+        auth::sign_out(&s.pool, &cookie).await?;
+    }
+    let mut res = see_other("/console/login");
+    res.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("leadconv_session=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    Ok(res)
+}
+
+// --- jobs ----------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+struct JobsQuery {
+    status: Option<String>,
+    trigger: Option<String>,
+}
+
+fn parse_filter<T: Copy>(raw: Option<&str>, what: &str, parse: fn(&str) -> Option<T>) -> Result<Option<T>, Problem> {
+    match raw.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(v) => parse(v)
+            .map(Some)
+            .ok_or_else(|| Problem::Status(StatusCode::BAD_REQUEST, format!("{what} {v:?} is not one of the choices"))),
+    }
+}
+
+async fn jobs_page(State(s): State<AppState>, Console(session): Console, Query(q): Query<JobsQuery>) -> Page {
+    let status = parse_filter(q.status.as_deref(), "status", JobStatus::parse)?;
+    let trigger = parse_filter(q.trigger.as_deref(), "trigger", Trigger::parse)?;
+    let jobs = job::list(&s.pool, status, trigger, 100, 0).await?;
+    let names = names_of(&s, &jobs).await?;
+    let progress: Vec<Progress> = jobs.into_iter().map(Progress::of).collect();
+    Ok(pages::jobs(&session, &progress, &names, status, trigger).into_response())
+}
+
+async fn names_of(s: &AppState, jobs: &[job::Job]) -> Result<store::Names, Problem> {
+    let users: Vec<i64> = jobs.iter().map(|j| j.requested_by).collect();
+    let rules: Vec<i64> = jobs.iter().filter_map(|j| j.rule_id).collect();
+    let schedules: Vec<i64> = jobs.iter().filter_map(|j| j.schedule_id).collect();
+    Ok(store::names(&s.pool, &users, &rules, &schedules).await?)
+}
+
+#[derive(Deserialize, Default)]
+struct ResultsQuery {
+    outcome: Option<String>,
+    code: Option<String>,
+    after: Option<i64>,
+}
+
+impl ResultsQuery {
+    fn filter(&self) -> Result<ResultFilter, Problem> {
+        Ok(ResultFilter {
+            outcome: parse_filter(self.outcome.as_deref(), "outcome", Outcome::parse)?,
+            code: self.code.clone().filter(|c| !c.is_empty()),
+        })
+    }
+}
+
+async fn load_job(s: &AppState, raw: &str) -> Result<job::Job, Problem> {
+    let id: Uuid =
+        raw.parse().map_err(|_| Problem::Status(StatusCode::BAD_REQUEST, format!("{raw:?} is not a job id")))?;
+    job::get(&s.pool, id).await?.ok_or_else(|| Problem::Status(StatusCode::NOT_FOUND, format!("no job {id}")))
+}
+
+async fn job_page(
+    State(s): State<AppState>,
+    Console(session): Console,
+    Path(raw): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Page {
+    let job = load_job(&s, &raw).await?;
+    let filter = q.filter()?;
+    let after = q.after.unwrap_or(0).max(0);
+    let rows: Vec<store::ResultRow> = store::results(&s.pool, job.id, &filter, after, Some(PAGE)).try_collect().await?;
+    let next = (rows.len() as i64 == PAGE).then(|| rows.last().map(|r| r.lead_id)).flatten();
+    let failures = store::failures_by_code(&s.pool, job.id).await?;
+    let names = names_of(&s, std::slice::from_ref(&job)).await?;
+    let view = pages::JobView { progress: Progress::of(job), names, failures, rows, filter, after, next };
+    Ok(pages::job(&session, &view).into_response())
+}
+
+async fn results_csv(
+    State(s): State<AppState>,
+    Console(_): Console,
+    Path(raw): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Page {
+    let job = load_job(&s, &raw).await?;
+    let filter = q.filter()?;
+    let failed = |e: csv::Error| Problem::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    // The header is written by hand: serde writes one only with a first row.
+    let mut out = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    out.write_record(store::RESULT_CSV_COLUMNS).map_err(failed)?;
+    let mut rows = store::results(&s.pool, job.id, &filter, 0, None);
+    while let Some(row) = rows.try_next().await? {
+        out.serialize(&row).map_err(failed)?;
+    }
+    let body = out.into_inner().map_err(|e| Problem::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let disposition = format!("attachment; filename=\"job-{}-results.csv\"", job.id);
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8")),
+            (header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).expect("ASCII")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn cancel(
+    State(s): State<AppState>,
+    Console(session): Console,
+    Path(raw): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    check_csrf(&session, &f.csrf)?;
+    let job = load_job(&s, &raw).await?;
+    job::cancel(&s.pool, job.id).await?;
+    Ok(see_other(&format!("/console/jobs/{}", job.id)))
+}
+
+#[derive(Deserialize)]
+struct RetryForm {
+    csrf: String,
+    #[serde(default)]
+    code: String,
+}
+
+async fn retry(
+    State(s): State<AppState>,
+    Console(session): Console,
+    Path(raw): Path<String>,
+    Form(f): Form<RetryForm>,
+) -> Page {
+    check_csrf(&session, &f.csrf)?;
+    let earlier = load_job(&s, &raw).await?;
+    let of =
+        job::RetryOf { job_id: earlier.id, outcome: Outcome::Failed, code: Some(f.code).filter(|c| !c.is_empty()) };
+    let new = job::retry_request(&s.pool, &of, Some(session.user_id), Trigger::Manual).await?;
+    let checked = job::check(&s.pool, new).await?;
+    let created =
+        job::create_retry(&s.pool, &checked, of.job_id, job::Dispatch::Queue { lease: s.enqueuer.lease }).await?;
+    s.enqueuer.publish(&created).await;
+    Ok(see_other(&format!("/console/jobs/{}", created.id)))
+}
+
+// --- preview and create --------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct JobForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    criteria: String,
+    #[serde(default)]
+    options: String,
+}
+
+async fn preview_page(Console(session): Console) -> Response {
+    let form = JobForm {
+        criteria: r#"{"field": "lead_status", "op": "eq", "value": "Qualified"}"#.into(),
+        options: "{}".into(),
+        ..Default::default()
+    };
+    pages::preview(&session, &form, None, None).into_response()
+}
+
+/// The form's criteria and options as a job to check, or what is wrong.
+fn new_job(session: &Session, f: &JobForm) -> Result<NewJob, String> {
+    let parse = |what: &str, text: &str| -> Result<Value, String> {
+        let text = if text.trim().is_empty() { "{}" } else { text };
+        serde_json::from_str(text).map_err(|e| format!("{what}: not JSON ({e})"))
+    };
+    Ok(NewJob {
+        criteria: parse("criteria", &f.criteria)?,
+        options: parse("options", &f.options)?,
+        requested_by: session.user_id,
+        trigger: Trigger::Manual,
+    })
+}
+
+async fn preview(State(s): State<AppState>, Console(session): Console, Form(f): Form<JobForm>) -> Page {
+    check_csrf(&session, &f.csrf)?;
+    let refused = |message: String| {
+        Ok((StatusCode::UNPROCESSABLE_ENTITY, pages::preview(&session, &f, Some(&message), None)).into_response())
+    };
+    let new = match new_job(&session, &f) {
+        Ok(n) => n,
+        Err(m) => return refused(m),
+    };
+    let checked = match job::check(&s.pool, new).await {
+        Ok(c) => c,
+        Err(crate::Error::Refused(r)) => return refused(r.to_string()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut plans = Vec::new();
+    let mut summary = PlanSummary::default();
+    let total = convert::dry_run(&s.pool, &checked.settings, &checked.criteria, |p| {
+        summary.add(&p);
+        if plans.len() < PREVIEW_PLANS {
+            plans.push(crate::report::plan_line(&p));
+        }
+        Ok(())
+    })
+    .await?;
+    let shown = pages::Preview { total, summary: summary.to_string(), plans };
+    Ok(pages::preview(&session, &f, None, Some(&shown)).into_response())
+}
+
+async fn create_job(State(s): State<AppState>, Console(session): Console, Form(f): Form<JobForm>) -> Page {
+    check_csrf(&session, &f.csrf)?;
+    let new = new_job(&session, &f).map_err(|m| Problem::Status(StatusCode::UNPROCESSABLE_ENTITY, m))?;
+    let checked = job::check(&s.pool, new).await?;
+    let created = s.enqueuer.submit(&checked).await?;
+    Ok(see_other(&format!("/console/jobs/{}", created.id)))
+}
+
+// --- rules and schedules -------------------------------------------------
+
+async fn automation_page(State(s): State<AppState>, Console(session): Console) -> Page {
+    let rules = automation::list::<Rule>(&s.pool).await?;
+    let schedules = automation::list::<Schedule>(&s.pool).await?;
+    let rule_runs = job::origin_runs(&s.pool, false).await?;
+    let schedule_runs = job::origin_runs(&s.pool, true).await?;
+    Ok(pages::automation(&session, &rules, &rule_runs, &schedules, &schedule_runs).into_response())
+}
+
+async fn switch<T: Automation>(
+    State(s): State<AppState>,
+    Console(session): Console,
+    Path((id, switch)): Path<(i64, String)>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    check_csrf(&session, &f.csrf)?;
+    let enabled = match switch.as_str() {
+        "enable" => true,
+        "disable" => false,
+        other => return Err(Problem::Status(StatusCode::NOT_FOUND, format!("no action {other:?}"))),
+    };
+    automation::set_enabled::<T>(&s.pool, id, enabled).await?;
+    Ok(see_other("/console/automation"))
+}

@@ -1,0 +1,225 @@
+//! The console's security, over HTTP against `leadconv serve`: sign-in
+//! with a token for a session cookie, redirects without one, 401 for a
+//! forged or revoked session, 403 for a wrong CSRF token, CRM values shown
+//! as text, and the Content-Security-Policy on every page.
+
+mod common;
+
+use common::broker::TestBroker;
+use common::server::{serve, Server};
+use common::*;
+use reqwest::header::{CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::{redirect, StatusCode};
+use serde_json::json;
+
+struct Console {
+    server: Server,
+    crm: Crm,
+    _broker: TestBroker,
+    http: reqwest::Client,
+    token: String,
+    user: i64,
+}
+
+impl Console {
+    async fn new() -> Console {
+        let crm = Crm::new().await;
+        let broker = TestBroker::new().await;
+        let server = serve(&crm.db, &broker).await;
+        let user = crm.user("Ada Admin", json!({"is_admin": true})).await;
+        let token = leadconv::store::auth::create_token(crm.pool(), user, "console").await.unwrap();
+        // Redirects are looked at, not followed.
+        let http = reqwest::Client::builder().redirect(redirect::Policy::none()).build().unwrap();
+        Console { server, crm, _broker: broker, http, token, user }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.base)
+    }
+
+    /// Signs in; returns the `Set-Cookie` header and the cookie to send.
+    async fn sign_in(&self, extra: &[(&str, &str)]) -> (String, String) {
+        let mut req = self.http.post(self.url("/console/login")).form(&[("token", self.token.as_str())]);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let set = r.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+        let cookie = set.split(';').next().unwrap().to_owned();
+        (set, cookie)
+    }
+
+    async fn page(&self, path: &str, cookie: &str) -> (StatusCode, String) {
+        let r = self.http.get(self.url(path)).header(COOKIE, cookie).send().await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    }
+
+    /// The CSRF token of the signed-in session, as its pages carry it.
+    async fn csrf(&self, cookie: &str) -> String {
+        let (_, html) = self.page("/console", cookie).await;
+        let at =
+            html.find(r#"name="csrf" value=""#).expect("a form with a CSRF token") + r#"name="csrf" value=""#.len();
+        html[at..].split('"').next().unwrap().to_owned()
+    }
+
+    async fn job(&self, leads: &[i64]) -> uuid::Uuid {
+        let checked = leadconv::store::job::check(
+            self.crm.pool(),
+            leadconv::store::job::NewJob {
+                criteria: json!({"ids": leads}),
+                options: json!({}),
+                requested_by: self.user,
+                trigger: leadconv::store::job::Trigger::Manual,
+            },
+        )
+        .await
+        .unwrap();
+        let lease = leadconv::queue::producer::Lease::new(std::time::Duration::from_secs(30));
+        leadconv::store::job::create(self.crm.pool(), &checked, leadconv::store::job::Dispatch::Queue { lease })
+            .await
+            .unwrap()
+            .id
+    }
+}
+
+#[tokio::test]
+async fn without_a_cookie_every_page_redirects_to_sign_in() {
+    let c = Console::new().await;
+    for path in
+        ["/console", "/console/preview", "/console/automation", "/console/jobs/8d7ef0a4-40a6-4d4e-9d3b-3f8f1c0d2a11"]
+    {
+        let r = c.http.get(c.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(r.headers()[LOCATION], "/console/login", "{path}");
+    }
+    // A form posted without a session changes nothing either.
+    let lead = c.crm.lead(json!({"owner_id": c.user, "last_name": "Nowak"})).await;
+    let job = c.job(&[lead]).await;
+    let r = c.http.post(c.url(&format!("/console/jobs/{job}/cancel"))).form(&[("csrf", "x")]).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let status: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(c.crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "scheduled");
+    // The sign-in page itself is served.
+    let r = c.http.get(c.url("/console/login")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn sign_in_sets_a_strict_http_only_cookie_and_a_bad_token_is_refused() {
+    let c = Console::new().await;
+    let (set, cookie) = c.sign_in(&[]).await;
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(set.contains(flag), "{set}");
+    }
+    assert!(!set.contains("Secure"), "no TLS, no Secure flag: {set}");
+    let (s, html) = c.page("/console", &cookie).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("Ada Admin"), "the signed-in user is named");
+    // Behind a TLS-terminating proxy the cookie is Secure.
+    let (set, _) = c.sign_in(&[("x-forwarded-proto", "https")]).await;
+    assert!(set.contains("; Secure"), "{set}");
+    // The cookie holds no token, and only its hash is stored.
+    assert!(!cookie.contains(&c.token[4..]));
+    assert_eq!(
+        c.crm
+            .count(&format!(
+                "SELECT count(*) FROM console_sessions WHERE session_hash::text LIKE '%{}%'",
+                &cookie[17..25]
+            ))
+            .await,
+        0
+    );
+    // A wrong token: 401 and the form again, no session.
+    let sessions = c.crm.count("SELECT count(*) FROM console_sessions").await;
+    let r = c.http.post(c.url("/console/login")).form(&[("token", "lcv_wrong")]).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get(SET_COOKIE).is_none());
+    assert_eq!(c.crm.count("SELECT count(*) FROM console_sessions").await, sessions);
+}
+
+#[tokio::test]
+async fn a_forged_expired_or_revoked_session_gets_401() {
+    let c = Console::new().await;
+    let (s, _) = c.page("/console", "leadconv_session=forged-value").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (_, cookie) = c.sign_in(&[]).await;
+    assert_eq!(c.page("/console", &cookie).await.0, StatusCode::OK);
+    sqlx::query("UPDATE console_sessions SET expires_at = now() - interval '1 second'")
+        .execute(c.crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(c.page("/console", &cookie).await.0, StatusCode::UNAUTHORIZED, "expired");
+    let (_, cookie) = c.sign_in(&[]).await;
+    sqlx::query("UPDATE api_tokens SET revoked_at = now()").execute(c.crm.pool()).await.unwrap();
+    assert_eq!(c.page("/console", &cookie).await.0, StatusCode::UNAUTHORIZED, "its token revoked");
+}
+
+#[tokio::test]
+async fn a_form_without_the_sessions_csrf_token_gets_403_and_changes_nothing() {
+    let c = Console::new().await;
+    let (_, cookie) = c.sign_in(&[]).await;
+    let lead = c.crm.lead(json!({"owner_id": c.user, "last_name": "Nowak"})).await;
+    let job = c.job(&[lead]).await;
+    let post = |path: String, form: Vec<(&'static str, String)>| {
+        c.http.post(c.url(&path)).header(COOKIE, cookie.as_str()).form(&form).send()
+    };
+    for csrf in ["", "wrong", "-En2aMpwoea6J9I1OVLQJAxh3lxk4vbtxxFgd0NOD3o"] {
+        let r = post(format!("/console/jobs/{job}/cancel"), vec![("csrf", csrf.to_owned())]).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "csrf {csrf:?}");
+    }
+    let r = post("/console/jobs".into(), vec![("csrf", "wrong".into()), ("criteria", r#"{"all_leads": true}"#.into())])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let status: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(c.crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "scheduled", "not cancelled");
+    assert_eq!(c.crm.count("SELECT count(*) FROM conversion_jobs").await, 1, "no job created");
+    // With the session's token the same form works.
+    let csrf = c.csrf(&cookie).await;
+    let r = post(format!("/console/jobs/{job}/cancel"), vec![("csrf", csrf)]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let status: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(c.crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "cancelled");
+}
+
+#[tokio::test]
+async fn crm_values_are_shown_as_text_under_a_content_security_policy() {
+    let c = Console::new().await;
+    let (_, cookie) = c.sign_in(&[]).await;
+    let payload = "<script>alert(1)</script>";
+    let lead = c
+        .crm
+        .lead(json!({"owner_id": c.user, "first_name": payload, "last_name": "\"><img src=x onerror=alert(2)>", "email": "x@example.com", "company": "<b>Evil</b> & Co"}))
+        .await;
+    let job = c.job(&[lead]).await;
+    let r = c.http.get(c.url(&format!("/console/jobs/{job}"))).header(COOKIE, cookie.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let csp = r.headers()[CONTENT_SECURITY_POLICY].to_str().unwrap().to_owned();
+    for directive in ["script-src 'self'", "default-src 'none'", "frame-ancestors 'none'", "form-action 'self'"] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let html = r.text().await.unwrap();
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "the name is escaped");
+    assert!(!html.contains(payload), "no live script tag from CRM data");
+    assert!(!html.contains("<img src=x"), "no live attribute injection");
+    assert!(html.contains("&lt;b&gt;Evil&lt;/b&gt; &amp; Co"));
+    // Every page carries the policy, the sign-in page and errors too.
+    for path in ["/console/login", "/console", "/console/jobs/not-a-uuid"] {
+        let r = c.http.get(c.url(path)).header(COOKIE, cookie.as_str()).send().await.unwrap();
+        assert!(r.headers().get(CONTENT_SECURITY_POLICY).is_some(), "{path}");
+    }
+}
