@@ -223,3 +223,68 @@ async fn crm_values_are_shown_as_text_under_a_content_security_policy() {
         assert!(r.headers().get(CONTENT_SECURITY_POLICY).is_some(), "{path}");
     }
 }
+
+#[tokio::test]
+async fn results_export_as_csv_filtered_and_rules_switch_off_and_on() {
+    let c = Console::new().await;
+    let (_, cookie) = c.sign_in(&[]).await;
+    let good =
+        c.crm.lead(json!({"owner_id": c.user, "last_name": "Łukasiewicz, Jan", "email": "jan@example.com"})).await;
+    let bad = c.crm.lead(json!({"owner_id": c.user, "last_name": " ", "email": "nobody@example.com"})).await;
+    let (job, _) = c.crm.convert_all(c.user, json!({}), &[good, bad]).await;
+    let csv = |q: &'static str| {
+        c.http.get(c.url(&format!("/console/jobs/{job}/results.csv{q}"))).header(COOKIE, cookie.as_str()).send()
+    };
+    let r = csv("").await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+    assert!(r.headers()["content-disposition"].to_str().unwrap().starts_with("attachment"));
+    let body = r.text().await.unwrap();
+    let mut lines = body.lines();
+    assert!(lines.next().unwrap().starts_with("lead_id,lead_name,email,company,outcome"));
+    assert_eq!(lines.count(), 2, "{body}");
+    assert!(body.contains("\"Łukasiewicz, Jan\""), "a comma inside a value is quoted: {body}");
+    let failed = csv("?outcome=failed&code=missing_mandatory_field").await.unwrap().text().await.unwrap();
+    assert_eq!(failed.lines().count(), 2, "header and the one failed lead: {failed}");
+    assert!(failed.contains("nobody@example.com"));
+    let none = csv("?code=poison_message").await.unwrap().text().await.unwrap();
+    assert_eq!(none.lines().count(), 1, "the header alone: {none}");
+    let r = csv("?outcome=bogus").await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // A rule switched off and on again from the rules page.
+    let rule = leadconv::automation::rules::create(
+        c.crm.pool(),
+        leadconv::automation::rules::NewRule {
+            name: "Webinar leads".into(),
+            criteria: json!({"field": "lead_source", "op": "eq", "value": "Webinar"}),
+            options: json!({}),
+            acting_user: c.user,
+            enabled: true,
+        },
+    )
+    .await
+    .unwrap();
+    let (s, page) = c.page("/console/automation", &cookie).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Webinar leads"));
+    let csrf = c.csrf(&cookie).await;
+    let enabled = || async {
+        sqlx::query_scalar::<_, bool>("SELECT enabled FROM conversion_rules WHERE id = $1")
+            .bind(rule.id)
+            .fetch_one(c.crm.pool())
+            .await
+            .unwrap()
+    };
+    for (action, expected) in [("disable", false), ("enable", true)] {
+        let r = c
+            .http
+            .post(c.url(&format!("/console/rules/{}/{action}", rule.id)))
+            .header(COOKIE, cookie.as_str())
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(enabled().await, expected, "{action}");
+    }
+}
