@@ -6,7 +6,7 @@
 mod common;
 
 use common::broker::TestBroker;
-use common::server::{serve, Server};
+use common::server::{serve_with, Server};
 use common::*;
 use reqwest::header::{CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{redirect, StatusCode};
@@ -25,7 +25,8 @@ impl Console {
     async fn new() -> Console {
         let crm = Crm::new().await;
         let broker = TestBroker::new().await;
-        let server = serve(&crm.db, &broker).await;
+        let server =
+            serve_with(&crm.db, &broker, &["--crm-record-url", "https://crm.example.com/{module}s/{id}"]).await;
         let user = crm.user("Ada Admin", json!({"is_admin": true})).await;
         let token = leadconv::store::auth::create_token(crm.pool(), user, "console").await.unwrap();
         // Redirects are looked at, not followed.
@@ -231,7 +232,11 @@ async fn results_export_as_csv_filtered_and_rules_switch_off_and_on() {
     let good =
         c.crm.lead(json!({"owner_id": c.user, "last_name": "Łukasiewicz, Jan", "email": "jan@example.com"})).await;
     let bad = c.crm.lead(json!({"owner_id": c.user, "last_name": " ", "email": "nobody@example.com"})).await;
-    let (job, _) = c.crm.convert_all(c.user, json!({}), &[good, bad]).await;
+    let (job, results) = c.crm.convert_all(c.user, json!({}), &[good, bad]).await;
+    // The records a lead became link to where the CRM shows them.
+    let (_, page) = c.page(&format!("/console/jobs/{job}"), &cookie).await;
+    let contact = results.iter().find_map(|r| r.contact_id).unwrap();
+    assert!(page.contains(&format!(r#"href="https://crm.example.com/contacts/{contact}""#)), "{page}");
     let csv = |q: &'static str| {
         c.http.get(c.url(&format!("/console/jobs/{job}/results.csv{q}"))).header(COOKIE, cookie.as_str()).send()
     };

@@ -74,6 +74,11 @@ pub struct Serve {
     /// Address to listen on for HTTP.
     #[arg(long, env = "LEADCONV_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// Where the CRM shows a record, with `{module}` (contact, account,
+    /// deal) and `{id}` filled in, e.g. https://crm.example.com/{module}s/{id}:
+    /// the console links the records a job created or merged into to it.
+    #[arg(long, env = "LEADCONV_CRM_RECORD_URL", value_parser = parse_record_url)]
+    pub crm_record_url: Option<String>,
     #[command(flatten)]
     pub limits: leadconv::config::WaitLimits,
 }
@@ -83,7 +88,25 @@ impl Serve {
         // Sized for a few dozen concurrent callers; a few connections stay
         // open so that the first burst of convert-now calls finds them.
         let pool = db::connect_warm(&s.database_url, 24, 4, Some(&self.limits.limits())).await?;
-        let cfg = serve::ServeConfig { listen: self.listen, amqp_url: s.amqp_url.clone(), topology: s.topology() };
+        let cfg = serve::ServeConfig {
+            listen: self.listen,
+            amqp_url: s.amqp_url.clone(),
+            topology: s.topology(),
+            record_url: self.crm_record_url,
+        };
         serve::run(pool, cfg, shutdown::on_signal()).await
     }
+}
+
+/// A record URL template must name the record's id, and be a web address.
+fn parse_record_url(raw: &str) -> Result<String, String> {
+    if !raw.contains("{id}") {
+        return Err(format!("{raw:?} has no {{id}}: write e.g. https://crm.example.com/{{module}}s/{{id}}"));
+    }
+    if !(raw.starts_with("https://") || raw.starts_with("http://")) {
+        return Err(format!(
+            "{raw:?} is not an http(s) address: write e.g. https://crm.example.com/{{module}}s/{{id}}"
+        ));
+    }
+    Ok(raw.to_owned())
 }

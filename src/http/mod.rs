@@ -72,6 +72,9 @@ pub struct AppState {
     pub finished: Arc<crate::store::finished::Waiters>,
     pub enqueuer: Arc<Enqueuer>,
     pub metrics: PrometheusHandle,
+    /// Where the CRM shows a record, `{module}` and `{id}` filled in: the
+    /// console links the contacts, accounts and deals a job made to it.
+    pub record_url: Option<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {

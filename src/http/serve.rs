@@ -15,6 +15,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub amqp_url: String,
     pub topology: Topology,
+    /// See [`AppState::record_url`].
+    pub record_url: Option<String>,
 }
 
 /// Serves until `stop` is cancelled; in-flight requests are finished.
@@ -22,7 +24,8 @@ pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> any
     let metrics = crate::metrics::install();
     let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
     let finished = crate::store::finished::Waiters::start(pool.clone(), stop.clone());
-    let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics, finished });
+    let record_url = cfg.record_url.map(Arc::from);
+    let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics, finished, record_url });
     // Rule relay and scheduler: every replica runs both; the database
     // (SKIP LOCKED claims) keeps their work from being done twice. They
     // start once the schema is there (until then /readyz says why).

@@ -16,8 +16,14 @@ pub struct Server {
 
 /// Starts `leadconv serve` on a free port and waits until it listens.
 pub async fn serve(db: &TestDb, broker: &TestBroker) -> Server {
+    serve_with(db, broker, &[]).await
+}
+
+/// [`serve`] with more flags.
+pub async fn serve_with(db: &TestDb, broker: &TestBroker, flags: &[&str]) -> Server {
     let mut child = Command::new(super::leadconv_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(flags)
         .env("DATABASE_URL", db.url())
         .env("AMQP_URL", amqp_url())
         .env("LEADCONV_QUEUE_PREFIX", broker.prefix())

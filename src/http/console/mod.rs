@@ -306,7 +306,8 @@ async fn job_page(
     let next = (rows.len() as i64 == PAGE).then(|| rows.last().map(|r| r.lead_id)).flatten();
     let failures = store::failures_by_code(&s.pool, job.id).await?;
     let names = names_of(&s, std::slice::from_ref(&job)).await?;
-    let view = pages::JobView { progress: Progress::of(job), names, failures, rows, filter, after, next };
+    let record_url = s.record_url.clone();
+    let view = pages::JobView { progress: Progress::of(job), names, failures, rows, filter, after, next, record_url };
     Ok(pages::job(&session, &view).into_response())
 }
 

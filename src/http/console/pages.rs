@@ -226,6 +226,8 @@ pub struct JobView {
     pub filter: ResultFilter,
     pub after: i64,
     pub next: Option<i64>,
+    /// See `AppState::record_url`.
+    pub record_url: Option<std::sync::Arc<str>>,
 }
 
 fn query(filter: &ResultFilter, after: Option<i64>) -> String {
@@ -256,11 +258,16 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn record(action: &Option<String>, id: Option<i64>) -> Markup {
+/// A created or merged record: its action, and its id linked to where the
+/// CRM shows it when `serve --crm-record-url` says where that is.
+fn record(action: &Option<String>, module: &str, id: Option<i64>, url: Option<&str>) -> Markup {
     html! {
-        @match (action, id) {
-            (Some(a), Some(id)) => { (a) " #" (id) },
-            (Some(a), None) => { (a) },
+        @match (action, id, url) {
+            (Some(a), Some(id), Some(url)) => {
+                (a) " " a.record href=(url.replace("{module}", module).replace("{id}", &id.to_string())) { "#" (id) }
+            },
+            (Some(a), Some(id), None) => { (a) " #" (id) },
+            (Some(a), None, _) => { (a) },
             _ => { "–" },
         }
     }
@@ -348,9 +355,9 @@ pub fn job(session: &Session, v: &JobView) -> Html {
                             td { (r.email.as_deref().unwrap_or("")) }
                             td { (r.company.as_deref().unwrap_or("")) }
                             td { span class={ "outcome " (r.outcome.as_str()) } { (r.outcome.as_str()) } }
-                            td { (record(&r.contact_action, r.contact_id)) }
-                            td { (record(&r.account_action, r.account_id)) }
-                            td { (record(&r.deal_action, r.deal_id)) }
+                            td { (record(&r.contact_action, "contact", r.contact_id, v.record_url.as_deref())) }
+                            td { (record(&r.account_action, "account", r.account_id, v.record_url.as_deref())) }
+                            td { (record(&r.deal_action, "deal", r.deal_id, v.record_url.as_deref())) }
                             td.error {
                                 @if let Some(c) = &r.error_code { code { (c) } ": " }
                                 (r.error_message.as_deref().unwrap_or(""))
