@@ -230,7 +230,7 @@ async fn results_export_as_csv_filtered_and_rules_switch_off_and_on() {
     let c = Console::new().await;
     let (_, cookie) = c.sign_in(&[]).await;
     let good =
-        c.crm.lead(json!({"owner_id": c.user, "last_name": "Łukasiewicz, Jan", "email": "jan@example.com"})).await;
+        c.crm.lead(json!({"owner_id": c.user, "last_name": "Łukasiewicz, Jan", "email": "jan@example.com", "company": "=HYPERLINK(1)"})).await;
     let bad = c.crm.lead(json!({"owner_id": c.user, "last_name": " ", "email": "nobody@example.com"})).await;
     let (job, results) = c.crm.convert_all(c.user, json!({}), &[good, bad]).await;
     // The records a lead became link to where the CRM shows them.
@@ -248,6 +248,7 @@ async fn results_export_as_csv_filtered_and_rules_switch_off_and_on() {
     assert!(lines.next().unwrap().starts_with("lead_id,lead_name,email,company,outcome"));
     assert_eq!(lines.count(), 2, "{body}");
     assert!(body.contains("\"Łukasiewicz, Jan\""), "a comma inside a value is quoted: {body}");
+    assert!(body.contains(",'=HYPERLINK(1),"), "a formula is defused: {body}");
     let failed = csv("?outcome=failed&code=missing_mandatory_field").await.unwrap().text().await.unwrap();
     assert_eq!(failed.lines().count(), 2, "header and the one failed lead: {failed}");
     assert!(failed.contains("nobody@example.com"));
@@ -292,4 +293,32 @@ async fn results_export_as_csv_filtered_and_rules_switch_off_and_on() {
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
         assert_eq!(enabled().await, expected, "{action}");
     }
+}
+
+#[tokio::test]
+async fn a_sign_in_from_another_site_and_a_stale_cookie_are_refused() {
+    let c = Console::new().await;
+    for (header, value) in [("sec-fetch-site", "cross-site"), ("origin", "https://evil.example")] {
+        let r = c
+            .http
+            .post(c.url("/console/login"))
+            .header(header, value)
+            .form(&[("token", c.token.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{header}: {value}");
+        assert!(r.headers().get(SET_COOKIE).is_none());
+    }
+    assert_eq!(c.crm.count("SELECT count(*) FROM console_sessions").await, 0);
+    // The browser's own sign-in passes.
+    let (_, cookie) = c.sign_in(&[("sec-fetch-site", "same-origin")]).await;
+    // A form without a CSRF field at all: 403 too.
+    let r =
+        c.http.post(c.url("/console/logout")).header(COOKIE, cookie.as_str()).form(&[("x", "y")]).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // A stale cookie: 401, and the browser is told to drop it.
+    let r = c.http.get(c.url("/console")).header(COOKIE, "leadconv_session=stale").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers()[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
 }

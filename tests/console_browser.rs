@@ -15,6 +15,8 @@ use std::time::Duration;
 use common::broker::{wait_for, TestBroker};
 use common::server::{free_port, serve};
 use common::*;
+use fantoccini::elements::Element;
+use fantoccini::error::{CmdError, ErrorStatus};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
@@ -50,8 +52,33 @@ async fn browser() -> (tokio::process::Child, Client) {
     (driver, client)
 }
 
+/// Does `f` with the element `css` finds, waiting for it to appear. Pages
+/// that show a running job replace their main part every two seconds, so
+/// an element found a moment ago can be gone: then it is found again.
+async fn on<T, F, Fut>(c: &Client, css: &str, f: F) -> T
+where
+    F: Fn(Element) -> Fut,
+    Fut: std::future::Future<Output = Result<T, CmdError>>,
+{
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let el =
+            c.wait().at_most(PATIENCE).for_element(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
+        match f(el).await {
+            Ok(v) => return v,
+            Err(CmdError::Standard(e))
+                if e.error == ErrorStatus::StaleElementReference && std::time::Instant::now() < deadline => {}
+            Err(e) => panic!("{css}: {e}"),
+        }
+    }
+}
+
 async fn text(c: &Client, css: &str) -> String {
-    c.wait().at_most(PATIENCE).for_element(Locator::Css(css)).await.unwrap().text().await.unwrap()
+    on(c, css, |e| async move { e.text().await }).await
+}
+
+async fn click(c: &Client, css: &str) {
+    on(c, css, |e| async move { e.click().await }).await
 }
 
 /// Waits until the job page's status reads `status` (the page refreshes
@@ -72,10 +99,10 @@ async fn create_job(c: &Client, base: &str, criteria: &serde_json::Value, expect
     let field = c.find(Locator::Id("criteria")).await.unwrap();
     field.clear().await.unwrap();
     field.send_keys(&criteria.to_string()).await.unwrap();
-    c.find(Locator::Id("preview")).await.unwrap().click().await.unwrap();
+    click(c, "#preview").await;
     let summary = text(c, "#preview-summary").await;
     assert!(summary.starts_with(&format!("{expect} leads would be processed")), "{summary}");
-    c.find(Locator::Id("create")).await.unwrap().click().await.unwrap();
+    click(c, "#create").await;
     c.wait().at_most(PATIENCE).for_element(Locator::Id("job-id")).await.unwrap();
 }
 
@@ -105,13 +132,14 @@ async fn an_admin_runs_watches_retries_and_cancels_jobs_in_the_browser() {
     c.wait().at_most(PATIENCE).for_element(Locator::Id("token")).await.unwrap();
     assert!(c.current_url().await.unwrap().path().ends_with("/console/login"));
     c.find(Locator::Id("token")).await.unwrap().send_keys(&token).await.unwrap();
-    c.find(Locator::Id("sign-in")).await.unwrap().click().await.unwrap();
-    assert_eq!(text(&c, "main h1").await, "Jobs");
+    click(&c, "#sign-in").await;
+    // Waited for, not read at once: the click only starts the navigation.
+    c.wait().at_most(PATIENCE).for_element(Locator::XPath("//main/h1[normalize-space()='Jobs']")).await.unwrap();
 
     // A job started with no worker running stays pending; cancel it.
     create_job(&c, &base, &json!({"ids": to_cancel}), 3).await;
     status_becomes(&c, "scheduled").await;
-    c.find(Locator::Id("cancel")).await.unwrap().click().await.unwrap();
+    click(&c, "#cancel").await;
     status_becomes(&c, "cancelled").await;
     assert!(text(&c, "#job-counts").await.contains("3 skipped"));
 
@@ -120,8 +148,9 @@ async fn an_admin_runs_watches_retries_and_cancels_jobs_in_the_browser() {
     create_job(&c, &base, &json!({"ids": [good, chinese, script, nameless]}), 4).await;
     let job_url = c.current_url().await.unwrap().to_string();
     status_becomes(&c, "completed").await;
-    let bar = c.find(Locator::Css("progress.bar")).await.unwrap();
-    assert_eq!(bar.attr("value").await.unwrap(), bar.attr("max").await.unwrap());
+    let (value, max) =
+        on(&c, "progress.bar", |e| async move { Ok((e.attr("value").await?, e.attr("max").await?)) }).await;
+    assert_eq!(value, max);
     assert_eq!(text(&c, "#job-progress .pct").await, "100 %");
     assert!(text(&c, "#job-counts").await.contains("3 converted"), "{}", text(&c, "#job-counts").await);
 
@@ -138,9 +167,14 @@ async fn an_admin_runs_watches_retries_and_cancels_jobs_in_the_browser() {
     // The failures, grouped by code; open them.
     let failures = text(&c, "#failures").await;
     assert!(failures.contains("missing_mandatory_field"), "{failures}");
-    c.find(Locator::Css("#failures a")).await.unwrap().click().await.unwrap();
-    let rows = c.wait().at_most(PATIENCE).for_element(Locator::Css("#results tbody tr")).await.unwrap();
-    assert!(rows.text().await.unwrap().contains("Nameless"));
+    click(&c, "#failures a").await;
+    // The filtered page: "failed" chosen in its outcome filter.
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css("select[name='outcome'] option[value='failed'][selected]"))
+        .await
+        .unwrap();
+    assert!(text(&c, "#results tbody tr").await.contains("Nameless"));
     assert_eq!(c.find_all(Locator::Css("#results tbody tr")).await.unwrap().len(), 1, "only the failed lead");
 
     // Fixed in the CRM, retried from the page: a new job naming the first.
@@ -149,7 +183,12 @@ async fn an_admin_runs_watches_retries_and_cancels_jobs_in_the_browser() {
         .execute(crm.pool())
         .await
         .unwrap();
-    c.find(Locator::Id("retry")).await.unwrap().click().await.unwrap();
+    click(&c, "#retry").await;
+    c.wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::XPath("//p[contains(@class, 'summary') and contains(., 'retry of')]"))
+        .await
+        .unwrap();
     status_becomes(&c, "completed").await;
     assert_ne!(c.current_url().await.unwrap().to_string(), job_url.split('?').next().unwrap());
     assert!(text(&c, "p.summary").await.contains("retry of"));

@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// Only the run through RabbitMQ.
     #[arg(long)]
     pub skip_direct: bool,
+    /// Skip the set-based run (the ceiling the queue run is compared with).
+    #[arg(long)]
+    pub skip_ceiling: bool,
     /// Stop the worker after this many seconds and cancel the rest of the
     /// job (to measure memory on a job too big to finish).
     #[arg(long)]
@@ -65,11 +68,53 @@ pub struct RunReport {
     pub name: &'static str,
     pub leads: u64,
     pub wall: Duration,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
+    /// One lead's transaction; `None` when leads are not converted one by one.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
     pub e2e_p50_ms: Option<f64>,
     pub e2e_p99_ms: Option<f64>,
     pub peak_rss: Vec<(&'static str, u64)>,
+    /// Contacts, accounts and deals in the database after the run, and the
+    /// leads that merged: the runs did the same work when these agree.
+    pub made: (i64, i64, i64, i64),
+}
+
+const DIRECT: &str = "direct to Postgres (baseline)";
+const CEILING: &str = "set-based in SQL alone (ceiling)";
+const QUEUE: &str = "enqueue → RabbitMQ → worker";
+
+async fn made(pool: &PgPool) -> sqlx::Result<(i64, i64, i64, i64)> {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM contacts), (SELECT count(*) FROM accounts), (SELECT count(*) FROM deals),
+                (SELECT count(*) FROM conversion_results WHERE contact_action = 'merged')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The ceiling: the same leads (the queue run's seed), converted by
+/// Postgres alone, set-based (see `ceiling`).
+async fn ceiling(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
+    let (seeded, criteria) = seed_run(pool, args, 2).await?;
+    let new = NewJob { criteria, options: options(), requested_by: seeded.acting_user, trigger: Trigger::Manual };
+    let checked = job::check(pool, new).await?;
+    let t = Instant::now();
+    let created = job::create(pool, &checked, Dispatch::InProcess).await?;
+    let done = crate::ceiling::convert(pool, created.id).await?;
+    let wall = t.elapsed();
+    job::rollup(pool, created.id).await?;
+    println!("set-based: {done} of {} leads in {wall:.1?}", created.total_count);
+    Ok(RunReport {
+        name: CEILING,
+        leads: done,
+        wall,
+        p50_ms: None,
+        p99_ms: None,
+        e2e_p50_ms: None,
+        e2e_p99_ms: None,
+        peak_rss: vec![],
+        made: made(pool).await?,
+    })
 }
 
 impl RunReport {
@@ -118,6 +163,11 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
         reports.push(direct(&pool, args).await?);
         pool.close().await;
     }
+    if !args.skip_ceiling {
+        let (_, pool) = fresh_database(database_url, "ceiling", args).await?;
+        reports.push(ceiling(&pool, args).await?);
+        pool.close().await;
+    }
     let (url, pool) = fresh_database(database_url, "queue", args).await?;
     reports.push(through_queue(&pool, &url, amqp_url, args).await?);
     pool.close().await;
@@ -128,27 +178,36 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
     for r in &reports {
         let rss: Vec<String> =
             r.peak_rss.iter().map(|(who, b)| format!("{who} {:.0} MiB", *b as f64 / 1048576.0)).collect();
-        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
         println!(
-            "| {} | {} | {:.1} s | {:.0} | {:.1} ms | {:.1} ms | {} | {} | {} |",
+            "| {} | {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} |",
             r.name,
             r.leads,
             r.wall.as_secs_f64(),
             r.per_sec(),
-            r.p50_ms,
-            r.p99_ms,
+            ms(r.p50_ms),
+            ms(r.p99_ms),
             ms(r.e2e_p50_ms),
             ms(r.e2e_p99_ms),
             rss.join(", ")
         );
     }
-    if let [direct, queue] = &reports[..] {
-        println!();
+    let find = |name: &str| reports.iter().find(|r| r.name == name);
+    println!();
+    for other in [DIRECT, CEILING] {
+        if let (Some(queue), Some(o)) = (find(QUEUE), find(other)) {
+            println!(
+                "through RabbitMQ / {other}: {:.0} / {:.0} leads/s = {:.0}%",
+                queue.per_sec(),
+                o.per_sec(),
+                100.0 * queue.per_sec() / o.per_sec()
+            );
+        }
+    }
+    for r in &reports {
         println!(
-            "through RabbitMQ / direct (baseline): {:.0} / {:.0} leads/s = {:.0}%",
-            queue.per_sec(),
-            direct.per_sec(),
-            100.0 * queue.per_sec() / direct.per_sec()
+            "records made by {}: {} contacts, {} accounts, {} deals, {} leads merged",
+            r.name, r.made.0, r.made.1, r.made.2, r.made.3
         );
     }
     Ok(())
@@ -205,14 +264,15 @@ async fn direct(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
     let (p50, p99) = percentiles(pool, created.id, "duration_ms::float8").await?;
     println!("direct: {} leads in {:.1?}", created.total_count, wall);
     Ok(RunReport {
-        name: "direct to Postgres (baseline)",
+        name: DIRECT,
         leads: created.total_count as u64,
         wall,
-        p50_ms: p50,
-        p99_ms: p99,
+        p50_ms: Some(p50),
+        p99_ms: Some(p99),
         e2e_p50_ms: None,
         e2e_p99_ms: None,
         peak_rss: vec![("bench process", peak_rss(std::process::id()).unwrap_or(0))],
+        made: made(pool).await?,
     })
 }
 
@@ -321,14 +381,15 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         let _ = conn.close(200, "bye").await;
     }
     Ok(RunReport {
-        name: "enqueue → RabbitMQ → worker",
+        name: QUEUE,
         leads: done,
         wall,
-        p50_ms: p50,
-        p99_ms: p99,
+        p50_ms: Some(p50),
+        p99_ms: Some(p99),
         e2e_p50_ms: Some(e50),
         e2e_p99_ms: Some(e99),
         peak_rss: vec![("producer", producer_rss.await?), ("worker", worker_rss.await?)],
+        made: made(pool).await?,
     })
 }
 

@@ -4,6 +4,7 @@
 //! environment (`DATABASE_URL`, `AMQP_URL`, …) as `leadconv`.
 
 mod bench;
+mod ceiling;
 mod demo;
 
 use std::process::ExitCode;

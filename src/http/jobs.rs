@@ -261,14 +261,13 @@ pub async fn convert_lead(
     let created = s.enqueuer.create(&checked).await?;
     // Published beside the wait: the answer needs the message at the
     // worker, not the publisher's bookkeeping after the broker's confirm.
-    let mut woken = Some(s.finished.wait(created.id));
+    let mut waiting = s.finished.wait(created.id);
     let (enqueuer, job) = (s.enqueuer.clone(), created.clone());
     let publishing = tokio::spawn(async move { enqueuer.publish(&job).await });
     let deadline = tokio::time::Instant::now() + timeout;
     let pending = || (StatusCode::ACCEPTED, Json(json!({"job_id": created.id, "status": "pending"}))).into_response();
     if created.total_count == 0 {
         // Converted by someone else between the look above and the snapshot.
-        s.finished.forget(created.id);
         return Ok(pending());
     }
     loop {
@@ -276,9 +275,9 @@ pub async fn convert_lead(
         // the lead was published, so it cannot come first); the slow poll
         // covers a notification lost while the listener reconnects.
         let poll = tokio::time::sleep(Duration::from_millis(250));
-        match woken.as_mut() {
+        match waiting.woken.as_mut() {
             Some(rx) => tokio::select! {
-                _ = rx => woken = None,
+                _ = rx => waiting.woken = None,
                 _ = poll => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             },
@@ -288,11 +287,9 @@ pub async fn convert_lead(
             },
         }
         if let Some(r) = convert::finished_result(&s.pool, created.id).await? {
-            s.finished.forget(created.id);
             return Ok(Json(r).into_response());
         }
         if tokio::time::Instant::now() >= deadline {
-            s.finished.forget(created.id);
             // A 202 still means "published" (or left to the sweepers).
             let _ = publishing.await;
             return Ok(pending());

@@ -57,7 +57,10 @@ pub async fn lookup(pool: &PgPool, token: &str) -> sqlx::Result<Option<TokenUser
            used AS (
                UPDATE api_tokens a SET last_used_at = now() FROM t
                WHERE a.id = t.token_id
-                 AND (t.last_used_at IS NULL OR t.last_used_at < now() - make_interval(secs => $2)))
+                 AND (t.last_used_at IS NULL OR t.last_used_at < now() - make_interval(secs => $2))
+                 -- Re-checked on the row itself after a lock wait: of the
+                 -- concurrent requests at the minute's turn, one writes.
+                 AND (a.last_used_at IS NULL OR a.last_used_at < now() - make_interval(secs => $2)))
            SELECT id AS "id!", active AS "active!", can_convert AS "can_convert!" FROM t"#,
         hash(token),
         LAST_USED_PRECISION_SECS
@@ -132,7 +135,9 @@ pub async fn sign_in(pool: &PgPool, token: &str) -> sqlx::Result<Option<(String,
                WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND u.active AND u.can_convert),
            s AS (
                INSERT INTO console_sessions (session_hash, token_id, csrf_token, expires_at)
-               SELECT $2, id, $3, now() + make_interval(hours => $4::float8::int) FROM t)
+               SELECT $2, id, $3, now() + make_interval(hours => $4::float8::int) FROM t),
+           -- Expired sessions go at the next sign-in (the index makes it cheap).
+           expired AS (DELETE FROM console_sessions WHERE expires_at < now())
            SELECT user_id AS "user_id!", name AS "name!" FROM t"#,
         hash(token),
         hash(&cookie),

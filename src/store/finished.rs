@@ -60,15 +60,30 @@ impl Waiters {
         }
     }
 
-    /// Registers interest in `job`; the receiver fires when it finishes.
-    pub fn wait(&self, job: Uuid) -> oneshot::Receiver<()> {
+    /// Registers interest in `job`: its `woken` fires when the job
+    /// finishes. Dropping it (answered, timed out, or the client went away)
+    /// forgets the registration, so the map never keeps dead entries.
+    pub fn wait(self: &Arc<Self>, job: Uuid) -> Waiting {
         let (tx, rx) = oneshot::channel();
         self.jobs.lock().expect("waiters lock").entry(job).or_default().push(tx);
-        rx
+        Waiting { woken: Some(rx), waiters: self.clone(), job }
     }
 
-    /// Drops the waiters of `job` (a request that gave up).
-    pub fn forget(&self, job: Uuid) {
+    fn forget(&self, job: Uuid) {
         self.jobs.lock().expect("waiters lock").remove(&job);
+    }
+}
+
+/// One request's registration (see [`Waiters::wait`]); `woken` is taken
+/// once it fired.
+pub struct Waiting {
+    pub woken: Option<oneshot::Receiver<()>>,
+    waiters: Arc<Waiters>,
+    job: Uuid,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.waiters.forget(self.job);
     }
 }

@@ -109,14 +109,25 @@ type Page = Result<Response, Problem>;
 pub enum Problem {
     /// No session cookie: sign in first.
     SignIn,
+    /// A session cookie that names no live session: 401, and the cookie
+    /// is cleared.
+    StaleSession,
     /// A page with a status and a message.
     Status(StatusCode, String),
 }
+
+/// Clears the session cookie in the browser.
+const CLEAR_COOKIE: &str = "leadconv_session=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0";
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         match self {
             Problem::SignIn => Redirect::to("/console/login").into_response(),
+            Problem::StaleSession => {
+                let message = "this session is not valid (expired, signed out, or its token revoked): sign in again";
+                let page = pages::problem(StatusCode::UNAUTHORIZED, message);
+                (StatusCode::UNAUTHORIZED, [(header::SET_COOKIE, CLEAR_COOKIE)], page).into_response()
+            }
             Problem::Status(status, message) => (status, pages::problem(status, &message)).into_response(),
         }
     }
@@ -147,10 +158,7 @@ impl FromRequestParts<AppState> for Console {
         let Some(cookie) = session_cookie(&parts.headers) else { return Err(Problem::SignIn) };
         match auth::session(&state.pool, &cookie).await? {
             Some(s) => Ok(Console(s)),
-            None => Err(Problem::Status(
-                StatusCode::UNAUTHORIZED,
-                "this session is not valid (expired, signed out, or its token revoked): sign in again".into(),
-            )),
+            None => Err(Problem::StaleSession),
         }
     }
 }
@@ -165,6 +173,21 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
         .find(|(k, _)| *k == COOKIE)
         .map(|(_, v)| v.to_owned())
         .filter(|v| !v.is_empty())
+}
+
+/// A CSV cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, or a
+/// tab or carriage return first) starts with `'` instead: lead names are
+/// user input, and the export is opened in spreadsheets.
+fn defuse_cell(v: Option<String>) -> Option<String> {
+    v.map(|v| if v.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{v}") } else { v })
+}
+
+fn defused(mut row: store::ResultRow) -> store::ResultRow {
+    row.lead_name = defuse_cell(row.lead_name);
+    row.email = defuse_cell(row.email);
+    row.company = defuse_cell(row.company);
+    row.error_message = defuse_cell(row.error_message);
+    row
 }
 
 /// Refuses a form whose CSRF token is not the session's (compared in
@@ -199,7 +222,28 @@ struct LoginForm {
     token: String,
 }
 
+/// A sign-in posted from another site is refused: it has no session to
+/// carry a CSRF token yet, so the browser's `Origin` (sent with every POST)
+/// must be this host. Without the check a page elsewhere could sign a
+/// visitor in as the attacker's user.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // Browsers of this decade say where a request comes from, whatever a
+    // proxy does to the Host header.
+    if let Some(site) = text("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = text("origin") else {
+        return true; // not a browser: nothing to protect
+    };
+    let host = text("x-forwarded-host").or(text("host")).unwrap_or("");
+    origin.split_once("://").is_some_and(|(_, rest)| rest == host)
+}
+
 async fn login(State(s): State<AppState>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Page {
+    if !same_origin(&headers) {
+        return Err(Problem::Status(StatusCode::FORBIDDEN, "a sign-in from another site is refused".into()));
+    }
     let Some((cookie, _)) = auth::sign_in(&s.pool, f.token.trim()).await? else {
         return Ok((
             StatusCode::UNAUTHORIZED,
@@ -215,8 +259,10 @@ async fn login(State(s): State<AppState>, headers: HeaderMap, Form(f): Form<Logi
     Ok(res)
 }
 
+/// A form's CSRF token; a form without one gets the 403 a wrong one gets.
 #[derive(Deserialize)]
 struct CsrfForm {
+    #[serde(default)]
     csrf: String,
 }
 
@@ -231,10 +277,7 @@ async fn logout(
         auth::sign_out(&s.pool, &cookie).await?;
     }
     let mut res = see_other("/console/login");
-    res.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("leadconv_session=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
     Ok(res)
 }
 
@@ -319,15 +362,49 @@ async fn results_csv(
 ) -> Page {
     let job = load_job(&s, &raw).await?;
     let filter = q.filter()?;
-    let failed = |e: csv::Error| Problem::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    // The header is written by hand: serde writes one only with a first row.
-    let mut out = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
-    out.write_record(store::RESULT_CSV_COLUMNS).map_err(failed)?;
-    let mut rows = store::results(&s.pool, job.id, &filter, 0, None);
-    while let Some(row) = rows.try_next().await? {
-        out.serialize(&row).map_err(failed)?;
-    }
-    let body = out.into_inner().map_err(|e| Problem::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // Streamed: a million-lead job's export never sits in memory.
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let (pool, job_id) = (s.pool.clone(), job.id);
+    tokio::spawn(async move {
+        use futures::SinkExt;
+        // The header is written by hand: serde writes one only with a first row.
+        let mut out = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+        let mut rows = store::results(&pool, job_id, &filter, 0, None);
+        let mut in_chunk = 0;
+        let mut failed = out.write_record(store::RESULT_CSV_COLUMNS).err().map(std::io::Error::other);
+        while failed.is_none() {
+            match rows.try_next().await {
+                Ok(Some(row)) => {
+                    if let Err(e) = out.serialize(defused(row)) {
+                        failed = Some(std::io::Error::other(e));
+                    }
+                    in_chunk += 1;
+                    if in_chunk < 500 {
+                        continue;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => failed = Some(std::io::Error::other(e)),
+            }
+            let full =
+                std::mem::replace(&mut out, csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new()));
+            in_chunk = 0;
+            match full.into_inner() {
+                Ok(bytes) => {
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                Err(e) => failed = Some(std::io::Error::other(e.to_string())),
+            }
+        }
+        let last = match failed {
+            Some(e) => Err(e),
+            None => out.into_inner().map_err(|e| std::io::Error::other(e.to_string())),
+        };
+        let _ = tx.send(last).await;
+    });
+    let body = axum::body::Body::from_stream(rx);
     let disposition = format!("attachment; filename=\"job-{}-results.csv\"", job.id);
     Ok((
         [
@@ -353,6 +430,7 @@ async fn cancel(
 
 #[derive(Deserialize)]
 struct RetryForm {
+    #[serde(default)]
     csrf: String,
     #[serde(default)]
     code: String,
