@@ -149,11 +149,12 @@ async fn fresh_database(database_url: &str, run: &str, args: &BenchArgs) -> anyh
 
 pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
     println!(
-        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; databases {}, {}",
+        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; databases {}, {}, {}",
         args.leads,
         args.duplicates * 100.0,
         args.workers,
         bench_url(database_url, "direct")?,
+        bench_url(database_url, "ceiling")?,
         bench_url(database_url, "queue")?,
     );
 

@@ -7,13 +7,14 @@
 //! It does the work the bench's data needs, as the product does it for
 //! that data: matching by normalised e-mail (oldest contact) and company,
 //! one new account per distinct company and one new contact per distinct
-//! e-mail (per lead when it has none), linking a matched contact without
+//! e-mail (without one, per name within the lead's account: the contact of
+//! that account with the lead's name is its match), linking a matched contact without
 //! account, filling matched records' empty fields, a deal per lead with
 //! its repeat marks, notes moved to the deal with copies on the contact
 //! and account, attachments to the contact, activities to the deal, tags
 //! carried over, leads marked, results recorded, one counter update per
 //! batch. Rules the bench's data never meets (unique fields, hierarchy,
-//! read-only merges, name matching inside an account) are left out: a
+//! read-only merges) are left out: a
 //! ceiling may be a little optimistic, never pessimistic.
 
 use std::time::Instant;
@@ -27,7 +28,8 @@ pub const BATCH: i64 = 1_000;
 /// Per-session scratch tables, emptied at each commit.
 const SCRATCH: &[&str] = &[
     "CREATE TEMP TABLE b (lead_id bigint PRIMARY KEY, owner_id bigint, ekey text, ckey text, merged boolean NOT NULL DEFAULT false,
-                          contact_id bigint, account_id bigint, deal_id bigint, repeat boolean NOT NULL DEFAULT false) ON COMMIT DELETE ROWS",
+                          contact_id bigint, account_id bigint, deal_id bigint, repeat boolean NOT NULL DEFAULT false,
+                          ckey_contact text) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE mc (ekey text PRIMARY KEY, id bigint, account_id bigint) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE ma (ckey text PRIMARY KEY, id bigint, created boolean) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE nc (key text PRIMARY KEY, lead_id bigint, id bigint) ON COMMIT DELETE ROWS",
@@ -80,10 +82,24 @@ const STEPS: &[&str] = &[
      FROM (SELECT DISTINCT ON (ckey) ckey, lead_id FROM b WHERE ckey IS NOT NULL ORDER BY ckey, lead_id) f
      JOIN ma ON ma.ckey = f.ckey AND NOT ma.created JOIN leads l ON l.id = f.lead_id
      WHERE a.id = ma.id",
-    // New contacts: one per e-mail no contact has, one per lead without e-mail.
-    "INSERT INTO nc SELECT DISTINCT ON (coalesce(ekey, 'lead:' || lead_id)) coalesce(ekey, 'lead:' || lead_id), lead_id,
-            nextval(pg_get_serial_sequence('contacts', 'id'))
-     FROM b WHERE contact_id IS NULL ORDER BY coalesce(ekey, 'lead:' || lead_id), lead_id",
+    // A lead without e-mail whose account is known: the oldest contact of
+    // that account with its first and last name.
+    "UPDATE b SET merged = true, contact_id = m.id FROM (
+         SELECT DISTINCT ON (x.lead_id) x.lead_id, c.id FROM b x JOIN leads l ON l.id = x.lead_id
+         JOIN contacts c ON c.account_id = x.account_id AND leadconv_norm(c.last_name) = leadconv_norm(l.last_name)
+                        AND leadconv_norm(c.first_name) IS NOT DISTINCT FROM leadconv_norm(l.first_name)
+         WHERE x.ekey IS NULL AND x.contact_id IS NULL AND x.account_id IS NOT NULL
+         ORDER BY x.lead_id, c.created_at, c.id) m
+     WHERE m.lead_id = b.lead_id",
+    // New contacts: one per e-mail no contact has; without e-mail, one per
+    // name within the account, or per lead. Later leads of the batch with
+    // the same key merge into the contact the first one creates.
+    "UPDATE b SET ckey_contact = coalesce(b.ekey, CASE WHEN b.account_id IS NOT NULL
+                 THEN 'name:' || b.account_id || ':' || coalesce(leadconv_norm(l.first_name), '') || ':' || leadconv_norm(l.last_name) END,
+                 'lead:' || b.lead_id)
+     FROM leads l WHERE l.id = b.lead_id AND b.contact_id IS NULL",
+    "INSERT INTO nc SELECT DISTINCT ON (ckey_contact) ckey_contact, lead_id, nextval(pg_get_serial_sequence('contacts', 'id'))
+     FROM b WHERE contact_id IS NULL ORDER BY ckey_contact, lead_id",
     "INSERT INTO contacts (id, owner_id, account_id, salutation, first_name, last_name, title, email, phone, mobile, fax,
                            skype_id, lead_source, email_opt_out, street, city, state, zip_code, country, tags)
      OVERRIDING SYSTEM VALUE
@@ -91,7 +107,7 @@ const STEPS: &[&str] = &[
             l.phone, l.mobile, l.fax, l.skype_id, l.lead_source, l.email_opt_out, l.street, l.city, l.state, l.zip_code,
             l.country, l.tags
      FROM nc JOIN b ON b.lead_id = nc.lead_id JOIN leads l ON l.id = nc.lead_id",
-    "UPDATE b SET contact_id = nc.id FROM nc WHERE b.contact_id IS NULL AND nc.key = coalesce(b.ekey, 'lead:' || b.lead_id)",
+    "UPDATE b SET contact_id = nc.id, merged = nc.lead_id <> b.lead_id FROM nc WHERE b.contact_id IS NULL AND nc.key = b.ckey_contact",
     // Matched contacts: linked to the account when they have none, empty fields filled.
     "UPDATE contacts c SET account_id = coalesce(c.account_id, f.account_id), phone = coalesce(c.phone, l.phone),
             mobile = coalesce(c.mobile, l.mobile), title = coalesce(c.title, l.title), city = coalesce(c.city, l.city),
