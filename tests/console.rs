@@ -64,6 +64,14 @@ impl Console {
         html[at..].split('"').next().unwrap().to_owned()
     }
 
+    async fn status(&self, job: uuid::Uuid) -> String {
+        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(self.crm.pool())
+            .await
+            .unwrap()
+    }
+
     async fn job(&self, leads: &[i64]) -> uuid::Uuid {
         let checked = leadconv::store::job::check(
             self.crm.pool(),
@@ -99,11 +107,7 @@ async fn without_a_cookie_every_page_redirects_to_sign_in() {
     let job = c.job(&[lead]).await;
     let r = c.http.post(c.url(&format!("/console/jobs/{job}/cancel"))).form(&[("csrf", "x")]).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let status: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
-        .bind(job)
-        .fetch_one(c.crm.pool())
-        .await
-        .unwrap();
+    let status = c.status(job).await;
     assert_eq!(status, "scheduled");
     // The sign-in page itself is served.
     let r = c.http.get(c.url("/console/login")).send().await.unwrap();
@@ -177,22 +181,14 @@ async fn a_form_without_the_sessions_csrf_token_gets_403_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let status: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
-        .bind(job)
-        .fetch_one(c.crm.pool())
-        .await
-        .unwrap();
+    let status = c.status(job).await;
     assert_eq!(status, "scheduled", "not cancelled");
     assert_eq!(c.crm.count("SELECT count(*) FROM conversion_jobs").await, 1, "no job created");
     // With the session's token the same form works.
     let csrf = c.csrf(&cookie).await;
     let r = post(format!("/console/jobs/{job}/cancel"), vec![("csrf", csrf)]).await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let status: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
-        .bind(job)
-        .fetch_one(c.crm.pool())
-        .await
-        .unwrap();
+    let status = c.status(job).await;
     assert_eq!(status, "cancelled");
 }
 

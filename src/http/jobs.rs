@@ -101,11 +101,7 @@ pub async fn retry(
         outcome: b.outcome.unwrap_or(Outcome::Failed),
         code: b.code,
     };
-    let new = job::retry_request(&s.pool, &of, Some(user), Trigger::Api).await?;
-    let checked = job::check(&s.pool, new).await?;
-    let created =
-        job::create_retry(&s.pool, &checked, of.job_id, job::Dispatch::Queue { lease: s.enqueuer.lease }).await?;
-    s.enqueuer.publish(&created).await;
+    let created = s.enqueuer.retry(&of, user, Trigger::Api).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"job_id": created.id, "status": created.status, "total_count": created.total_count, "retry_of": of.job_id})),

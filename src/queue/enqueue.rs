@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::queue::producer;
 use crate::queue::{self, Lane, Topology};
-use crate::store::job::{self, Checked, Dispatch, Job};
+use crate::store::job::{self, Checked, Dispatch, Job, Trigger};
 
 pub struct Enqueuer {
     pub pool: PgPool,
@@ -63,6 +63,18 @@ impl Enqueuer {
     /// sweeper and the error is only logged).
     pub async fn submit(&self, checked: &Checked) -> Result<Job, crate::Error> {
         let created = self.create(checked).await?;
+        self.publish(&created).await;
+        Ok(created)
+    }
+
+    /// Retries the leads of `of` as a new job requested by `requested_by`
+    /// (see `job::retry_request`), created and published like [`submit`].
+    ///
+    /// [`submit`]: Enqueuer::submit
+    pub async fn retry(&self, of: &job::RetryOf, requested_by: i64, trigger: Trigger) -> Result<Job, crate::Error> {
+        let new = job::retry_request(&self.pool, of, Some(requested_by), trigger).await?;
+        let checked = job::check(&self.pool, new).await?;
+        let created = job::create_retry(&self.pool, &checked, of.job_id, Dispatch::Queue { lease: self.lease }).await?;
         self.publish(&created).await;
         Ok(created)
     }

@@ -446,11 +446,7 @@ async fn retry(
     let earlier = load_job(&s, &raw).await?;
     let of =
         job::RetryOf { job_id: earlier.id, outcome: Outcome::Failed, code: Some(f.code).filter(|c| !c.is_empty()) };
-    let new = job::retry_request(&s.pool, &of, Some(session.user_id), Trigger::Manual).await?;
-    let checked = job::check(&s.pool, new).await?;
-    let created =
-        job::create_retry(&s.pool, &checked, of.job_id, job::Dispatch::Queue { lease: s.enqueuer.lease }).await?;
-    s.enqueuer.publish(&created).await;
+    let created = s.enqueuer.retry(&of, session.user_id, Trigger::Manual).await?;
     Ok(see_other(&format!("/console/jobs/{}", created.id)))
 }
 
