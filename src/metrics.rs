@@ -28,6 +28,7 @@ pub const JOBS: &str = "leadconv_jobs";
 pub const QUEUE_DEPTH: &str = "leadconv_queue_depth";
 pub const IN_FLIGHT: &str = "leadconv_worker_in_flight";
 pub const JOBS_CREATED: &str = "leadconv_jobs_created_total";
+pub const BATCH_SPLITS: &str = "leadconv_batch_splits_total";
 
 /// Every metric the application exports (dashboards may use only these).
 pub const ALL: &[&str] = &[
@@ -42,6 +43,7 @@ pub const ALL: &[&str] = &[
     QUEUE_DEPTH,
     IN_FLIGHT,
     JOBS_CREATED,
+    BATCH_SPLITS,
 ];
 
 /// Upper bounds of the end-to-end histogram: a workflow lead takes a tenth
@@ -109,6 +111,7 @@ fn register_at_zero() {
     }
     counter!(RETRIES).absolute(0);
     counter!(DEAD_LETTERS).absolute(0);
+    counter!(BATCH_SPLITS).absolute(0);
     gauge!(IN_FLIGHT).set(0.0);
 }
 
@@ -151,6 +154,10 @@ fn describe() {
     describe_histogram!(END_TO_END_SECONDS, Unit::Seconds, "Time from a lead's message being published to its commit");
     describe_counter!(RETRIES, "Messages sent to a retry delay queue after a transient failure");
     describe_counter!(DEAD_LETTERS, "Messages parked in the dead-letter queue");
+    describe_counter!(
+        BATCH_SPLITS,
+        "Conversion batches whose transaction failed and whose leads were converted again one by one"
+    );
     describe_gauge!(JOBS, "Conversion jobs by status");
     describe_gauge!(QUEUE_DEPTH, "Messages ready in each leadconv queue");
     describe_gauge!(IN_FLIGHT, "Messages a worker holds now: converting, or waiting for a free conversion slot");

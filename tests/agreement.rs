@@ -348,7 +348,8 @@ fn check_target(
     }
 }
 
-async fn dry_run_equals_conversion(seed: u64, stage: &str) {
+/// `batch`: leads converted per transaction (1: one by one).
+async fn dry_run_equals_conversion(seed: u64, stage: &str, batch: usize) {
     let s = seeded(seed).await;
     let crm = &s.crm;
     let options = json!({"create_deal": true, "deal": {"closing_date": "+30d", "stage": stage}});
@@ -366,7 +367,7 @@ async fn dry_run_equals_conversion(seed: u64, stage: &str) {
     })
     .await
     .unwrap();
-    let (_, results) = crm.convert_all(s.rep, options, &s.leads).await;
+    let (_, results) = crm.convert_in_batches(s.rep, options, &s.leads, batch).await;
 
     let mut contact_made_by: HashMap<i64, i64> = HashMap::new();
     let mut account_made_by: HashMap<i64, i64> = HashMap::new();
@@ -443,12 +444,25 @@ async fn dry_run_equals_conversion(seed: u64, stage: &str) {
 
 #[tokio::test]
 async fn dry_run_plans_every_lead_as_the_conversion_then_converts_it() {
-    dry_run_equals_conversion(7, "Qualification").await;
+    dry_run_equals_conversion(7, "Qualification", 1).await;
 }
 
 // Deals created at a won stage make the contacts and accounts they belong to
 // "won before" for the later leads of the same run.
 #[tokio::test]
 async fn dry_run_equals_conversion_when_the_run_makes_won_deals() {
-    dry_run_equals_conversion(11, "Closed Won").await;
+    dry_run_equals_conversion(11, "Closed Won", 1).await;
+}
+
+// Issue 10: with batching, a batch's leads see what the earlier leads of
+// the same batch create, fill and link (one mechanism with the dry run),
+// and later batches see what earlier ones committed.
+#[tokio::test]
+async fn dry_run_equals_conversion_in_batches() {
+    dry_run_equals_conversion(7, "Qualification", 64).await;
+}
+
+#[tokio::test]
+async fn dry_run_equals_conversion_in_one_batch_that_makes_won_deals() {
+    dry_run_equals_conversion(11, "Closed Won", 500).await;
 }

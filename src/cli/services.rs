@@ -13,9 +13,17 @@ use super::parse_secs;
 
 #[derive(Args)]
 pub struct Worker {
-    /// Bulk conversions in flight at once.
-    #[arg(long, default_value_t = 8)]
+    /// Bulk conversion transactions in flight at once, each converting a
+    /// batch of up to --batch-size leads.
+    #[arg(long, default_value_t = 4)]
     pub concurrency: u16,
+    /// Most leads one bulk transaction converts (1 converts lead by lead).
+    #[arg(long, env = "LEADCONV_BATCH_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
+    /// How long a bulk batch waits to fill up after its first message, in
+    /// milliseconds.
+    #[arg(long, env = "LEADCONV_BATCH_WAIT_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub batch_wait_ms: u64,
     /// Workflow-triggered conversions (rules, convert-now) in flight at once,
     /// reserved beside the bulk ones: sized for concurrent convert-now callers.
     #[arg(long, env = "LEADCONV_WORKFLOW_CONCURRENCY", default_value_t = 8)]
@@ -39,8 +47,17 @@ pub struct Worker {
 
 impl Worker {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
-        let Worker { concurrency, workflow_concurrency, exit_when_idle, lease_secs, metrics, retention_days, limits } =
-            self;
+        let Worker {
+            concurrency,
+            batch_size,
+            batch_wait_ms,
+            workflow_concurrency,
+            exit_when_idle,
+            lease_secs,
+            metrics,
+            retention_days,
+            limits,
+        } = self;
         anyhow::ensure!(
             retention_days.is_finite() && retention_days >= 0.0,
             "--retention-days must be a number of days, 0 or more (0 keeps jobs forever); got {retention_days}"
@@ -50,6 +67,8 @@ impl Worker {
         let pool = db::connect_service(&s.database_url, connections, &limits.limits()).await?;
         let mut cfg = worker::WorkerConfig::new(s.amqp_url.clone(), topology);
         cfg.concurrency = concurrency;
+        cfg.batch_size = batch_size;
+        cfg.batch_wait = Duration::from_millis(batch_wait_ms);
         cfg.workflow_concurrency = workflow_concurrency;
         cfg.exit_when_idle = exit_when_idle;
         cfg.lease = lease_secs;

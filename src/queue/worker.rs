@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::error::{Error, ErrorCode};
 use crate::queue::priority::Priority;
 use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
-use crate::store::convert::{self, ConvertError};
+use crate::store::convert::{self, ConvertError, Item};
 use crate::store::job;
 use crate::store::options::Settings;
 
@@ -41,10 +41,15 @@ use crate::store::options::Settings;
 pub struct WorkerConfig {
     pub amqp_url: String,
     pub topology: Topology,
-    /// Bulk conversions in flight at once (the bulk queue's prefetch).
-    /// While workflow conversions run, only a quarter of them start (see
-    /// [`Priority`]).
+    /// Bulk conversion transactions in flight at once, each converting a
+    /// batch of up to `batch_size` leads. While workflow conversions run,
+    /// only a quarter of them start (see [`Priority`]).
     pub concurrency: u16,
+    /// Most leads one bulk transaction converts.
+    pub batch_size: u16,
+    /// How long a bulk batch waits to fill up after its first message
+    /// (a job's last few leads, a small job).
+    pub batch_wait: Duration,
     /// Workflow conversions in flight at once, on top of the bulk ones.
     pub workflow_concurrency: u16,
     /// Leave when there is nothing left to do (scripts, tests).
@@ -65,7 +70,9 @@ impl WorkerConfig {
         WorkerConfig {
             amqp_url: amqp_url.into(),
             topology,
-            concurrency: 8,
+            concurrency: 4,
+            batch_size: 200,
+            batch_wait: Duration::from_millis(20),
             workflow_concurrency: 8,
             exit_when_idle: false,
             lease: Duration::from_secs(30),
@@ -135,15 +142,20 @@ async fn session(
 
     let mut consumers = Vec::new();
     let mut channels = Vec::new();
-    // Each lane prefetches twice what it converts at once, so a slot that
-    // frees up finds its next message already here instead of waiting a
-    // round trip to the broker; the semaphores bound the conversions.
+    // Each lane prefetches one round more than it converts at once, so a
+    // slot that frees up finds its next messages already here instead of
+    // waiting a round trip to the broker; the semaphores bound the
+    // conversions (bulk: batches of up to `batch_size` leads).
     let slots = |n: u16| Arc::new(tokio::sync::Semaphore::new(usize::from(n.max(1))));
     let (workflow_slots, bulk_slots) = (slots(cfg.workflow_concurrency), slots(cfg.concurrency));
     let priority = Arc::new(Priority::new(Priority::floor_for(cfg.concurrency)));
-    for (lane, prefetch) in [(Lane::Workflow, cfg.workflow_concurrency), (Lane::Bulk, cfg.concurrency)] {
+    let batch_size = usize::from(cfg.batch_size.max(1));
+    let bulk_prefetch = cfg.batch_size.max(1).saturating_mul(cfg.concurrency.max(1).saturating_add(1));
+    for (lane, prefetch) in
+        [(Lane::Workflow, cfg.workflow_concurrency.max(1).saturating_mul(2)), (Lane::Bulk, bulk_prefetch)]
+    {
         let ch = conn.create_channel().await?;
-        ch.basic_qos(prefetch.max(1).saturating_mul(2), BasicQosOptions::default()).await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let tag = format!("leadconv-{}-{}", lane.as_str(), Uuid::new_v4().simple());
         let consumer = ch
             .basic_consume(&cfg.topology.work_queue(lane), &tag, BasicConsumeOptions::default(), FieldTable::default())
@@ -174,6 +186,34 @@ async fn session(
     // once, instead of being handed back and forth at once until it looks
     // like poison.
     let broken = CancellationToken::new();
+    // Bulk messages gathered for the next batch, and when it goes even if
+    // not full.
+    let mut batch: Vec<Delivery> = Vec::with_capacity(batch_size);
+    let mut batch_due: Option<tokio::time::Instant> = None;
+    let spawn = |tasks: &mut JoinSet<()>, deliveries: Vec<Delivery>, lane: Lane| {
+        let ctx = Handler {
+            pool: pool.clone(),
+            publisher: publisher.clone(),
+            topology: cfg.topology.clone(),
+            cache: cache.clone(),
+            lane,
+            broken: broken.clone(),
+        };
+        let counter = in_flight.clone();
+        let lane_slots = if lane == Lane::Workflow { workflow_slots.clone() } else { bulk_slots.clone() };
+        let priority = priority.clone();
+        let n = deliveries.len();
+        metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_add(n, Ordering::SeqCst) + n) as f64);
+        tasks.spawn(async move {
+            let _slot = lane_slots.acquire_owned().await.expect("the semaphore is never closed");
+            let _turn = match lane {
+                Lane::Workflow => priority.workflow_turn(),
+                Lane::Bulk => priority.bulk_turn().await,
+            };
+            ctx.handle(deliveries).await;
+            metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_sub(n, Ordering::SeqCst) - n) as f64);
+        });
+    };
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
@@ -181,24 +221,28 @@ async fn session(
             next = deliveries.next() => match next {
                 Some((lane, Ok(delivery))) => {
                     seen_since_tick = true;
-                    let ctx = Handler { pool: pool.clone(), publisher: publisher.clone(), topology: cfg.topology.clone(), cache: cache.clone(), lane, broken: broken.clone() };
-                    let counter = in_flight.clone();
-                    let lane_slots = if lane == Lane::Workflow { workflow_slots.clone() } else { bulk_slots.clone() };
-                    let priority = priority.clone();
-                    metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_add(1, Ordering::SeqCst) + 1) as f64);
-                    tasks.spawn(async move {
-                        let _slot = lane_slots.acquire_owned().await.expect("the semaphore is never closed");
-                        let _turn = match lane {
-                            Lane::Workflow => priority.workflow_turn(),
-                            Lane::Bulk => priority.bulk_turn().await,
-                        };
-                        ctx.handle(delivery).await;
-                        metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_sub(1, Ordering::SeqCst) - 1) as f64);
-                    });
+                    match lane {
+                        // A workflow lead is converted at once, alone: it
+                        // never waits for a batch to fill.
+                        Lane::Workflow => spawn(&mut tasks, vec![delivery], lane),
+                        Lane::Bulk => {
+                            batch.push(delivery);
+                            if batch.len() >= batch_size {
+                                batch_due = None;
+                                spawn(&mut tasks, std::mem::take(&mut batch), lane);
+                            } else if batch_due.is_none() {
+                                batch_due = Some(tokio::time::Instant::now() + cfg.batch_wait);
+                            }
+                        }
+                    }
                 }
                 Some((_, Err(e))) => break Err(e.into()),
                 None => break Err(anyhow::anyhow!("RabbitMQ closed the consumers")),
             },
+            _ = tokio::time::sleep_until(batch_due.unwrap_or_else(tokio::time::Instant::now)), if batch_due.is_some() => {
+                batch_due = None;
+                spawn(&mut tasks, std::mem::take(&mut batch), Lane::Bulk);
+            }
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
                     tracing::error!(error = %e, "a conversion task panicked; its message will be redelivered");
@@ -206,7 +250,7 @@ async fn session(
             }
             _ = tick.tick() => {
                 if cfg.exit_when_idle {
-                    let idle = !seen_since_tick && in_flight.load(Ordering::SeqCst) == 0
+                    let idle = !seen_since_tick && batch.is_empty() && in_flight.load(Ordering::SeqCst) == 0
                         && sweeper.as_ref().is_none_or(|h| h.is_finished())
                         && nothing_left(pool, &probe, &cfg.topology).await.unwrap_or(false);
                     idle_ticks = if idle { idle_ticks + 1 } else { 0 };
@@ -319,60 +363,133 @@ struct Handler {
     lane: Lane,
 }
 
+/// A readable message on its way to a conversion.
+struct Message {
+    delivery: Delivery,
+    msg: LeadMessage,
+    /// How many retry queues it went through.
+    attempt: u32,
+}
+
 impl Handler {
-    async fn handle(&self, delivery: Delivery) {
+    /// Converts the leads of `deliveries` (one workflow message, or a bulk
+    /// batch): each job's leads in one batch, every message acknowledged
+    /// only once its lead's result is committed.
+    async fn handle(&self, deliveries: Vec<Delivery>) {
+        let mut jobs: Vec<(Uuid, Vec<Message>)> = Vec::new();
+        for delivery in deliveries {
+            let Some(m) = self.admit(delivery).await else { continue };
+            match jobs.iter_mut().find(|(job, _)| *job == m.msg.job_id) {
+                Some((_, group)) => group.push(m),
+                None => jobs.push((m.msg.job_id, vec![m])),
+            }
+        }
+        for (job_id, group) in jobs {
+            self.convert(job_id, group).await;
+        }
+    }
+
+    /// Reads a message; parks an unreadable one, and fails the lead of one
+    /// handed out again and again (`None` then: it is dealt with).
+    async fn admit(&self, delivery: Delivery) -> Option<Message> {
         let msg: LeadMessage = match serde_json::from_slice(&delivery.data) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, bytes = delivery.data.len(), "unreadable message; parking it in the dead-letter queue");
                 metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
                 let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                return;
+                return None;
             }
         };
         let attempt = queue::attempt_of(&delivery.properties);
-        let (job_id, lead_id) = (msg.job_id, msg.lead_id);
         // The broker's delivery count, only for a delivery the broker says
         // it handed out before (a header alone is anyone's to set).
         let redelivered = if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 };
-        // Deliveries of this lead that reached a conversion and left nothing:
-        // retries through the delay queues and redeliveries after a crash.
-        let earlier = attempt + redelivered;
         if redelivered >= queue::POISON_REDELIVERIES {
             // Converting it again would most likely take this worker down
             // too; recording the failure lets the job complete.
-            tracing::error!(%job_id, lead_id, redelivered, "message handed out again and again without a result; recording the lead as failed");
+            tracing::error!(job_id = %msg.job_id, lead_id = msg.lead_id, redelivered, "message handed out again and again without a result; recording the lead as failed");
             let reason = format!("handed out {redelivered} times before, each time without a result");
-            return self.fail(delivery, msg, ErrorCode::PoisonMessage, &reason).await;
+            self.fail(Message { delivery, msg, attempt }, ErrorCode::PoisonMessage, &reason).await;
+            return None;
         }
+        Some(Message { delivery, msg, attempt })
+    }
+
+    async fn convert(&self, job_id: Uuid, group: Vec<Message>) {
         let settings = match self.cache.get(&self.pool, job_id).await {
             Ok(Some(settings)) => settings,
             Ok(None) => {
-                tracing::warn!(%job_id, lead_id, "message for a job that no longer exists; dropping it");
-                return self.ack(&delivery).await;
+                tracing::warn!(%job_id, leads = group.len(), "messages for a job that no longer exists; dropping them");
+                for m in group {
+                    self.ack(&m.delivery).await;
+                }
+                return;
             }
-            Err(Error::Transient(e)) => return self.retry(delivery, msg, attempt, &e.to_string()).await,
+            Err(Error::Transient(e)) => {
+                for m in group {
+                    self.retry(m, &e.to_string()).await;
+                }
+                return;
+            }
             Err(Error::Refused(r)) => {
                 // The job's settings no longer validate (say, the acting
-                // user was deactivated): the lead fails with that reason.
-                return self.fail(delivery, msg, r.code, &r.to_string()).await;
+                // user was deactivated): the leads fail with that reason.
+                for m in group {
+                    self.fail(m, r.code, &r.to_string()).await;
+                }
+                return;
             }
             Err(Error::Database(e)) => {
-                tracing::error!(%job_id, lead_id, error = %e, "reading the job's settings failed with a database error");
-                return self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
+                tracing::error!(%job_id, error = %e, "reading the job's settings failed with a database error");
+                for m in group {
+                    self.fail(m, ErrorCode::InternalError, &e.to_string()).await;
+                }
+                return;
             }
         };
-        match convert::convert_enqueued(&self.pool, job_id, &settings, lead_id, msg.enqueued_at, earlier).await {
-            Ok(_) => self.ack(&delivery).await,
-            Err(ConvertError::Transient(e)) => self.retry(delivery, msg, attempt, &e.to_string()).await,
-            Err(e @ ConvertError::NotInJob { .. }) => {
-                // A stray message: nothing to convert, nothing to record.
-                tracing::warn!(%job_id, lead_id, reason = %e, "dropping message");
-                self.ack(&delivery).await;
+        let items: Vec<Item> = group
+            .iter()
+            .map(|m| Item {
+                lead_id: m.msg.lead_id,
+                enqueued_at: m.msg.enqueued_at,
+                // Deliveries of this lead that reached a conversion and left
+                // nothing: retries through the delay queues and
+                // redeliveries after a crash.
+                earlier_attempts: earlier_attempts(&m.delivery),
+            })
+            .collect();
+        let results = match convert::convert_batch(&self.pool, job_id, &settings, &items).await {
+            Ok(results) => results,
+            Err(e) => {
+                // Nothing of the batch was written: each message meets the
+                // same error.
+                let reason = e.to_string();
+                for m in group {
+                    match &e {
+                        ConvertError::Transient(_) => self.retry(m, &reason).await,
+                        _ => {
+                            tracing::error!(%job_id, lead_id = m.msg.lead_id, error = %reason, "conversion failed with a database error");
+                            self.fail(m, ErrorCode::InternalError, &reason).await
+                        }
+                    }
+                }
+                return;
             }
-            Err(ConvertError::Database(e)) => {
-                tracing::error!(%job_id, lead_id, error = %e, "conversion failed with a database error");
-                self.fail(delivery, msg, ErrorCode::InternalError, &e.to_string()).await;
+        };
+        for (m, result) in group.into_iter().zip(results) {
+            match result {
+                Ok(_) => self.ack(&m.delivery).await,
+                Err(ConvertError::Transient(e)) => self.retry(m, &e.to_string()).await,
+                Err(e @ ConvertError::NotInJob { .. }) => {
+                    // A stray message: nothing to convert, nothing to record.
+                    tracing::warn!(%job_id, lead_id = m.msg.lead_id, reason = %e, "dropping message");
+                    self.ack(&m.delivery).await;
+                }
+                Err(ConvertError::Database(e)) => {
+                    tracing::error!(%job_id, lead_id = m.msg.lead_id, error = %e, "conversion failed with a database error");
+                    self.fail(m, ErrorCode::InternalError, &e.to_string()).await;
+                }
             }
         }
     }
@@ -387,10 +504,11 @@ impl Handler {
 
     /// Sends the message around again through the next delay queue, or
     /// records the lead as failed when the delays are used up.
-    async fn retry(&self, delivery: Delivery, msg: LeadMessage, attempt: u32, reason: &str) {
+    async fn retry(&self, m: Message, reason: &str) {
+        let Message { delivery, msg, attempt } = m;
         let level = attempt as usize;
         if level >= RETRY_DELAYS.len() {
-            return self.fail(delivery, msg, ErrorCode::RetriesExhausted, reason).await;
+            return self.fail(Message { delivery, msg, attempt }, ErrorCode::RetriesExhausted, reason).await;
         }
         tracing::info!(job_id = %msg.job_id, lead_id = msg.lead_id, attempt = attempt + 1, delay = ?RETRY_DELAYS[level], reason, "retrying later");
         let key = Topology::routing_key(self.lane, Some(level));
@@ -425,10 +543,9 @@ impl Handler {
 
     /// Records a permanent failure; if even that cannot be written, parks
     /// the message in the dead-letter queue rather than lose it.
-    async fn fail(&self, delivery: Delivery, msg: LeadMessage, code: ErrorCode, reason: &str) {
-        // Every earlier delivery that got as far as a conversion.
-        let attempts = queue::attempt_of(&delivery.properties)
-            + if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 };
+    async fn fail(&self, m: Message, code: ErrorCode, reason: &str) {
+        let Message { delivery, msg, .. } = m;
+        let attempts = earlier_attempts(&delivery);
         match convert::record_failure(&self.pool, msg.job_id, msg.lead_id, code, reason, attempts).await {
             Ok(()) => self.ack(&delivery).await,
             Err(e) => {
@@ -438,4 +555,13 @@ impl Handler {
             }
         }
     }
+}
+
+/// Every earlier delivery of a message that got as far as a conversion and
+/// left nothing: the retry queues it went through, and the broker's count
+/// of redeliveries (only for a delivery the broker says it handed out
+/// before: a header alone is anyone's to set).
+fn earlier_attempts(delivery: &Delivery) -> u32 {
+    queue::attempt_of(&delivery.properties)
+        + if delivery.redelivered { queue::redeliveries_of(&delivery.properties) } else { 0 }
 }

@@ -4,6 +4,7 @@
 //! locks (`snapshot`), decide (`plan`), write (`apply`), record the result
 //! and the job's counts, commit. Either all of it happens or none of it.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -16,9 +17,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{self, Error, ErrorCode};
-use crate::plan::{self, Action, Plan, Verdict};
+use crate::plan::{self, Action, Facts, Plan, Verdict};
 use crate::run::Run;
-use crate::store::apply::{apply, Converted};
+use crate::store::apply::{apply_batch, Converted};
 use crate::store::criteria::Criteria;
 use crate::store::options::Settings;
 use crate::store::snapshot::{self, Locking};
@@ -92,12 +93,21 @@ pub async fn convert_lead(
     convert_enqueued(pool, job_id, settings, lead_id, None, 0).await
 }
 
-/// [`convert_lead`] for a lead that waited in a queue since `enqueued_at`,
-/// which is recorded with its result (the enqueue→commit latency).
-/// `earlier_attempts` counts the deliveries of this lead's message that
-/// reached a conversion before and left nothing (a transient failure sent it
-/// through a retry queue, or its worker died): they roll back, so only the
-/// message knows them, and `attempts` adds them.
+/// A lead to convert, as a message brings it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Item {
+    pub lead_id: i64,
+    /// When the message was published: the enqueue→commit latency is
+    /// recorded with the result.
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// The deliveries of this lead's message that reached a conversion
+    /// before and left nothing (a transient failure sent it through a retry
+    /// queue, or its worker died): they roll back, so only the message
+    /// knows them, and `attempts` adds them.
+    pub earlier_attempts: u32,
+}
+
+/// [`convert_lead`] for a lead that waited in a queue (see [`Item`]).
 pub async fn convert_enqueued(
     pool: &PgPool,
     job_id: Uuid,
@@ -106,34 +116,72 @@ pub async fn convert_enqueued(
     enqueued_at: Option<DateTime<Utc>>,
     earlier_attempts: u32,
 ) -> Result<LeadResult, ConvertError> {
-    let span = tracing::info_span!("convert", %job_id, lead_id);
+    let item = Item { lead_id, enqueued_at, earlier_attempts };
+    convert_batch(pool, job_id, settings, &[item]).await?.pop().expect("one result per lead")
+}
+
+/// Converts the leads of `items`, all of job `job_id`, in one transaction:
+/// their facts gathered together, each planned in batch order seeing what
+/// the earlier ones do (as a dry run does, see [`Run`]), written with a
+/// fixed number of multi-row statements, their results and the job's
+/// counts recorded, one commit (SPEC §3).
+///
+/// One lead's failure never costs its neighbours: if the batch's
+/// transaction fails on a database error (a constraint, a bad value), it
+/// is rolled back and its leads are converted again one by one, so the bad
+/// lead fails alone with its code. A transient error (a lost connection, a
+/// timeout) fails the whole batch (`Err`): nothing of it was written, and
+/// every message is worth retrying. Otherwise each item gets its result, in
+/// `items`' order: a lead already recorded gets its recorded result (a
+/// redelivered message), a lead the job does not hold
+/// [`ConvertError::NotInJob`].
+pub async fn convert_batch(
+    pool: &PgPool,
+    job_id: Uuid,
+    settings: &Settings,
+    items: &[Item],
+) -> Result<Vec<Result<LeadResult, ConvertError>>, ConvertError> {
+    let span = tracing::info_span!("convert", %job_id, lead_id = items.first().map(|i| i.lead_id), leads = items.len());
     async move {
         let mut tries = 0;
         loop {
             tries += 1;
-            match try_convert(pool, job_id, settings, lead_id, earlier_attempts + tries, enqueued_at).await {
-                Ok(r) => {
-                    tracing::debug!(outcome = %r.outcome, "lead done");
-                    return Ok(r);
-                }
-                Err(ConvertError::Transient(e)) if tries < LOCAL_TRIES && is_lock_conflict(&e) => {
+            let e = match try_batch(pool, job_id, settings, items, tries).await {
+                Ok(results) => return Ok(results),
+                Err(e) => e,
+            };
+            match e {
+                ConvertError::Transient(e) if tries < LOCAL_TRIES && is_lock_conflict(&e) => {
                     tracing::debug!(error = %e, tries, "lock conflict, trying again");
                     tokio::time::sleep(Duration::from_millis(5 << tries)).await;
                 }
-                Err(ConvertError::Database(e)) if error::is_constraint_violation(&e) => {
+                ConvertError::Transient(e) if !(items.len() > 1 && is_lock_conflict(&e)) => {
+                    return Err(ConvertError::Transient(e))
+                }
+                e if items.len() > 1 => {
+                    // Rolled back: nothing of the batch was written. Lead by
+                    // lead, each failure stays with its own lead.
+                    tracing::warn!(error = %e, leads = items.len(), "batch failed; converting its leads one by one");
+                    metrics::counter!(crate::metrics::BATCH_SPLITS).increment(1);
+                    let mut results = Vec::with_capacity(items.len());
+                    for item in items {
+                        results.push(match Box::pin(convert_batch(pool, job_id, settings, &[*item])).await {
+                            Ok(mut one) => one.pop().expect("one result per lead"),
+                            Err(e) => Err(e),
+                        });
+                    }
+                    return Ok(results);
+                }
+                ConvertError::Database(e) if error::is_constraint_violation(&e) => {
                     // The transaction rolled back: nothing of the lead was
                     // written. Record why, in a transaction of its own.
                     tracing::warn!(error = %e, "lead failed on a database constraint");
-                    return record(
-                        pool,
-                        job_id,
-                        lead_id,
-                        &Finish::failed(ErrorCode::ConstraintViolation, e.to_string()),
-                        earlier_attempts + tries,
-                    )
-                    .await;
+                    let item = &items[0];
+                    let failed = Finish::failed(ErrorCode::ConstraintViolation, e.to_string());
+                    return Ok(vec![record(pool, job_id, item.lead_id, &failed, item.earlier_attempts + tries).await]);
                 }
-                Err(e) => return Err(e),
+                e @ ConvertError::NotInJob { .. } => return Ok(vec![Err(e)]),
+                e => return Err(e),
             }
         }
     }
@@ -157,19 +205,16 @@ pub async fn record_failure(
 
 async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u32) -> Result<LeadResult, ConvertError> {
     let mut tx = pool.begin().await?;
-    let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
+    let Some(locked) = lock_results(&mut tx, job_id, &[lead_id]).await?.pop() else {
         return Err(ConvertError::NotInJob { job_id, lead_id });
     };
-    let (r, fresh) = match status {
-        Pending::Yes { workflow, .. } => {
-            (finish(&mut tx, job_id, lead_id, f, tries, None, None, workflow).await?, true)
-        }
-        Pending::No(r) => (*r, false),
-    };
-    tx.commit().await?;
-    if fresh {
-        crate::metrics::record_result(&r, std::time::Duration::ZERO);
+    if locked.result.outcome != Outcome::Pending {
+        return Ok(locked.result);
     }
+    let done = [Done { lead_id, finish: f, tries, enqueued_at: None }];
+    let r = finish(&mut tx, job_id, &done, None, locked.workflow).await?.pop().expect("a pending row is recorded");
+    tx.commit().await?;
+    crate::metrics::record_result(&r, std::time::Duration::ZERO);
     Ok(r)
 }
 
@@ -177,79 +222,149 @@ fn is_lock_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
 }
 
-enum Pending {
-    /// Still to do; `cancelled`: the job was cancelled meanwhile;
-    /// `workflow`: a convert-now request waits on the commit.
-    Yes {
-        cancelled: bool,
-        workflow: bool,
-    },
-    No(Box<LeadResult>),
-}
-
 #[derive(sqlx::FromRow)]
 struct Locked {
     #[sqlx(flatten)]
     result: LeadResult,
     job_status: JobStatus,
+    /// A convert-now request waits on the commit.
     workflow: bool,
 }
 
-/// Locks the lead's result row, the job's gate for this lead: whoever holds
-/// it is the only one converting this lead for this job.
-async fn lock_result(conn: &mut PgConnection, job_id: Uuid, lead_id: i64) -> sqlx::Result<Option<Pending>> {
-    // The job's status and trigger ride along: one round trip, not two.
-    let row: Option<Locked> = sqlx::query_as(&format!(
-        "SELECT {RESULT_COLUMNS},
-                (SELECT status FROM conversion_jobs WHERE id = $1) AS job_status,
-                (SELECT trigger = 'workflow' FROM conversion_jobs WHERE id = $1) AS workflow
-         FROM conversion_results WHERE job_id = $1 AND lead_id = $2 FOR UPDATE"
-    ))
-    .bind(job_id)
-    .bind(lead_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.map(|l| match l.result.outcome {
-        Outcome::Pending => Pending::Yes { cancelled: l.job_status == JobStatus::Cancelled, workflow: l.workflow },
-        _ => Pending::No(Box::new(l.result)),
-    }))
+/// Locks the result rows of `lead_ids` in job `job_id`, the job's gate for
+/// those leads: whoever holds a row is the only one converting its lead
+/// for this job. Rows are locked in lead order, so two batches never wait
+/// on each other in a cycle.
+async fn lock_results(conn: &mut PgConnection, job_id: Uuid, lead_ids: &[i64]) -> sqlx::Result<Vec<Locked>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        // The job's status and trigger ride along: one round trip, not two.
+        format!(
+            "SELECT {RESULT_COLUMNS},
+                    (SELECT status FROM conversion_jobs WHERE id = $1) AS job_status,
+                    (SELECT trigger = 'workflow' FROM conversion_jobs WHERE id = $1) AS workflow
+             FROM conversion_results WHERE job_id = $1 AND lead_id = ANY($2) ORDER BY lead_id FOR UPDATE"
+        )
+    });
+    sqlx::query_as(SQL.as_str()).bind(job_id).bind(lead_ids).fetch_all(conn).await
 }
 
-async fn try_convert(
+/// Whether the job's deals are created at a won stage: then, within a
+/// batch or a dry run, a lead's new deal makes later leads' deals repeats.
+async fn deals_are_won(conn: &mut PgConnection, settings: &Settings) -> sqlx::Result<bool> {
+    let Some(d) = &settings.deal else { return Ok(false) };
+    let won =
+        sqlx::query_scalar!("SELECT is_won FROM deal_stages WHERE pipeline = $1 AND stage = $2", d.pipeline, d.stage)
+            .fetch_optional(conn)
+            .await?;
+    Ok(won.unwrap_or(false))
+}
+
+/// Plans each lead of `facts` (read from the database before any of them
+/// is converted) in order, each seeing what the earlier ones of `run` do.
+/// The one planning loop of a conversion batch and a dry run.
+async fn plan_in_order(
+    conn: &mut PgConnection,
+    settings: &Settings,
+    run: &mut Run,
+    facts: Vec<Facts>,
+    today: chrono::NaiveDate,
+) -> sqlx::Result<Vec<Plan>> {
+    let mut plans = Vec::with_capacity(facts.len());
+    for mut facts in facts {
+        let owners = run.overlay(&mut facts, settings);
+        if !owners.is_empty() {
+            facts.managers_above.extend(snapshot::managers_above(conn, &owners).await?);
+        }
+        let plan = plan::decide(&facts, settings, today);
+        run.note(&facts, &plan);
+        plans.push(plan);
+    }
+    Ok(plans)
+}
+
+async fn try_batch(
     pool: &PgPool,
     job_id: Uuid,
     settings: &Settings,
-    lead_id: i64,
+    items: &[Item],
     tries: u32,
-    enqueued_at: Option<DateTime<Utc>>,
-) -> Result<LeadResult, ConvertError> {
+) -> Result<Vec<Result<LeadResult, ConvertError>>, ConvertError> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
-    let Some(status) = lock_result(&mut tx, job_id, lead_id).await? else {
-        return Err(ConvertError::NotInJob { job_id, lead_id });
-    };
-    let (cancelled, workflow) = match status {
-        Pending::No(done) => return Ok(*done),
-        Pending::Yes { cancelled, workflow } => (cancelled, workflow),
-    };
-    let finish_with = if cancelled {
-        Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))
-    } else {
-        let facts = snapshot::load(&mut tx, settings, lead_id, Locking::ForUpdate).await?;
-        let plan = plan::decide(&facts, settings, Utc::now().date_naive());
-        match &plan.verdict {
-            Verdict::Convert(c) => {
-                let ids = apply(&mut tx, lead_id, c).await?;
-                Finish::converted(&plan, ids)
-            }
-            Verdict::Skipped { code, message } => Finish::skipped(*code, message.clone()),
-            Verdict::Failed { code, message } => Finish::failed(*code, message.clone()),
+    let mut ids: Vec<i64> = items.iter().map(|i| i.lead_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let locked = lock_results(&mut tx, job_id, &ids).await?;
+    let (cancelled, workflow) =
+        locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
+    let mut recorded: HashMap<i64, LeadResult> = HashMap::new();
+    let mut pending: HashSet<i64> = HashSet::new();
+    for l in locked {
+        if l.result.outcome == Outcome::Pending {
+            pending.insert(l.result.lead_id);
+        } else {
+            recorded.insert(l.result.lead_id, l.result);
         }
+    }
+    // The pending leads in batch order, each once (a message published
+    // twice may bring a lead twice).
+    let mut todo: Vec<&Item> = Vec::new();
+    for item in items {
+        if pending.remove(&item.lead_id) {
+            todo.push(item);
+        }
+    }
+
+    let finishes: Vec<Finish> = if todo.is_empty() {
+        Vec::new()
+    } else if cancelled {
+        todo.iter().map(|_| Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))).collect()
+    } else {
+        let lead_ids: Vec<i64> = todo.iter().map(|i| i.lead_id).collect();
+        let facts = snapshot::load_batch(&mut tx, settings, &lead_ids, Locking::ForUpdate).await?;
+        let mut run = Run::new(deals_are_won(&mut tx, settings).await?);
+        let plans = plan_in_order(&mut tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
+        let conversions: Vec<(i64, &crate::plan::Conversion)> = plans
+            .iter()
+            .filter_map(|p| match &p.verdict {
+                Verdict::Convert(c) => Some((p.lead_id, c.as_ref())),
+                _ => None,
+            })
+            .collect();
+        let mut ids = apply_batch(&mut tx, &conversions).await?.into_iter();
+        plans
+            .iter()
+            .map(|plan| match &plan.verdict {
+                Verdict::Convert(_) => Finish::converted(plan, ids.next().expect("ids per conversion")),
+                Verdict::Skipped { code, message } => Finish::skipped(*code, message.clone()),
+                Verdict::Failed { code, message } => Finish::failed(*code, message.clone()),
+            })
+            .collect()
     };
-    let result = finish(&mut tx, job_id, lead_id, &finish_with, tries, Some(started), enqueued_at, workflow).await?;
-    tx.commit().await?;
-    crate::metrics::record_result(&result, started.elapsed());
-    Ok(result)
+    if !todo.is_empty() {
+        let done: Vec<Done> = todo
+            .iter()
+            .zip(&finishes)
+            .map(|(item, finish)| Done {
+                lead_id: item.lead_id,
+                finish,
+                tries: item.earlier_attempts + tries,
+                enqueued_at: item.enqueued_at,
+            })
+            .collect();
+        let fresh = finish(&mut tx, job_id, &done, Some(started), workflow).await?;
+        tx.commit().await?;
+        for r in fresh {
+            crate::metrics::record_result(&r, started.elapsed());
+            recorded.insert(r.lead_id, r);
+        }
+    } else {
+        tx.commit().await?;
+    }
+    Ok(items
+        .iter()
+        .map(|i| recorded.get(&i.lead_id).cloned().ok_or(ConvertError::NotInJob { job_id, lead_id: i.lead_id }))
+        .collect())
 }
 
 /// What goes into the result row.
@@ -311,71 +426,90 @@ impl Finish {
     }
 }
 
-/// Records the result and counts it in the job's counter shard of this
-/// Postgres backend (migration 0011): a shard row is only ever updated by
-/// one transaction at a time, so a conversion never waits for another
-/// one's commit, and a stuck one holds up nobody.
-/// Writes the result row and counts it in the job's counter shard of this
-/// session, in one statement. For a workflow job it also notifies
+/// A lead's result to record.
+struct Done<'a> {
+    lead_id: i64,
+    finish: &'a Finish,
+    tries: u32,
+    enqueued_at: Option<DateTime<Utc>>,
+}
+
+/// Writes the result rows of a batch and counts them in the job's counter
+/// shard of this Postgres backend (migration 0011), in one statement. A
+/// shard row is only ever updated by one transaction at a time, so a
+/// conversion never waits for another one's commit, and a stuck one holds
+/// up nobody. For a workflow job it also notifies
 /// [`finished::CHANNEL`](crate::store::finished::CHANNEL), which Postgres
 /// delivers on commit: the waiting convert-now request learns of the
 /// result the moment it exists, at no extra round trip.
-#[allow(clippy::too_many_arguments)]
 async fn finish(
     conn: &mut PgConnection,
     job_id: Uuid,
-    lead_id: i64,
-    f: &Finish,
-    tries: u32,
+    done: &[Done<'_>],
     started: Option<std::time::Instant>,
-    enqueued_at: Option<DateTime<Utc>>,
     workflow: bool,
-) -> sqlx::Result<LeadResult> {
-    let converted = f.ids.contact_id != 0;
+) -> sqlx::Result<Vec<LeadResult>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH v AS (
+                 SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                                      $8::bigint[], $9::bigint[], $10::bool[], $11::text[], $12::text[], $13::int[],
+                                      $14::timestamptz[], $15::bool[], $16::bool[])
+                     AS v(lead_id, outcome, contact_action, account_action, deal_action, contact_id, account_id,
+                          deal_id, is_repeat, error_code, error_message, attempts, enqueued_at,
+                          email_opt_out_applied, merged)),
+             r AS (
+                 UPDATE conversion_results c SET outcome = v.outcome, contact_action = v.contact_action,
+                        account_action = v.account_action, deal_action = v.deal_action, contact_id = v.contact_id,
+                        account_id = v.account_id, deal_id = v.deal_id, is_repeat = v.is_repeat,
+                        error_code = v.error_code, error_message = v.error_message,
+                        attempts = c.attempts + v.attempts, duration_ms = $17,
+                        enqueued_at = coalesce(v.enqueued_at, c.enqueued_at),
+                        email_opt_out_applied = v.email_opt_out_applied, finished_at = now()
+                 FROM v WHERE c.job_id = $1 AND c.lead_id = v.lead_id AND c.outcome = 'pending'
+                 RETURNING c.*, v.merged),
+             counted AS (
+                 INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
+                 SELECT $1, pg_backend_pid(), count(*) FILTER (WHERE outcome = 'converted'),
+                        count(*) FILTER (WHERE merged), count(*) FILTER (WHERE outcome = 'skipped'),
+                        count(*) FILTER (WHERE outcome = 'failed')
+                 FROM r HAVING count(*) > 0
+                 ON CONFLICT (job_id, shard) DO UPDATE SET
+                     converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
+                     skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now())
+             SELECT {RESULT_COLUMNS}, CASE WHEN $18 THEN pg_notify($19, $1::text) END AS notified FROM r
+             ORDER BY lead_id"
+        )
+    });
     let duration_ms = started.map(|s| i32::try_from(s.elapsed().as_millis()).unwrap_or(i32::MAX));
-    let n = |b: bool| i32::from(b);
-    let result: LeadResult = sqlx::query_as(&format!(
-        "WITH r AS (
-             UPDATE conversion_results SET outcome = $3, contact_action = $4, account_action = $5, deal_action = $6,
-                    contact_id = $7, account_id = $8, deal_id = $9, is_repeat = $10, error_code = $11,
-                    error_message = $12, attempts = attempts + $13, duration_ms = $14,
-                    enqueued_at = coalesce($15, enqueued_at), email_opt_out_applied = $16, finished_at = now()
-             WHERE job_id = $1 AND lead_id = $2 AND outcome = 'pending'
-             RETURNING {RESULT_COLUMNS}),
-         counted AS (
-             INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
-             SELECT job_id, pg_backend_pid(), $17, $18, $19, $20 FROM r
-             ON CONFLICT (job_id, shard) DO UPDATE SET
-                 converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
-                 skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now())
-         SELECT r.*, CASE WHEN $21 THEN pg_notify($22, r.job_id::text) END AS notified FROM r"
-    ))
-    .bind(job_id)
-    .bind(lead_id)
-    .bind(f.outcome)
-    .bind(f.contact_action)
-    .bind(f.account_action)
-    .bind(f.deal_action)
-    .bind(converted.then_some(f.ids.contact_id))
-    .bind(f.ids.account_id)
-    .bind(f.ids.deal_id)
-    .bind(f.is_repeat)
-    .bind(f.error.as_ref().map(|(c, _)| c.as_str()))
-    .bind(f.error.as_ref().map(|(_, m)| m.as_str()))
-    .bind(i32::try_from(tries).unwrap_or(i32::MAX))
-    .bind(duration_ms)
-    .bind(enqueued_at)
-    .bind(f.email_opt_out_applied)
-    .bind(n(f.outcome == Outcome::Converted))
-    .bind(n(f.merged))
-    .bind(n(f.outcome == Outcome::Skipped))
-    .bind(n(f.outcome == Outcome::Failed))
-    .bind(workflow)
-    .bind(crate::store::finished::CHANNEL)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(result)
+    let col = |f: &dyn Fn(&Finish) -> Option<&'static str>| done.iter().map(|d| f(d.finish)).collect::<Vec<_>>();
+    let id = |f: &dyn Fn(&Finish) -> Option<i64>| done.iter().map(|d| f(d.finish)).collect::<Vec<_>>();
+    sqlx::query_as(SQL.as_str())
+        .bind(job_id)
+        .bind(done.iter().map(|d| d.lead_id).collect::<Vec<_>>())
+        .bind(col(&|f| Some(f.outcome.as_str())))
+        .bind(col(&|f| f.contact_action.map(|a| a.as_str())))
+        .bind(col(&|f| f.account_action.map(|a| a.as_str())))
+        .bind(col(&|f| f.deal_action.map(|a| a.as_str())))
+        .bind(id(&|f| (f.ids.contact_id != 0).then_some(f.ids.contact_id)))
+        .bind(id(&|f| f.ids.account_id))
+        .bind(id(&|f| f.ids.deal_id))
+        .bind(done.iter().map(|d| d.finish.is_repeat).collect::<Vec<_>>())
+        .bind(col(&|f| f.error.as_ref().map(|(c, _)| c.as_str())))
+        .bind(done.iter().map(|d| d.finish.error.as_ref().map(|(_, m)| m.clone())).collect::<Vec<_>>())
+        .bind(done.iter().map(|d| i32::try_from(d.tries).unwrap_or(i32::MAX)).collect::<Vec<_>>())
+        .bind(done.iter().map(|d| d.enqueued_at).collect::<Vec<_>>())
+        .bind(done.iter().map(|d| d.finish.email_opt_out_applied).collect::<Vec<_>>())
+        .bind(done.iter().map(|d| d.finish.merged).collect::<Vec<_>>())
+        .bind(duration_ms)
+        .bind(workflow)
+        .bind(crate::store::finished::CHANNEL)
+        .fetch_all(&mut *conn)
+        .await
 }
+
+/// Leads a dry run reads facts for at once.
+const DRY_RUN_CHUNK: usize = 500;
 
 /// The plan for each lead matching `criteria`, in lead order, computed from
 /// one consistent snapshot of the database and written nowhere: the dry
@@ -397,28 +531,13 @@ pub async fn dry_run(
     crate::store::criteria::push_sql(criteria, &mut qb);
     qb.push(" ORDER BY l.id");
     let leads: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
-    let deals_are_won = match &settings.deal {
-        Some(d) => sqlx::query_scalar!(
-            "SELECT is_won FROM deal_stages WHERE pipeline = $1 AND stage = $2",
-            d.pipeline,
-            d.stage
-        )
-        .fetch_optional(&mut *tx)
-        .await?
-        .unwrap_or(false),
-        None => false,
-    };
     let today = Utc::now().date_naive();
-    let mut run = Run::new(deals_are_won);
-    for &id in &leads {
-        let mut facts = snapshot::load(&mut tx, settings, id, Locking::None).await?;
-        let owners = run.overlay(&mut facts, settings);
-        if !owners.is_empty() {
-            facts.managers_above.extend(snapshot::managers_above(&mut tx, &owners).await?);
+    let mut run = Run::new(deals_are_won(&mut tx, settings).await?);
+    for chunk in leads.chunks(DRY_RUN_CHUNK) {
+        let facts = snapshot::load_batch(&mut tx, settings, chunk, Locking::None).await?;
+        for plan in plan_in_order(&mut tx, settings, &mut run, facts, today).await? {
+            each(plan).map_err(|e| Error::Database(sqlx::Error::Io(e)))?;
         }
-        let plan = plan::decide(&facts, settings, today);
-        run.note(&facts, &plan);
-        each(plan).map_err(|e| Error::Database(sqlx::Error::Io(e)))?;
     }
     tx.rollback().await?;
     Ok(leads.len() as u64)

@@ -50,163 +50,249 @@ type ContactRow = (Json<Record>, Option<String>, Option<String>, Option<String>)
 type AccountRow = (Json<Record>, Option<String>);
 /// The lead and its keys: e-mail, company, first and last name.
 type LeadRow = (Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>);
+type IdLeadRow = (i64, Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>);
 
-/// The advisory locks of a lead, taken in one statement in the order of
-/// their 64-bit keys, so every transaction takes them in one global order
-/// and two conversions cannot deadlock on them. The keys come from the same
-/// SQL functions as the lookups (`leadconv_lock_key` over `leadconv_norm*`).
-/// Unique values are compared as jsonb (numbers by value), as `@>` does.
+/// The advisory locks of a batch of leads, taken in one statement in the
+/// order of their 64-bit keys, so every transaction takes them in one
+/// global order and two conversions cannot deadlock on them. The keys come
+/// from the same SQL functions as the lookups (`leadconv_lock_key` over
+/// `leadconv_norm*`). Unique values are compared as jsonb (numbers by
+/// value), as `@>` does.
 const LOCK_KEYS: &str = "
     SELECT pg_advisory_xact_lock(k) FROM (
-        SELECT DISTINCT k FROM unnest(
-            ARRAY[leadconv_lock_key('email', leadconv_norm_email($1)),
-                  leadconv_lock_key('company', leadconv_norm_company($2))]
-            || ARRAY(SELECT leadconv_lock_key('unique:' || f,
-                                              CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
-                                                                   ELSE v::text END)
-                     FROM unnest($3::text[], $4::jsonb[]) AS u(f, v))
-        ) AS k WHERE k IS NOT NULL ORDER BY k
+        SELECT DISTINCT k FROM (
+            SELECT leadconv_lock_key('email', leadconv_norm_email(e)) FROM unnest($1::text[]) AS e
+            UNION ALL
+            SELECT leadconv_lock_key('company', leadconv_norm_company(c)) FROM unnest($2::text[]) AS c
+            UNION ALL
+            SELECT leadconv_lock_key('unique:' || f, CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
+                                                                     ELSE v::text END)
+            FROM unnest($3::text[], $4::jsonb[]) AS u(f, v)
+        ) AS keys(k) WHERE k IS NOT NULL ORDER BY k
     ) AS sorted";
 
 /// The unique values of a lead: `module.field` and the lead's value, for
 /// the unique custom fields some lead field maps into.
-fn unique_values(lead: &Record, settings: &Settings) -> (Vec<String>, Vec<Json<Value>>) {
+fn unique_values(lead: &Record, settings: &Settings) -> Vec<(String, Json<Value>)> {
     let custom = record::custom_fields(lead);
-    let mut fields = Vec::new();
-    let mut values = Vec::new();
+    let mut out = Vec::new();
     for module in [Module::Contact, Module::Account] {
         for k in settings.fields.unique_keys(module) {
             if let Some(v) = custom.get(&k.lead_field).filter(|v| !record::is_empty(Some(v))) {
-                fields.push(format!("{}.{}", module.as_str(), k.target_field));
-                values.push(Json(v.clone()));
+                out.push((format!("{}.{}", module.as_str(), k.target_field), Json(v.clone())));
             }
         }
     }
-    (fields, values)
+    out
 }
 
-/// Takes the advisory locks of `lead` (see [`LOCK_KEYS`]).
-pub async fn lock(conn: &mut PgConnection, lead: &Record, settings: &Settings) -> sqlx::Result<()> {
-    let (fields, values) = unique_values(lead, settings);
-    sqlx::query(LOCK_KEYS)
-        .bind(lead.get("email").and_then(Value::as_str))
-        .bind(lead.get("company").and_then(Value::as_str))
-        .bind(&fields)
-        .bind(&values)
-        .execute(conn)
-        .await?;
+/// The bind values of [`LOCK_KEYS`]: e-mails, companies, unique fields and
+/// their values.
+type LockArgs = (Vec<Option<String>>, Vec<Option<String>>, Vec<String>, Vec<Json<Value>>);
+
+/// The bind values of [`LOCK_KEYS`] for `leads`.
+fn lock_args<'a>(leads: impl Iterator<Item = &'a Record>, settings: &Settings) -> LockArgs {
+    let (mut emails, mut companies, mut fields, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for lead in leads {
+        emails.push(lead.get("email").and_then(Value::as_str).map(str::to_owned));
+        companies.push(lead.get("company").and_then(Value::as_str).map(str::to_owned));
+        for (f, v) in unique_values(lead, settings) {
+            fields.push(f);
+            values.push(v);
+        }
+    }
+    (emails, companies, fields, values)
+}
+
+/// Takes the advisory locks of `leads` (see [`LOCK_KEYS`]).
+async fn lock<'a>(
+    conn: &mut PgConnection,
+    leads: impl Iterator<Item = &'a Record>,
+    settings: &Settings,
+) -> sqlx::Result<()> {
+    let (emails, companies, fields, values) = lock_args(leads, settings);
+    sqlx::query(LOCK_KEYS).bind(emails).bind(companies).bind(fields).bind(values).execute(conn).await?;
     Ok(())
 }
 
 /// The lock keys [`lock`] takes for `lead`, sorted: for tests that check
 /// that the locks and the matching agree on what is "the same".
 pub async fn lock_keys(conn: &mut PgConnection, lead: &Record, settings: &Settings) -> sqlx::Result<Vec<i64>> {
-    let (fields, values) = unique_values(lead, settings);
+    let (emails, companies, fields, values) = lock_args(std::iter::once(lead), settings);
     let sql = LOCK_KEYS.replacen("SELECT pg_advisory_xact_lock(k) FROM", "SELECT k FROM", 1);
-    sqlx::query_scalar(&sql)
-        .bind(lead.get("email").and_then(Value::as_str))
-        .bind(lead.get("company").and_then(Value::as_str))
-        .bind(&fields)
-        .bind(&values)
-        .fetch_all(conn)
-        .await
+    sqlx::query_scalar(&sql).bind(emails).bind(companies).bind(fields).bind(values).fetch_all(conn).await
 }
 
+/// The facts of one lead (see [`load_batch`]).
 pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, locking: Locking) -> sqlx::Result<Facts> {
+    let mut all = load_batch(conn, settings, &[lead_id], locking).await?;
+    Ok(all.pop().expect("one fact per lead"))
+}
+
+/// The facts of each of `lead_ids` (in that order; ids distinct), gathered
+/// for all of them at once: a few set-based statements per batch, not per
+/// lead. Each lead's facts are what the database holds before any of them
+/// is converted; what earlier leads of the batch do is laid over them by
+/// [`crate::run::Run`], as for a dry run.
+pub async fn load_batch(
+    conn: &mut PgConnection,
+    settings: &Settings,
+    lead_ids: &[i64],
+    locking: Locking,
+) -> sqlx::Result<Vec<Facts>> {
     let lock = locking.clause();
-    let mut facts = Facts { lead_id, ..Facts::default() };
-    let lead: Option<LeadRow> = sqlx::query_as(&format!(
-        "SELECT to_jsonb(l), leadconv_norm_email(l.email), leadconv_norm_company(l.company),
+    let mut all: Vec<Facts> = lead_ids.iter().map(|&lead_id| Facts { lead_id, ..Facts::default() }).collect();
+    // Locked in id order, whatever the batch's order: two batches that
+    // share a lead (two jobs) never wait on each other in a cycle.
+    let rows: Vec<IdLeadRow> = sqlx::query_as(&format!(
+        "SELECT l.id, to_jsonb(l), leadconv_norm_email(l.email), leadconv_norm_company(l.company),
                     leadconv_norm(l.first_name), leadconv_norm(l.last_name)
-             FROM leads l WHERE id = $1{lock}"
+             FROM leads l WHERE id = ANY($1) ORDER BY id{lock}"
     ))
-    .bind(lead_id)
-    .fetch_optional(&mut *conn)
+    .bind(lead_ids)
+    .fetch_all(&mut *conn)
     .await?;
-    let Some((Json(lead), email, company, first_name, last_name)) = lead else { return Ok(facts) };
-    facts.keys = LeadKeys { email, company, first_name, last_name };
-    if !record::is_empty(lead.get("converted_at")) {
+    let mut found: HashMap<i64, LeadRow> =
+        rows.into_iter().map(|(id, lead, e, c, f, l)| (id, (lead, e, c, f, l))).collect();
+    // The leads still to convert (converted or deleted ones need no more).
+    let mut open: Vec<usize> = Vec::new();
+    for (i, facts) in all.iter_mut().enumerate() {
+        let Some((Json(lead), email, company, first_name, last_name)) = found.remove(&facts.lead_id) else { continue };
+        facts.keys = LeadKeys { email, company, first_name, last_name };
+        if record::is_empty(lead.get("converted_at")) {
+            open.push(i);
+        }
         facts.lead = Some(lead);
-        return Ok(facts);
     }
-
+    if open.is_empty() {
+        return Ok(all);
+    }
     if locking == Locking::ForUpdate {
-        self::lock(conn, &lead, settings).await?;
+        self::lock(conn, open.iter().filter_map(|&i| all[i].lead.as_ref()), settings).await?;
     }
 
-    let custom = record::custom_fields(&lead);
-    let contact_by_unique = by_unique::<ContactRow>(
-        conn,
-        "contacts c",
-        CONTACT,
-        &settings.fields.unique_keys(Module::Contact),
-        &custom,
-        lock,
-    )
-    .await?;
-    facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, note_contact(&mut facts, row)));
-    if let Some(email) = &facts.keys.email {
-        let row: Option<ContactRow> = sqlx::query_as(&format!(
-            "SELECT {CONTACT} FROM contacts c WHERE leadconv_norm_email(email) = $1 ORDER BY created_at, id LIMIT 1{lock}"
+    // Contacts by e-mail and accounts by company: the oldest per key, for
+    // all keys of the batch at once.
+    let mut contact_keys: HashMap<i64, ContactKeys> = HashMap::new();
+    let mut account_names: HashMap<i64, String> = HashMap::new();
+    let emails: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.email.as_deref()).collect();
+    let mut by_email: HashMap<String, Record> = HashMap::new();
+    if !emails.is_empty() {
+        let rows: Vec<ContactRow> = sqlx::query_as(&format!(
+            "SELECT {CONTACT} FROM contacts c WHERE c.id IN (
+                 SELECT DISTINCT ON (leadconv_norm_email(email)) id FROM contacts
+                 WHERE leadconv_norm_email(email) = ANY($1) ORDER BY leadconv_norm_email(email), created_at, id)
+             ORDER BY c.id{lock}"
         ))
-        .bind(email)
-        .fetch_optional(&mut *conn)
+        .bind(&emails)
+        .fetch_all(&mut *conn)
         .await?;
-        facts.contact_by_email = row.map(|r| note_contact(&mut facts, r));
+        for row in rows {
+            let key = row.1.clone();
+            let c = note_contact(&mut contact_keys, row);
+            by_email.extend(key.map(|k| (k, c)));
+        }
     }
-    let account_by_unique = by_unique::<AccountRow>(
-        conn,
-        "accounts a",
-        ACCOUNT,
-        &settings.fields.unique_keys(Module::Account),
-        &custom,
-        lock,
-    )
-    .await?;
-    facts.account_by_unique = account_by_unique.map(|(f, row)| (f, note_account(&mut facts, row)));
-    if let Some(company) = &facts.keys.company {
-        let row: Option<AccountRow> = sqlx::query_as(&format!(
-            "SELECT {ACCOUNT} FROM accounts a WHERE leadconv_norm_company(account_name) = $1
-             ORDER BY created_at, id LIMIT 1{lock}"
+    let companies: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.company.as_deref()).collect();
+    let mut by_company: HashMap<String, Record> = HashMap::new();
+    if !companies.is_empty() {
+        let rows: Vec<AccountRow> = sqlx::query_as(&format!(
+            "SELECT {ACCOUNT} FROM accounts a WHERE a.id IN (
+                 SELECT DISTINCT ON (leadconv_norm_company(account_name)) id FROM accounts
+                 WHERE leadconv_norm_company(account_name) = ANY($1)
+                 ORDER BY leadconv_norm_company(account_name), created_at, id)
+             ORDER BY a.id{lock}"
         ))
-        .bind(company)
-        .fetch_optional(&mut *conn)
+        .bind(&companies)
+        .fetch_all(&mut *conn)
         .await?;
-        facts.account_by_company = row.map(|r| note_account(&mut facts, r));
-    }
-    // SPEC §3.4 (seed 000): a lead without e-mail whose account was matched
-    // merges into the contact of that account with its first and last name.
-    if facts.keys.email.is_none() && facts.contact_by_unique.is_none() {
-        let account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
-        if let (Some(account_id), Some(last)) = (account.and_then(|a| record::id(a, "id")), &facts.keys.last_name) {
-            let row: Option<ContactRow> = sqlx::query_as(&format!(
-                "SELECT {CONTACT} FROM contacts c
-                 WHERE account_id = $1 AND leadconv_norm(last_name) = $2
-                   AND leadconv_norm(first_name) IS NOT DISTINCT FROM $3
-                 ORDER BY created_at, id LIMIT 1{lock}"
-            ))
-            .bind(account_id)
-            .bind(last)
-            .bind(&facts.keys.first_name)
-            .fetch_optional(&mut *conn)
-            .await?;
-            facts.contact_by_name = row.map(|r| note_contact(&mut facts, r));
+        for row in rows {
+            let key = row.1.clone();
+            let a = note_account(&mut account_names, row);
+            by_company.extend(key.map(|k| (k, a)));
         }
     }
 
-    let contacts: Vec<&Record> = facts.candidate_contacts().collect();
-    let contact_ids: Vec<i64> = contacts.iter().filter_map(|c| record::id(c, "id")).collect();
-    let account_ids_of_contacts: Vec<i64> = contacts.iter().filter_map(|c| record::id(c, "account_id")).collect();
+    // Unique fields and names are configured per installation and rare:
+    // looked up lead by lead, and only where they can match.
+    let contact_uniques = settings.fields.unique_keys(Module::Contact);
+    let account_uniques = settings.fields.unique_keys(Module::Account);
+    for &i in &open {
+        let facts = &mut all[i];
+        let lead = facts.lead.as_ref().expect("open leads exist");
+        let custom = record::custom_fields(lead);
+        let contact_by_unique =
+            by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &custom, lock).await?;
+        let account_by_unique =
+            by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &custom, lock).await?;
+        facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, note_contact(&mut contact_keys, row)));
+        facts.account_by_unique = account_by_unique.map(|(f, row)| (f, note_account(&mut account_names, row)));
+        facts.contact_by_email = facts.keys.email.as_ref().and_then(|e| by_email.get(e)).cloned();
+        facts.account_by_company = facts.keys.company.as_ref().and_then(|c| by_company.get(c)).cloned();
+        // SPEC §3.4 (seed 000): a lead without e-mail whose account was
+        // matched merges into the contact of that account with its first
+        // and last name.
+        if facts.keys.email.is_none() && facts.contact_by_unique.is_none() {
+            let account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
+            if let (Some(account_id), Some(last)) = (account.and_then(|a| record::id(a, "id")), &facts.keys.last_name) {
+                let row: Option<ContactRow> = sqlx::query_as(&format!(
+                    "SELECT {CONTACT} FROM contacts c
+                     WHERE account_id = $1 AND leadconv_norm(last_name) = $2
+                       AND leadconv_norm(first_name) IS NOT DISTINCT FROM $3
+                     ORDER BY created_at, id LIMIT 1{lock}"
+                ))
+                .bind(account_id)
+                .bind(last)
+                .bind(&facts.keys.first_name)
+                .fetch_optional(&mut *conn)
+                .await?;
+                facts.contact_by_name = row.map(|r| note_contact(&mut contact_keys, r));
+            }
+        }
+    }
+
+    // The accounts the candidate contacts belong to.
+    let mut account_ids_of_contacts: Vec<i64> = open
+        .iter()
+        .flat_map(|&i| all[i].candidate_contacts().filter_map(|c| record::id(c, "account_id")).collect::<Vec<_>>())
+        .collect();
+    account_ids_of_contacts.sort_unstable();
+    account_ids_of_contacts.dedup();
+    let mut contact_accounts: HashMap<i64, Record> = HashMap::new();
     if !account_ids_of_contacts.is_empty() {
         let rows: Vec<AccountRow> =
             sqlx::query_as(&format!("SELECT {ACCOUNT} FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"))
                 .bind(&account_ids_of_contacts)
                 .fetch_all(&mut *conn)
                 .await?;
-        facts.contact_accounts = rows.into_iter().map(|r| note_account(&mut facts, r)).collect();
+        for row in rows {
+            let a = note_account(&mut account_names, row);
+            contact_accounts.extend(record::id(&a, "id").map(|id| (id, a)));
+        }
     }
-    let account_ids: Vec<i64> = facts.candidate_accounts().filter_map(|a| record::id(a, "id")).collect();
+    for &i in &open {
+        let facts = &mut all[i];
+        let mut ids: Vec<i64> = facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        facts.contact_accounts = ids.iter().filter_map(|id| contact_accounts.get(id).cloned()).collect();
+    }
 
+    // Won deals of every candidate, and the hierarchy above every user
+    // concerned, once for the batch.
+    let mut contact_ids: Vec<i64> = Vec::new();
+    let mut account_ids: Vec<i64> = Vec::new();
+    let mut users: Vec<i64> = vec![settings.acting_user];
+    for &i in &open {
+        let facts = &all[i];
+        contact_ids.extend(facts.candidate_contacts().filter_map(|c| record::id(c, "id")));
+        account_ids.extend(facts.candidate_accounts().filter_map(|a| record::id(a, "id")));
+        users.extend(facts.lead.as_ref().and_then(|l| record::id(l, "owner_id")));
+        users.extend(
+            facts.candidate_contacts().chain(facts.candidate_accounts()).filter_map(|r| record::id(r, "owner_id")),
+        );
+    }
+    let (mut won_contacts, mut won_accounts) = (Vec::new(), Vec::new());
     if !contact_ids.is_empty() || !account_ids.is_empty() {
         let won = sqlx::query!(
             "SELECT d.contact_id, d.account_id FROM deals d
@@ -217,37 +303,43 @@ pub async fn load(conn: &mut PgConnection, settings: &Settings, lead_id: i64, lo
         )
         .fetch_all(&mut *conn)
         .await?;
-        facts.won_contacts = won.iter().filter_map(|d| d.contact_id).filter(|c| contact_ids.contains(c)).collect();
-        facts.won_accounts = won.iter().filter_map(|d| d.account_id).filter(|a| account_ids.contains(a)).collect();
+        won_contacts = won.iter().filter_map(|d| d.contact_id).collect();
+        won_accounts = won.iter().filter_map(|d| d.account_id).collect();
     }
-
-    let mut users: Vec<i64> = vec![settings.acting_user];
-    users.extend(record::id(&lead, "owner_id"));
-    users
-        .extend(facts.candidate_contacts().chain(facts.candidate_accounts()).filter_map(|r| record::id(r, "owner_id")));
     users.sort_unstable();
     users.dedup();
-    facts.managers_above = managers_above(conn, &users).await?;
-    facts.acting_is_admin = sqlx::query_scalar!("SELECT is_admin FROM users WHERE id = $1", settings.acting_user)
+    let managers = managers_above(conn, &users).await?;
+    let acting_is_admin = sqlx::query_scalar!("SELECT is_admin FROM users WHERE id = $1", settings.acting_user)
         .fetch_optional(&mut *conn)
         .await?
         .unwrap_or(false);
-    facts.lead = Some(lead);
-    Ok(facts)
+    for &i in &open {
+        let facts = &mut all[i];
+        let contacts: Vec<i64> = facts.candidate_contacts().filter_map(|c| record::id(c, "id")).collect();
+        let accounts: Vec<i64> = facts.candidate_accounts().filter_map(|a| record::id(a, "id")).collect();
+        facts.won_contacts = won_contacts.iter().copied().filter(|c| contacts.contains(c)).collect();
+        facts.won_accounts = won_accounts.iter().copied().filter(|a| accounts.contains(a)).collect();
+        facts.contact_keys = contacts.iter().filter_map(|id| contact_keys.get(id).map(|k| (*id, k.clone()))).collect();
+        facts.account_names =
+            accounts.iter().filter_map(|id| account_names.get(id).map(|n| (*id, n.clone()))).collect();
+        facts.managers_above = managers.clone();
+        facts.acting_is_admin = acting_is_admin;
+    }
+    Ok(all)
 }
 
-/// Keeps a contact's keys in `facts` and returns the contact.
-fn note_contact(facts: &mut Facts, (Json(c), email, first_name, last_name): ContactRow) -> Record {
+/// Keeps a contact's keys and returns the contact.
+fn note_contact(keys: &mut HashMap<i64, ContactKeys>, (Json(c), email, first_name, last_name): ContactRow) -> Record {
     if let Some(id) = record::id(&c, "id") {
-        facts.contact_keys.insert(id, ContactKeys { email, first_name, last_name });
+        keys.insert(id, ContactKeys { email, first_name, last_name });
     }
     c
 }
 
-/// Keeps an account's normalised name in `facts` and returns the account.
-fn note_account(facts: &mut Facts, (Json(a), name): AccountRow) -> Record {
+/// Keeps an account's normalised name and returns the account.
+fn note_account(names: &mut HashMap<i64, String>, (Json(a), name): AccountRow) -> Record {
     if let (Some(id), Some(name)) = (record::id(&a, "id"), name) {
-        facts.account_names.insert(id, name);
+        names.insert(id, name);
     }
     a
 }

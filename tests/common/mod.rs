@@ -250,6 +250,32 @@ impl Crm {
         (job_id, out)
     }
 
+    /// Creates a job over `leads` and converts them in batches of `size`
+    /// (each batch one transaction, as a worker's bulk lane does).
+    pub async fn convert_in_batches(
+        &self,
+        acting: i64,
+        options: Value,
+        leads: &[i64],
+        size: usize,
+    ) -> (Uuid, Vec<LeadResult>) {
+        let job_id =
+            job::create_for_leads(self.pool(), acting, Trigger::Manual, &options, leads).await.expect("job accepted");
+        let job = job::get(self.pool(), job_id).await.unwrap().unwrap();
+        let settings = job::settings(self.pool(), &job).await.unwrap();
+        let mut out = Vec::new();
+        for batch in leads.chunks(size) {
+            let items: Vec<convert::Item> = batch
+                .iter()
+                .map(|&lead_id| convert::Item { lead_id, enqueued_at: None, earlier_attempts: 0 })
+                .collect();
+            let results = convert::convert_batch(self.pool(), job_id, &settings, &items).await.expect("batch runs");
+            out.extend(results.into_iter().map(|r| r.expect("conversion runs")));
+        }
+        job::rollup(self.pool(), job_id).await.unwrap();
+        (job_id, out)
+    }
+
     /// A dry run's plans, as JSON, for `leads` converted by `acting`.
     pub async fn dry_run(&self, acting: i64, options: &Value, leads: &[i64]) -> Vec<Value> {
         let new = job::NewJob {
