@@ -209,7 +209,10 @@ async fn sigterm_lets_the_worker_finish_in_flight_conversions_and_exit_0() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
     let (job_id, total) = seeded_job(&crm, &broker, 1_500).await;
-    let w = leadconv(&crm, &broker, &["worker", "--concurrency", "8"]).spawn().unwrap();
+    // Small batches: what the worker holds at once (in flight and
+    // prefetched) is a fraction of the job, so the stop lands mid-job.
+    let args = ["worker", "--concurrency", "2", "--batch-size", "25"];
+    let w = leadconv(&crm, &broker, &args).spawn().unwrap();
     wait_for("the worker converts", Duration::from_secs(120), || async { converted(&crm).await >= 200 }).await;
     let pid = w.id().unwrap().to_string();
     let term = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();

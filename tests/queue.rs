@@ -51,8 +51,21 @@ fn start_worker(
     concurrency: u16,
     exit_when_idle: bool,
 ) -> (JoinHandle<()>, CancellationToken) {
+    start_worker_batching(crm, broker, concurrency, None, exit_when_idle)
+}
+
+/// [`start_worker`] with bulk batches of `batch_size` leads (`None`: the
+/// default).
+fn start_worker_batching(
+    crm: &Crm,
+    broker: &TestBroker,
+    concurrency: u16,
+    batch_size: Option<u16>,
+    exit_when_idle: bool,
+) -> (JoinHandle<()>, CancellationToken) {
     let mut cfg = worker::WorkerConfig::new(common::broker::amqp_url(), broker.topology.clone());
     cfg.concurrency = concurrency;
+    cfg.batch_size = batch_size.unwrap_or(cfg.batch_size);
     cfg.exit_when_idle = exit_when_idle;
     cfg.tick = Duration::from_millis(100);
     let stop = CancellationToken::new();
@@ -279,7 +292,9 @@ async fn cancel_mid_job_stops_conversion_and_counts_add_up() {
     let seeded = seed::seed(crm.pool(), &SeedSpec { leads: 3_000, duplicates: 0.2, rng_seed: 5 }).await.unwrap();
     let job_id =
         enqueue(&crm, &broker, json!({"all_leads": true}), with_deal(), seeded.acting_user, Trigger::Manual).await;
-    let (w, _stop) = start_worker(&crm, &broker, 4, true);
+    // Small batches: what the worker holds at once is a fraction of the
+    // job, so the cancel lands mid-job.
+    let (w, _stop) = start_worker_batching(&crm, &broker, 2, Some(25), true);
     wait_for("some leads are converted", Duration::from_secs(120), || async {
         job_status(&crm, job_id).await.converted_count >= 200
     })
