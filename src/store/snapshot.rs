@@ -141,6 +141,12 @@ pub async fn load_batch(
     locking: Locking,
 ) -> sqlx::Result<Vec<Facts>> {
     let lock = locking.clause();
+    // Candidates are looked up without row locks, then locked all at once
+    // in one global order (contacts by id, then accounts by id) and read
+    // again: two batches whose candidates overlap never wait on each other
+    // in a cycle. The advisory locks keep every candidate of a lead's keys
+    // from appearing or changing meanwhile through another conversion.
+    let lookup = "";
     let mut all: Vec<Facts> = lead_ids.iter().map(|&lead_id| Facts { lead_id, ..Facts::default() }).collect();
     // Locked in id order, whatever the batch's order: two batches that
     // share a lead (two jobs) never wait on each other in a cycle.
@@ -182,7 +188,7 @@ pub async fn load_batch(
             "SELECT {CONTACT} FROM contacts c WHERE c.id IN (
                  SELECT DISTINCT ON (leadconv_norm_email(email)) id FROM contacts
                  WHERE leadconv_norm_email(email) = ANY($1) ORDER BY leadconv_norm_email(email), created_at, id)
-             ORDER BY c.id{lock}"
+             ORDER BY c.id{lookup}"
         ))
         .bind(&emails)
         .fetch_all(&mut *conn)
@@ -201,7 +207,7 @@ pub async fn load_batch(
                  SELECT DISTINCT ON (leadconv_norm_company(account_name)) id FROM accounts
                  WHERE leadconv_norm_company(account_name) = ANY($1)
                  ORDER BY leadconv_norm_company(account_name), created_at, id)
-             ORDER BY a.id{lock}"
+             ORDER BY a.id{lookup}"
         ))
         .bind(&companies)
         .fetch_all(&mut *conn)
@@ -222,9 +228,9 @@ pub async fn load_batch(
         let lead = facts.lead.as_ref().expect("open leads exist");
         let custom = record::custom_fields(lead);
         let contact_by_unique =
-            by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &custom, lock).await?;
+            by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &custom, lookup).await?;
         let account_by_unique =
-            by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &custom, lock).await?;
+            by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &custom, lookup).await?;
         facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, note_contact(&mut contact_keys, row)));
         facts.account_by_unique = account_by_unique.map(|(f, row)| (f, note_account(&mut account_names, row)));
         facts.contact_by_email = facts.keys.email.as_ref().and_then(|e| by_email.get(e)).cloned();
@@ -239,7 +245,7 @@ pub async fn load_batch(
                     "SELECT {CONTACT} FROM contacts c
                      WHERE account_id = $1 AND leadconv_norm(last_name) = $2
                        AND leadconv_norm(first_name) IS NOT DISTINCT FROM $3
-                     ORDER BY created_at, id LIMIT 1{lock}"
+                     ORDER BY created_at, id LIMIT 1{lookup}"
                 ))
                 .bind(account_id)
                 .bind(last)
@@ -251,31 +257,62 @@ pub async fn load_batch(
         }
     }
 
-    // The accounts the candidate contacts belong to.
-    let mut account_ids_of_contacts: Vec<i64> = open
-        .iter()
-        .flat_map(|&i| all[i].candidate_contacts().filter_map(|c| record::id(c, "account_id")).collect::<Vec<_>>())
-        .collect();
-    account_ids_of_contacts.sort_unstable();
-    account_ids_of_contacts.dedup();
-    let mut contact_accounts: HashMap<i64, Record> = HashMap::new();
-    if !account_ids_of_contacts.is_empty() {
+    // Lock the candidate contacts and read them again, as they are now.
+    if locking == Locking::ForUpdate {
+        let mut ids: Vec<i64> =
+            open.iter().flat_map(|&i| all[i].candidate_contacts().filter_map(|c| record::id(c, "id"))).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut fresh: HashMap<i64, Record> = HashMap::new();
+        if !ids.is_empty() {
+            let rows: Vec<ContactRow> =
+                sqlx::query_as(&format!("SELECT {CONTACT} FROM contacts c WHERE id = ANY($1) ORDER BY id{lock}"))
+                    .bind(&ids)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for row in rows {
+                let c = note_contact(&mut contact_keys, row);
+                fresh.extend(record::id(&c, "id").map(|id| (id, c)));
+            }
+        }
+        for &i in &open {
+            let facts = &mut all[i];
+            facts.contact_by_unique = facts.contact_by_unique.take().and_then(|(f, c)| Some((f, now(&fresh, &c)?)));
+            facts.contact_by_email = facts.contact_by_email.take().and_then(|c| now(&fresh, &c));
+            facts.contact_by_name = facts.contact_by_name.take().and_then(|c| now(&fresh, &c));
+        }
+    }
+
+    // The candidate accounts and the accounts of the candidate contacts:
+    // locked (in a conversion) and read in one statement.
+    let mut ids: Vec<i64> = Vec::new();
+    for &i in &open {
+        let facts = &all[i];
+        ids.extend(facts.candidate_accounts().filter_map(|a| record::id(a, "id")));
+        ids.extend(facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let mut accounts: HashMap<i64, Record> = HashMap::new();
+    if !ids.is_empty() {
         let rows: Vec<AccountRow> =
             sqlx::query_as(&format!("SELECT {ACCOUNT} FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"))
-                .bind(&account_ids_of_contacts)
+                .bind(&ids)
                 .fetch_all(&mut *conn)
                 .await?;
         for row in rows {
             let a = note_account(&mut account_names, row);
-            contact_accounts.extend(record::id(&a, "id").map(|id| (id, a)));
+            accounts.extend(record::id(&a, "id").map(|id| (id, a)));
         }
     }
     for &i in &open {
         let facts = &mut all[i];
+        facts.account_by_unique = facts.account_by_unique.take().and_then(|(f, a)| Some((f, now(&accounts, &a)?)));
+        facts.account_by_company = facts.account_by_company.take().and_then(|a| now(&accounts, &a));
         let mut ids: Vec<i64> = facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")).collect();
         ids.sort_unstable();
         ids.dedup();
-        facts.contact_accounts = ids.iter().filter_map(|id| contact_accounts.get(id).cloned()).collect();
+        facts.contact_accounts = ids.iter().filter_map(|id| accounts.get(id).cloned()).collect();
     }
 
     // Won deals of every candidate, and the hierarchy above every user
@@ -326,6 +363,11 @@ pub async fn load_batch(
         facts.acting_is_admin = acting_is_admin;
     }
     Ok(all)
+}
+
+/// `r` as read again (`None`: deleted meanwhile).
+fn now(fresh: &HashMap<i64, Record>, r: &Record) -> Option<Record> {
+    record::id(r, "id").and_then(|id| fresh.get(&id)).cloned()
 }
 
 /// Keeps a contact's keys and returns the contact.
