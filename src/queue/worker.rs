@@ -240,8 +240,15 @@ async fn session(
                 None => break Err(anyhow::anyhow!("RabbitMQ closed the consumers")),
             },
             _ = tokio::time::sleep_until(batch_due.unwrap_or_else(tokio::time::Instant::now)), if batch_due.is_some() => {
-                batch_due = None;
-                spawn(&mut tasks, std::mem::take(&mut batch), Lane::Bulk);
+                if bulk_slots.available_permits() == 0 {
+                    // Every bulk slot is busy: a batch sent now would only
+                    // wait for one, so it keeps filling meanwhile (the
+                    // broker sends more as the running batches ack).
+                    batch_due = Some(tokio::time::Instant::now() + cfg.batch_wait);
+                } else {
+                    batch_due = None;
+                    spawn(&mut tasks, std::mem::take(&mut batch), Lane::Bulk);
+                }
             }
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
@@ -477,14 +484,17 @@ impl Handler {
                 return;
             }
         };
+        // The batch's acks go out together, not one round of the channel
+        // after another.
+        let mut done = Vec::new();
         for (m, result) in group.into_iter().zip(results) {
             match result {
-                Ok(_) => self.ack(&m.delivery).await,
+                Ok(_) => done.push(m.delivery),
                 Err(ConvertError::Transient(e)) => self.retry(m, &e.to_string()).await,
                 Err(e @ ConvertError::NotInJob { .. }) => {
                     // A stray message: nothing to convert, nothing to record.
                     tracing::warn!(%job_id, lead_id = m.msg.lead_id, reason = %e, "dropping message");
-                    self.ack(&m.delivery).await;
+                    done.push(m.delivery);
                 }
                 Err(ConvertError::Database(e)) => {
                     tracing::error!(%job_id, lead_id = m.msg.lead_id, error = %e, "conversion failed with a database error");
@@ -492,6 +502,7 @@ impl Handler {
                 }
             }
         }
+        futures::future::join_all(done.iter().map(|d| self.ack(d))).await;
     }
 
     async fn ack(&self, delivery: &Delivery) {

@@ -146,7 +146,6 @@ pub async fn load_batch(
     // again: two batches whose candidates overlap never wait on each other
     // in a cycle. The advisory locks keep every candidate of a lead's keys
     // from appearing or changing meanwhile through another conversion.
-    let lookup = "";
     let mut all: Vec<Facts> = lead_ids.iter().map(|&lead_id| Facts { lead_id, ..Facts::default() }).collect();
     // Locked in id order, whatever the batch's order: two batches that
     // share a lead (two jobs) never wait on each other in a cycle.
@@ -188,7 +187,7 @@ pub async fn load_batch(
             "SELECT {CONTACT} FROM contacts c WHERE c.id IN (
                  SELECT DISTINCT ON (leadconv_norm_email(email)) id FROM contacts
                  WHERE leadconv_norm_email(email) = ANY($1) ORDER BY leadconv_norm_email(email), created_at, id)
-             ORDER BY c.id{lookup}"
+             ORDER BY c.id"
         ))
         .bind(&emails)
         .fetch_all(&mut *conn)
@@ -207,7 +206,7 @@ pub async fn load_batch(
                  SELECT DISTINCT ON (leadconv_norm_company(account_name)) id FROM accounts
                  WHERE leadconv_norm_company(account_name) = ANY($1)
                  ORDER BY leadconv_norm_company(account_name), created_at, id)
-             ORDER BY a.id{lookup}"
+             ORDER BY a.id"
         ))
         .bind(&companies)
         .fetch_all(&mut *conn)
@@ -219,41 +218,49 @@ pub async fn load_batch(
         }
     }
 
-    // Unique fields and names are configured per installation and rare:
-    // looked up lead by lead, and only where they can match.
+    // Unique fields (configured per installation), then, for leads without
+    // e-mail, the name within the matched account: a statement per unique
+    // field and one for the names, for the whole batch.
+    let customs: Vec<(usize, serde_json::Map<String, Value>)> =
+        open.iter().map(|&i| (i, record::custom_fields(all[i].lead.as_ref().expect("open leads exist")))).collect();
     let contact_uniques = settings.fields.unique_keys(Module::Contact);
     let account_uniques = settings.fields.unique_keys(Module::Account);
+    for (i, (f, row)) in by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &customs).await? {
+        all[i].contact_by_unique = Some((f, note_contact(&mut contact_keys, row)));
+    }
+    for (i, (f, row)) in by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &customs).await? {
+        all[i].account_by_unique = Some((f, note_account(&mut account_names, row)));
+    }
+    // SPEC §3.4 (seed 000): a lead without e-mail whose account was matched
+    // merges into the contact of that account with its first and last name.
+    let mut by_name: Vec<(usize, i64, String, Option<String>)> = Vec::new();
     for &i in &open {
         let facts = &mut all[i];
-        let lead = facts.lead.as_ref().expect("open leads exist");
-        let custom = record::custom_fields(lead);
-        let contact_by_unique =
-            by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &custom, lookup).await?;
-        let account_by_unique =
-            by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &custom, lookup).await?;
-        facts.contact_by_unique = contact_by_unique.map(|(f, row)| (f, note_contact(&mut contact_keys, row)));
-        facts.account_by_unique = account_by_unique.map(|(f, row)| (f, note_account(&mut account_names, row)));
         facts.contact_by_email = facts.keys.email.as_ref().and_then(|e| by_email.get(e)).cloned();
         facts.account_by_company = facts.keys.company.as_ref().and_then(|c| by_company.get(c)).cloned();
-        // SPEC §3.4 (seed 000): a lead without e-mail whose account was
-        // matched merges into the contact of that account with its first
-        // and last name.
         if facts.keys.email.is_none() && facts.contact_by_unique.is_none() {
             let account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
             if let (Some(account_id), Some(last)) = (account.and_then(|a| record::id(a, "id")), &facts.keys.last_name) {
-                let row: Option<ContactRow> = sqlx::query_as(&format!(
-                    "SELECT {CONTACT} FROM contacts c
-                     WHERE account_id = $1 AND leadconv_norm(last_name) = $2
-                       AND leadconv_norm(first_name) IS NOT DISTINCT FROM $3
-                     ORDER BY created_at, id LIMIT 1{lookup}"
-                ))
-                .bind(account_id)
-                .bind(last)
-                .bind(&facts.keys.first_name)
-                .fetch_optional(&mut *conn)
-                .await?;
-                facts.contact_by_name = row.map(|r| note_contact(&mut contact_keys, r));
+                by_name.push((i, account_id, last.clone(), facts.keys.first_name.clone()));
             }
+        }
+    }
+    if !by_name.is_empty() {
+        let rows = sqlx::query(&format!(
+            "SELECT DISTINCT ON (v.ord) {CONTACT}, v.ord AS batch_ord
+             FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS v(account_id, last_name, first_name, ord)
+             JOIN contacts c ON c.account_id = v.account_id AND leadconv_norm(c.last_name) = v.last_name
+                            AND leadconv_norm(c.first_name) IS NOT DISTINCT FROM v.first_name
+             ORDER BY v.ord, c.created_at, c.id"
+        ))
+        .bind(by_name.iter().map(|n| n.1).collect::<Vec<_>>())
+        .bind(by_name.iter().map(|n| n.2.clone()).collect::<Vec<_>>())
+        .bind(by_name.iter().map(|n| n.3.clone()).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let (i, contact) = in_batch::<ContactRow>(&row, &by_name.iter().map(|n| n.0).collect::<Vec<_>>())?;
+            all[i].contact_by_name = Some(note_contact(&mut contact_keys, contact));
         }
     }
 
@@ -386,37 +393,68 @@ fn note_account(names: &mut HashMap<i64, String>, (Json(a), name): AccountRow) -
     a
 }
 
-/// The oldest record whose unique custom field holds the lead's mapped
-/// value, trying the unique fields in their stable order.
+/// For each lead of `leads` (its index in the batch and its custom
+/// fields), the oldest record whose unique custom field holds the lead's
+/// mapped value, trying the unique fields in their stable order: one
+/// statement per field, for the leads no earlier field matched.
 async fn by_unique<R>(
     conn: &mut PgConnection,
     table: &'static str,
     columns: &'static str,
     keys: &[UniqueKey],
-    lead_custom: &serde_json::Map<String, Value>,
-    lock: &str,
-) -> sqlx::Result<Option<(String, R)>>
+    leads: &[(usize, serde_json::Map<String, Value>)],
+) -> sqlx::Result<HashMap<usize, (String, R)>>
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
     let alias = table.rsplit(' ').next().unwrap_or(table);
+    let mut found: HashMap<usize, (String, R)> = HashMap::new();
     for k in keys {
-        let Some(v) = lead_custom.get(&k.lead_field).filter(|v| !record::is_empty(Some(v))) else { continue };
+        let (mut who, mut values) = (Vec::new(), Vec::new());
+        for (i, custom) in leads {
+            if found.contains_key(i) {
+                continue;
+            }
+            if let Some(v) = custom.get(&k.lead_field).filter(|v| !record::is_empty(Some(v))) {
+                who.push(*i);
+                values.push(Json(v.clone()));
+            }
+        }
+        if who.is_empty() {
+            continue;
+        }
         // `@>` with a one-key object uses the jsonb_path_ops GIN index for
         // whichever field is unique, without an index per field.
-        let found: Option<R> = sqlx::query_as(&format!(
-            "SELECT {columns} FROM {table} WHERE {alias}.custom_fields @> jsonb_build_object($1::text, $2::jsonb)
-             ORDER BY {alias}.created_at, {alias}.id LIMIT 1{lock}"
+        let rows = sqlx::query(&format!(
+            "SELECT DISTINCT ON (v.ord) {columns}, v.ord AS batch_ord
+             FROM unnest($2::jsonb[]) WITH ORDINALITY AS v(value, ord)
+             JOIN {table} ON {alias}.custom_fields @> jsonb_build_object($1::text, v.value)
+             ORDER BY v.ord, {alias}.created_at, {alias}.id"
         ))
         .bind(&k.target_field)
-        .bind(Json(v))
-        .fetch_optional(&mut *conn)
+        .bind(&values)
+        .fetch_all(&mut *conn)
         .await?;
-        if let Some(r) = found {
-            return Ok(Some((k.target_field.clone(), r)));
+        for row in rows {
+            let (i, r) = in_batch::<R>(&row, &who)?;
+            found.insert(i, (k.target_field.clone(), r));
         }
     }
-    Ok(None)
+    Ok(found)
+}
+
+/// A row of a statement over `unnest(...) WITH ORDINALITY`: the record, and
+/// the batch index of the lead it was found for (`batch_ord` counts from 1
+/// over `who`).
+fn in_batch<R>(row: &sqlx::postgres::PgRow, who: &[usize]) -> sqlx::Result<(usize, R)>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    use sqlx::Row;
+    let ord: i64 = row.try_get("batch_ord")?;
+    let i = usize::try_from(ord - 1).ok().and_then(|o| who.get(o)).copied();
+    let i = i.ok_or_else(|| sqlx::Error::Protocol(format!("batch_ord {ord} out of range")))?;
+    Ok((i, R::from_row(row)?))
 }
 
 /// For each user, the chain of managers above them, nearest first. The depth
