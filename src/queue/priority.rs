@@ -4,8 +4,18 @@
 //! workflow conversion is in flight, bulk conversions start only while
 //! fewer than the bulk *floor* of them run. The bulk job keeps moving at
 //! its floor, so a storm of workflow calls slows it down but never stops it.
+//!
+//! Workflow calls come one after another from each caller, with gaps of a
+//! round trip between them: the lane counts as busy for [`GRACE`] after
+//! its last conversion, so those gaps do not let a wave of bulk batches in.
+//! While it is busy, bulk batches are also smaller ([`Priority::batch_size`]):
+//! a short bulk transaction holds its rows and keys briefly, so a workflow
+//! lead that shares a company with it waits little.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -16,10 +26,21 @@ pub struct Priority {
     bulk_floor: usize,
 }
 
+/// How long the workflow lane counts as busy after its last conversion.
+pub const GRACE: Duration = Duration::from_millis(500);
+
 #[derive(Default)]
 struct Running {
     workflow: usize,
     bulk: usize,
+    /// When the last workflow conversion ended.
+    workflow_ended: Option<Instant>,
+}
+
+impl Running {
+    fn workflow_busy(&self) -> bool {
+        self.workflow > 0 || self.workflow_ended.is_some_and(|t| t.elapsed() < GRACE)
+    }
 }
 
 impl Priority {
@@ -50,12 +71,23 @@ impl Priority {
             let changed = self.changed.notified();
             {
                 let mut running = self.running.lock().expect("priority lock");
-                if running.workflow == 0 || running.bulk < self.bulk_floor {
+                if !running.workflow_busy() || running.bulk < self.bulk_floor {
                     running.bulk += 1;
                     return Turn { priority: self.clone(), workflow: false };
                 }
             }
-            changed.await;
+            // The grace period ends without a notification: look again then.
+            let _ = tokio::time::timeout(GRACE, changed).await;
+        }
+    }
+
+    /// The most leads a bulk batch should take now: `full`, or an eighth
+    /// of it while the workflow lane is busy.
+    pub fn batch_size(&self, full: usize) -> usize {
+        if self.running.lock().expect("priority lock").workflow_busy() {
+            (full / 8).max(1)
+        } else {
+            full
         }
     }
 
@@ -64,6 +96,7 @@ impl Priority {
             let mut running = self.running.lock().expect("priority lock");
             if workflow {
                 running.workflow -= 1;
+                running.workflow_ended = Some(Instant::now());
             } else {
                 running.bulk -= 1;
             }
@@ -107,7 +140,9 @@ mod tests {
         let _c = p.bulk_turn().await;
     }
 
-    #[tokio::test]
+    // Paused time: the grace period passes when every task waits, with no
+    // real waiting and no dependence on the machine's speed.
+    #[tokio::test(start_paused = true)]
     async fn bulk_beyond_the_floor_waits_while_a_workflow_conversion_runs() {
         let p = Arc::new(Priority::new(2));
         let first = p.bulk_turn().await;
@@ -124,8 +159,25 @@ mod tests {
         let mut fourth = Box::pin(p.bulk_turn());
         assert!(still_waiting(&mut fourth).await);
         drop(wf);
-        tokio::time::timeout(Duration::from_secs(1), &mut fourth).await.expect("no workflow work: bulk runs freely");
+        // Within the grace period the next workflow call may come: still
+        // waiting …
+        assert!(still_waiting(&mut fourth).await, "bulk rushed in between two workflow calls");
+        // … after it, no workflow work: bulk runs freely.
+        tokio::time::timeout(GRACE * 2, &mut fourth).await.expect("no workflow work: bulk runs freely");
         drop((second, third_turn));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bulk_batches_are_smaller_while_the_workflow_lane_is_busy() {
+        let p = Arc::new(Priority::new(1));
+        assert_eq!(p.batch_size(200), 200);
+        let wf = p.workflow_turn();
+        assert_eq!(p.batch_size(200), 25);
+        assert_eq!(p.batch_size(4), 1, "never empty");
+        drop(wf);
+        assert_eq!(p.batch_size(200), 25, "busy for the grace period after the last call");
+        tokio::time::sleep(GRACE).await;
+        assert_eq!(p.batch_size(200), 200);
     }
 
     #[test]

@@ -227,7 +227,7 @@ async fn session(
                         Lane::Workflow => spawn(&mut tasks, vec![delivery], lane),
                         Lane::Bulk => {
                             batch.push(delivery);
-                            if batch.len() >= batch_size {
+                            if batch.len() >= priority.batch_size(batch_size) {
                                 batch_due = None;
                                 spawn(&mut tasks, std::mem::take(&mut batch), lane);
                             } else if batch_due.is_none() {
