@@ -155,7 +155,11 @@ pub async fn convert_batch(
                     tracing::debug!(error = %e, tries, "lock conflict, trying again");
                     tokio::time::sleep(Duration::from_millis(5 << tries)).await;
                 }
-                ConvertError::Transient(e) if !(items.len() > 1 && is_lock_conflict(&e)) => {
+                // Lost connections and a server going away fail the whole
+                // batch: lead by lead would fail the same way, slower. A
+                // lock or statement timeout splits it instead: only the
+                // leads whose keys a stuck transaction holds wait again.
+                ConvertError::Transient(e) if items.len() == 1 || !is_lock_wait(&e) => {
                     return Err(ConvertError::Transient(e))
                 }
                 e if items.len() > 1 => {
@@ -216,6 +220,12 @@ async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u3
     tx.commit().await?;
     crate::metrics::record_result(&r, std::time::Duration::ZERO);
     Ok(r)
+}
+
+/// A deadlock, a serialization failure, or a lock or statement timeout:
+/// the transaction waited on others, the connection is fine.
+fn is_lock_wait(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03" | "57014")))
 }
 
 fn is_lock_conflict(e: &sqlx::Error) -> bool {
