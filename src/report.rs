@@ -153,13 +153,26 @@ pub async fn results(pool: &PgPool, id: Uuid, outcome: Option<Outcome>, format: 
             // job with no matching rows still gives a well-formed CSV.
             let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(out);
             w.write_record(convert::RESULT_COLUMNS.split(',').map(str::trim))?;
-            while let Some(r) = rows.try_next().await? {
+            while let Some(mut r) = rows.try_next().await? {
+                r.error_message = r.error_message.map(spreadsheet_safe);
                 w.serialize(&r)?;
             }
             w.flush()?;
         }
     }
     Ok(())
+}
+
+/// A CSV cell that a spreadsheet would run as a formula (`=`, `+`, `-`,
+/// `@`, or a tab or carriage return first) starts with `'` instead: CRM
+/// values and the error messages quoting them are user input, and exports
+/// are opened in spreadsheets. Every CSV export goes through this.
+pub fn spreadsheet_safe(v: String) -> String {
+    if v.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{v}")
+    } else {
+        v
+    }
 }
 
 /// One line of a human-readable dry run.

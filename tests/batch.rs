@@ -11,10 +11,9 @@ use std::time::Duration;
 use common::broker::{amqp_url, wait_for, TestBroker};
 use common::proxy::Proxy;
 use common::*;
-use leadconv::queue::{producer, Lane};
 use leadconv::store::apply;
 use leadconv::store::convert::{self, Item, LeadResult};
-use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::store::job::{self, Trigger};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -231,11 +230,6 @@ async fn concurrent_batches_sharing_keys_make_each_record_once() {
     assert_eq!(crm.count("SELECT count(*) FROM deals").await, 400);
 }
 
-/// Leads converted so far.
-async fn converted(crm: &Crm) -> i64 {
-    crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await
-}
-
 // A worker whose batches committed but whose acks never reached RabbitMQ
 // (its connection to the broker stops forwarding), then SIGKILLed: the
 // messages come back to the next worker, which recognises each lead as
@@ -244,48 +238,21 @@ async fn converted(crm: &Crm) -> i64 {
 async fn a_worker_killed_between_commit_and_ack_converts_nothing_twice() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let s =
-        leadconv_sample::seed(crm.pool(), &leadconv_sample::SeedSpec { leads: 3_000, duplicates: 0.3, rng_seed: 5 })
-            .await
-            .unwrap();
-    let checked = job::check(
-        crm.pool(),
-        NewJob {
-            criteria: json!({"all_leads": true}),
-            options: with_deal(),
-            requested_by: s.acting_user,
-            trigger: Trigger::Manual,
-        },
-    )
-    .await
-    .unwrap();
-    let lease = producer::Lease::new(Duration::from_secs(30));
-    let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease }).await.unwrap();
-    producer::publish_job(
-        crm.pool(),
-        &broker.channel,
-        &broker.topology,
-        created.id,
-        Lane::Bulk,
-        &lease,
-        producer::BATCH,
-    )
-    .await
-    .unwrap();
     let total = 3_000;
+    let job_id = broker.seeded_bulk_job(&crm, 3_000, 5).await;
 
     let mq = Proxy::start("127.0.0.1:5672").await;
     let mut w = leadconv_command(&crm.url(), broker.prefix(), &["worker", "--concurrency", "2", "--batch-size", "100"]);
     w.env("AMQP_URL", amqp_url().replace("127.0.0.1:5672", &mq.addr.to_string()));
     let mut w = w.spawn().unwrap();
-    wait_for("the worker converts", Duration::from_secs(120), || async { converted(&crm).await >= 200 }).await;
+    wait_for("the worker converts", Duration::from_secs(120), || async { crm.converted_leads().await >= 200 }).await;
     // From now on nothing the worker sends reaches RabbitMQ: not its acks.
     mq.pause_after(0);
-    let at_pause = converted(&crm).await;
+    let at_pause = crm.converted_leads().await;
     // The worker goes on with what it prefetched, committing batches whose
     // acks stay with the proxy.
     wait_for("batches commit after the acks stop", Duration::from_secs(120), || async {
-        converted(&crm).await >= at_pause + 200
+        crm.converted_leads().await >= at_pause + 200
     })
     .await;
     w.start_kill().unwrap(); // SIGKILL
@@ -298,25 +265,25 @@ async fn a_worker_killed_between_commit_and_ack_converts_nothing_twice() {
         "SELECT lead_id, finished_at::text, attempts, contact_id, deal_id FROM conversion_results
          WHERE job_id = $1 AND outcome <> 'pending' ORDER BY lead_id",
     )
-    .bind(created.id)
+    .bind(job_id)
     .fetch_all(crm.pool())
     .await
     .unwrap();
-    let committed_unacked = converted(&crm).await - at_pause;
-    assert!(committed_unacked >= 200 && converted(&crm).await < total, "killed mid-job after unacked commits");
+    let committed_unacked = crm.converted_leads().await - at_pause;
+    assert!(committed_unacked >= 200 && crm.converted_leads().await < total, "killed mid-job after unacked commits");
 
     let mut next = leadconv_command(&crm.url(), broker.prefix(), &["worker", "--exit-when-idle"]).spawn().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(600), next.wait()).await.expect("worker finishes").unwrap();
     assert!(status.success());
 
-    job::rollup(crm.pool(), created.id).await.unwrap();
-    let j = job::get(crm.pool(), created.id).await.unwrap().unwrap();
+    job::rollup(crm.pool(), job_id).await.unwrap();
+    let j = job::get(crm.pool(), job_id).await.unwrap().unwrap();
     assert_eq!(j.status, "completed");
     assert_eq!(
         (i64::from(j.total_count), i64::from(j.converted_count), j.skipped_count, j.failed_count),
         (total, total, 0, 0)
     );
-    assert_eq!(converted(&crm).await, total);
+    assert_eq!(crm.converted_leads().await, total);
     assert_eq!(
         crm.count("SELECT count(*) FROM deals WHERE stage = 'Qualification'").await,
         total,
@@ -329,7 +296,7 @@ async fn a_worker_killed_between_commit_and_ack_converts_nothing_twice() {
     );
     // The results the killed worker committed stand as they were: their
     // redelivered messages were recognised as done, not converted again.
-    assert_eq!(results_of(&crm, created.id, &before_kill).await, before_kill);
+    assert_eq!(results_of(&crm, job_id, &before_kill).await, before_kill);
 }
 
 /// A result as recorded: lead, finished_at, attempts, contact, deal.

@@ -335,3 +335,78 @@ async fn republish_sends_the_pending_leads_of_a_job_whose_messages_were_lost() {
     }
     assert_eq!(broker.depth(&queue).await, 0, "a refused republish publishes nothing");
 }
+
+/// SPEC §6 lists `enqueue --trigger workflow`, and §1/§2 keep the workflow
+/// lane for rules' few leads: the command line may put at most
+/// `WORKFLOW_MAX_LEADS` leads named by id there (converted in the fast
+/// lane), and is refused, with nothing written or published, for anything
+/// larger or for a filter.
+#[tokio::test]
+async fn enqueue_with_the_workflow_trigger_takes_a_few_leads_by_id() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let mut leads = Vec::new();
+    for i in 0..3 {
+        leads.push(crm.lead(json!({"owner_id": rep, "last_name": format!("L{i}"), "lead_status": "Qualified"})).await);
+    }
+    let rep_s = rep.to_string();
+    let too_many = json!({"ids": (1..=leadconv::store::job::WORKFLOW_MAX_LEADS as i64 + 1).collect::<Vec<_>>()});
+    for criteria in
+        [json!({"all_leads": true}), json!({"field": "lead_status", "op": "eq", "value": "Qualified"}), too_many]
+    {
+        let c = criteria.to_string();
+        let out =
+            leadconv(&crm, &broker, &["enqueue", "--criteria", &c, "--requested-by", &rep_s, "--trigger", "workflow"])
+                .await;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{criteria}: {err}");
+        assert!(err.contains("refused: trigger") && err.contains("use trigger manual"), "{err}");
+    }
+    assert_eq!(crm.count("SELECT count(*) FROM conversion_jobs").await, 0, "no job written");
+    assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Workflow)).await, 0, "nothing published");
+
+    let ids = json!({"ids": &leads[..2]}).to_string();
+    let out =
+        leadconv(&crm, &broker, &["enqueue", "--criteria", &ids, "--requested-by", &rep_s, "--trigger", "workflow"])
+            .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job_id = text(&out.stdout).trim().to_owned();
+    assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Workflow)).await, 2, "published in the fast lane");
+    assert_eq!(broker.depth(&broker.topology.work_queue(Lane::Bulk)).await, 0);
+    let w = leadconv(&crm, &broker, &["worker", "--exit-when-idle"]).await;
+    assert!(w.status.success(), "{}", text(&w.stderr));
+    let status: Value =
+        serde_json::from_slice(&leadconv(&crm, &broker, &["status", &job_id, "--json"]).await.stdout).unwrap();
+    assert_eq!(
+        (status["status"].as_str(), status["trigger"].as_str(), status["converted_count"].as_i64()),
+        (Some("completed"), Some("workflow"), Some(2))
+    );
+}
+
+/// A CSV export is opened in spreadsheets: a cell that would run as a
+/// formula is written with a leading `'`, as the console's export does.
+#[tokio::test]
+async fn results_as_csv_never_write_a_formula() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Nowak"})).await;
+    let ids = json!({"ids": [lead]}).to_string();
+    let out = leadconv(&crm, &broker, &["enqueue", "--criteria", &ids, "--requested-by", &rep.to_string()]).await;
+    let job_id = text(&out.stdout).trim().to_owned();
+    // Error messages quote CRM values; this one is as hostile as they come.
+    sqlx::query(
+        "UPDATE conversion_results SET outcome = 'failed', error_code = 'constraint_violation',
+                error_message = '=HYPERLINK(\"http://evil.example\",\"x\")' WHERE lead_id = $1",
+    )
+    .bind(lead)
+    .execute(crm.pool())
+    .await
+    .unwrap();
+    let csv = text(&leadconv(&crm, &broker, &["results", &job_id, "--format", "csv"]).await.stdout);
+    let row = csv.lines().nth(1).expect("a row");
+    assert!(row.contains(r#""'=HYPERLINK(""http://evil.example"",""x"")""#), "{csv}");
+    let jsonl = text(&leadconv(&crm, &broker, &["results", &job_id]).await.stdout);
+    assert!(jsonl.contains(r#""error_message":"=HYPERLINK"#), "JSON keeps the value as it is: {jsonl}");
+}

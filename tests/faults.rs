@@ -15,9 +15,8 @@ use leadconv::queue::producer;
 use leadconv::queue::worker;
 use leadconv::queue::Lane;
 use leadconv::store::db;
-use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
+use leadconv::store::job;
 use leadconv_sample::{self as seed, SeedSpec};
-use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -25,10 +24,6 @@ use uuid::Uuid;
 
 fn leadconv(crm: &Crm, broker: &TestBroker, args: &[&str]) -> Command {
     leadconv_command(&crm.url(), broker.prefix(), args)
-}
-
-async fn converted(crm: &Crm) -> i64 {
-    crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await
 }
 
 /// Every lead of the job converted exactly once, the job complete, the
@@ -49,7 +44,7 @@ async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
         (i64::from(j.total_count), i64::from(j.converted_count), j.skipped_count, j.failed_count),
         (total, total, 0, 0)
     );
-    assert_eq!(converted(crm).await, total);
+    assert_eq!(crm.converted_leads().await, total);
     assert_eq!(
         crm.count("SELECT count(*) FROM deals WHERE stage = 'Qualification'").await,
         total,
@@ -73,35 +68,6 @@ async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
     );
 }
 
-async fn seeded_job(crm: &Crm, broker: &TestBroker, leads: usize) -> (Uuid, i64) {
-    let s = seed::seed(crm.pool(), &SeedSpec { leads, duplicates: 0.3, rng_seed: 11 }).await.unwrap();
-    let checked = job::check(
-        crm.pool(),
-        NewJob {
-            criteria: json!({"all_leads": true}),
-            options: with_deal(),
-            requested_by: s.acting_user,
-            trigger: Trigger::Manual,
-        },
-    )
-    .await
-    .unwrap();
-    let lease = producer::Lease::new(Duration::from_secs(30));
-    let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease }).await.unwrap();
-    producer::publish_job(
-        crm.pool(),
-        &broker.channel,
-        &broker.topology,
-        created.id,
-        Lane::Bulk,
-        &lease,
-        producer::BATCH,
-    )
-    .await
-    .unwrap();
-    (created.id, leads as i64)
-}
-
 async fn run_to_idle(mut child: Child) {
     let status = tokio::time::timeout(Duration::from_secs(600), child.wait()).await.expect("worker finishes").unwrap();
     assert!(status.success(), "worker exited with {status}");
@@ -111,19 +77,19 @@ async fn run_to_idle(mut child: Child) {
 async fn a_worker_killed_with_sigkill_again_and_again_loses_nothing_and_repeats_nothing() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, total) = seeded_job(&crm, &broker, 3_000).await;
+    let (job_id, total) = (broker.seeded_bulk_job(&crm, 3_000, 11).await, 3_000);
 
     for round in 1..=3 {
-        let before = converted(&crm).await;
+        let before = crm.converted_leads().await;
         let mut w = leadconv(&crm, &broker, &["worker", "--concurrency", "8"]).spawn().unwrap();
         wait_for(&format!("round {round}: the worker converts"), Duration::from_secs(120), || async {
-            converted(&crm).await >= before + 250
+            crm.converted_leads().await >= before + 250
         })
         .await;
         w.start_kill().unwrap(); // SIGKILL, in the middle of transactions
         w.wait().await.unwrap();
     }
-    assert!(converted(&crm).await < total, "the kills happened mid-job");
+    assert!(crm.converted_leads().await < total, "the kills happened mid-job");
     run_to_idle(leadconv(&crm, &broker, &["worker", "--concurrency", "8", "--exit-when-idle"]).spawn().unwrap()).await;
     assert_exactly_once(&crm, job_id, total).await;
 }
@@ -175,7 +141,7 @@ async fn a_producer_killed_mid_publish_leaves_an_outbox_that_a_worker_publishes(
 async fn a_worker_reconnects_after_its_postgres_and_rabbitmq_connections_are_cut() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, total) = seeded_job(&crm, &broker, 2_000).await;
+    let (job_id, total) = (broker.seeded_bulk_job(&crm, 2_000, 11).await, 2_000);
 
     let pg = Proxy::start("127.0.0.1:5432").await;
     let mq = Proxy::start("127.0.0.1:5672").await;
@@ -189,7 +155,7 @@ async fn a_worker_reconnects_after_its_postgres_and_rabbitmq_connections_are_cut
 
     let accepted = |p: &Proxy| p.accepted.load(std::sync::atomic::Ordering::SeqCst);
     for (threshold, what) in [(300, "first cut"), (900, "second cut")] {
-        wait_for(what, Duration::from_secs(120), || async { converted(&crm).await >= threshold }).await;
+        wait_for(what, Duration::from_secs(120), || async { crm.converted_leads().await >= threshold }).await;
         let (pg_at_cut, mq_at_cut) = (accepted(&pg), accepted(&mq));
         pg.cut_all();
         mq.cut_all();
@@ -198,7 +164,7 @@ async fn a_worker_reconnects_after_its_postgres_and_rabbitmq_connections_are_cut
             .await;
         wait_for("the worker reconnects to Postgres", Duration::from_secs(60), || async { accepted(&pg) > pg_at_cut })
             .await;
-        assert!(converted(&crm).await < total, "the cut happened mid-job");
+        assert!(crm.converted_leads().await < total, "the cut happened mid-job");
     }
     tokio::time::timeout(Duration::from_secs(600), w).await.expect("the job completes").unwrap().unwrap();
     assert_exactly_once(&crm, job_id, total).await;
@@ -208,12 +174,12 @@ async fn a_worker_reconnects_after_its_postgres_and_rabbitmq_connections_are_cut
 async fn sigterm_lets_the_worker_finish_in_flight_conversions_and_exit_0() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, total) = seeded_job(&crm, &broker, 1_500).await;
+    let (job_id, total) = (broker.seeded_bulk_job(&crm, 1_500, 11).await, 1_500);
     // Small batches: what the worker holds at once (in flight and
     // prefetched) is a fraction of the job, so the stop lands mid-job.
     let args = ["worker", "--concurrency", "2", "--batch-size", "25"];
     let w = leadconv(&crm, &broker, &args).spawn().unwrap();
-    wait_for("the worker converts", Duration::from_secs(120), || async { converted(&crm).await >= 200 }).await;
+    wait_for("the worker converts", Duration::from_secs(120), || async { crm.converted_leads().await >= 200 }).await;
     let pid = w.id().unwrap().to_string();
     let term = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
     assert!(term.success());
@@ -221,7 +187,7 @@ async fn sigterm_lets_the_worker_finish_in_flight_conversions_and_exit_0() {
     assert_eq!(out.status.code(), Some(0), "graceful exit");
     // Everything it took was either committed and acked, or given back:
     // the results agree with the leads, and a new worker finishes the job.
-    let stopped_at = converted(&crm).await;
+    let stopped_at = crm.converted_leads().await;
     assert!(stopped_at < total, "stopped mid-job");
     assert_eq!(
         crm.count("SELECT count(*) FROM conversion_results WHERE outcome = 'converted'").await,
@@ -282,17 +248,17 @@ async fn seeded(crm: &Crm, leads: usize) -> i64 {
 async fn a_frozen_worker_does_not_stall_the_other_one() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, total) = seeded_job(&crm, &broker, 20_000).await;
+    let (job_id, total) = (broker.seeded_bulk_job(&crm, 20_000, 11).await, 20_000);
     let args = ["worker", "--concurrency", "8", "--lock-timeout-secs", "2", "--idle-in-transaction-timeout-secs", "3"];
     let frozen = leadconv(&crm, &broker, &args).spawn().unwrap();
     let healthy = leadconv(&crm, &broker, &args).spawn().unwrap();
-    wait_for("both workers convert", Duration::from_secs(120), || async { converted(&crm).await >= 1_000 }).await;
+    wait_for("both workers convert", Duration::from_secs(120), || async { crm.converted_leads().await >= 1_000 }).await;
 
     // The pace of the two together, then of the healthy one alone.
     let pace = |from: i64, to: i64, secs: f64| (to - from) as f64 / secs;
-    let (t0, c0) = (std::time::Instant::now(), converted(&crm).await);
+    let (t0, c0) = (std::time::Instant::now(), crm.converted_leads().await);
     tokio::time::sleep(Duration::from_secs(5)).await; // a measurement window, not a wait for an event
-    let (c1, both) = (converted(&crm).await, t0.elapsed().as_secs_f64());
+    let (c1, both) = (crm.converted_leads().await, t0.elapsed().as_secs_f64());
     let per_worker = pace(c0, c1, both) / 2.0;
     assert!(c1 < total - 2_000, "the job is still running when the worker freezes");
 
@@ -322,7 +288,7 @@ async fn a_frozen_worker_does_not_stall_the_other_one() {
     let mut alone = c1;
     while t1.elapsed() < Duration::from_secs(30) && alone < total {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        alone = converted(&crm).await;
+        alone = crm.converted_leads().await;
     }
     let healthy_pace = pace(c1, alone, t1.elapsed().as_secs_f64());
     signal(&frozen, "CONT").await;
@@ -462,7 +428,7 @@ async fn a_producer_that_loses_the_broker_hands_the_job_to_the_workers_at_once()
 async fn lock_waits_end_and_attempts_count_every_try() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, _) = seeded_job(&crm, &broker, 1).await;
+    let (job_id, _) = (broker.seeded_bulk_job(&crm, 1, 11).await, 1);
     let lead: i64 = sqlx::query_scalar("SELECT lead_id FROM conversion_results WHERE job_id = $1")
         .bind(job_id)
         .fetch_one(crm.pool())
@@ -487,7 +453,7 @@ async fn lock_waits_end_and_attempts_count_every_try() {
     })
     .await;
     holder.commit().await.unwrap();
-    wait_for("the lead converts", Duration::from_secs(60), || async { converted(&crm).await == 1 }).await;
+    wait_for("the lead converts", Duration::from_secs(60), || async { crm.converted_leads().await == 1 }).await;
     let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM conversion_results WHERE job_id = $1")
         .bind(job_id)
         .fetch_one(crm.pool())
@@ -504,7 +470,7 @@ async fn lock_waits_end_and_attempts_count_every_try() {
 async fn a_transaction_stuck_on_the_job_counters_blocks_no_conversion() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, total) = seeded_job(&crm, &broker, 300).await;
+    let (job_id, total) = (broker.seeded_bulk_job(&crm, 300, 11).await, 300);
     let mut stuck = crm.pool().begin().await.unwrap();
     for shard in 0..16 {
         sqlx::query(
@@ -518,7 +484,7 @@ async fn a_transaction_stuck_on_the_job_counters_blocks_no_conversion() {
     }
     let worker = leadconv(&crm, &broker, &["worker", "--concurrency", "8"]).spawn().unwrap();
     wait_for("every lead converted while the transaction is stuck", Duration::from_secs(120), || async {
-        converted(&crm).await == total
+        crm.converted_leads().await == total
     })
     .await;
     stuck.rollback().await.unwrap();

@@ -63,6 +63,9 @@ pub struct DealSettings {
     pub amount: Option<serde_json::Number>,
     pub contact_role: Option<String>,
     pub campaign_source: Option<String>,
+    /// The stage counts as won: a deal the job creates then makes later
+    /// leads' deals with the same contact or account repeats (seed 002).
+    pub stage_is_won: bool,
 }
 
 /// Validated options plus what the engine reads once per job.
@@ -88,7 +91,14 @@ pub struct OptionFacts {
     pub fields: FieldMapping,
     /// The stages of [`ConversionOptions::pipeline`]; `None`: no such
     /// pipeline (or no deal asked for).
-    pub pipeline_stages: Option<Vec<String>>,
+    pub pipeline_stages: Option<Vec<Stage>>,
+}
+
+/// A stage of a pipeline, as `deal_stages` has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    pub stage: String,
+    pub is_won: bool,
 }
 
 impl ConversionOptions {
@@ -192,7 +202,7 @@ impl Settings {
     fn check_deal(
         d: &DealOptions,
         fields: &FieldMapping,
-        pipeline_stages: Option<Vec<String>>,
+        pipeline_stages: Option<Vec<Stage>>,
     ) -> Result<DealSettings, Refusal> {
         let required = |v: &Option<String>, field: &str| -> Result<String, Refusal> {
             match v.as_deref().map(str::trim) {
@@ -224,13 +234,14 @@ impl Settings {
                 format!("pipeline {pipeline:?} does not exist"),
             ));
         };
-        if !stages.contains(&stage) {
+        let Some(stage_is_won) = stages.iter().find(|s| s.stage == stage).map(|s| s.is_won) else {
+            let names: Vec<&str> = stages.iter().map(|s| s.stage.as_str()).collect();
             return Err(Refusal::new(
                 ErrorCode::StageNotInPipeline,
                 "deal.stage",
-                format!("stage {stage:?} is not in pipeline {pipeline:?} (stages: {})", stages.join(", ")),
+                format!("stage {stage:?} is not in pipeline {pipeline:?} (stages: {})", names.join(", ")),
             ));
-        }
+        };
         Ok(DealSettings {
             name,
             closing_date,
@@ -239,6 +250,7 @@ impl Settings {
             amount: d.amount.clone(),
             contact_role: d.contact_role.clone().filter(|s| !s.trim().is_empty()),
             campaign_source: d.campaign_source.clone().filter(|s| !s.trim().is_empty()),
+            stage_is_won,
         })
     }
 }

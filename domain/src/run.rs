@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde_json::Value;
 
+use crate::options::Settings;
 use crate::plan::{Action, ContactKeys, Conversion, Facts, LeadKeys, Plan, Target, Verdict};
 use crate::record::{self, Record};
 
@@ -66,8 +67,9 @@ fn has_unique(r: &Record, field: &str, value: &Value) -> bool {
 }
 
 impl Run {
-    pub fn new(deals_are_won: bool) -> Run {
-        Run { deals_are_won, ..Run::default() }
+    /// An empty run of a job with `settings`.
+    pub fn new(settings: &Settings) -> Run {
+        Run { deals_are_won: settings.deal.as_ref().is_some_and(|d| d.stage_is_won), ..Run::default() }
     }
 
     fn contact_now(&self, r: Record) -> Record {
@@ -100,7 +102,7 @@ impl Run {
     /// Lays what the earlier leads did over `facts`, read from the database
     /// before the run. Returns the owners of records the run brought in,
     /// whose managers the caller must add to `facts.managers_above`.
-    pub fn overlay(&self, facts: &mut Facts, settings: &crate::options::Settings) -> Vec<i64> {
+    pub fn overlay(&self, facts: &mut Facts, settings: &Settings) -> Vec<i64> {
         let Some(lead) = facts.lead.clone() else { return Vec::new() };
         let keys = facts.keys.clone();
         let custom = record::custom_fields(&lead);

@@ -30,8 +30,9 @@ pub struct Enqueue {
     #[arg(long)]
     pub requested_by: i64,
     /// Who asks for the job, as recorded on it: `manual` for a person at the
-    /// command line, `schedule` for a cron job (`workflow` is refused: that
-    /// lane is for rules and convert-now).
+    /// command line, `schedule` for a cron job, `workflow` for at most 100
+    /// leads named by id (`{"ids": [...]}`), converted in the fast lane
+    /// ahead of bulk jobs.
     #[arg(long, value_enum, default_value_t = Trigger::Manual)]
     pub trigger: Trigger,
     /// Report what each lead would become, writing and publishing nothing.
@@ -52,12 +53,9 @@ pub struct Enqueue {
 impl Enqueue {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         let Enqueue { criteria, options, requested_by, trigger, dry_run, json, lease_secs, batch_size } = self;
-        let new = NewJob {
-            criteria: json_arg("criteria", &criteria)?,
-            options: json_arg("options", &options)?,
-            requested_by,
-            trigger: job::check_caller_trigger(trigger, true)?,
-        };
+        let criteria = json_arg("criteria", &criteria)?;
+        let trigger = job::check_caller_trigger(trigger, &criteria, true)?;
+        let new = NewJob { criteria, options: json_arg("options", &options)?, requested_by, trigger };
         let pool = db::connect_migrated(&s.database_url, 2).await?;
         let checked = job::check(&pool, new).await?;
         if dry_run {

@@ -44,12 +44,10 @@ pub async fn create(
     Query(q): Query<CreateQuery>,
     Body(b): Body<CreateJob>,
 ) -> Result<Response, ApiError> {
-    let new = NewJob {
-        criteria: b.criteria,
-        options: b.options.unwrap_or_else(|| json!({})),
-        requested_by: user,
-        trigger: job::check_caller_trigger(b.trigger.unwrap_or(Trigger::Api), false).map_err(crate::Error::from)?,
-    };
+    let trigger =
+        job::check_caller_trigger(b.trigger.unwrap_or(Trigger::Api), &b.criteria, false).map_err(crate::Error::from)?;
+    let new =
+        NewJob { criteria: b.criteria, options: b.options.unwrap_or_else(|| json!({})), requested_by: user, trigger };
     let checked = job::check(&s.pool, new).await?;
     if q.dry_run {
         let limit = q.limit.unwrap_or(100).min(1000);

@@ -258,17 +258,6 @@ async fn lock_results(conn: &mut PgConnection, job_id: Uuid, lead_ids: &[i64]) -
     sqlx::query_as(SQL.as_str()).bind(job_id).bind(lead_ids).fetch_all(conn).await
 }
 
-/// Whether the job's deals are created at a won stage: then, within a
-/// batch or a dry run, a lead's new deal makes later leads' deals repeats.
-async fn deals_are_won(conn: &mut PgConnection, settings: &Settings) -> sqlx::Result<bool> {
-    let Some(d) = &settings.deal else { return Ok(false) };
-    let won =
-        sqlx::query_scalar!("SELECT is_won FROM deal_stages WHERE pipeline = $1 AND stage = $2", d.pipeline, d.stage)
-            .fetch_optional(conn)
-            .await?;
-    Ok(won.unwrap_or(false))
-}
-
 /// Plans each lead of `facts` (read from the database before any of them
 /// is converted) in order, each seeing what the earlier ones of `run` do.
 /// The one planning loop of a conversion batch and a dry run.
@@ -332,7 +321,7 @@ async fn try_batch(
     } else {
         let lead_ids: Vec<i64> = todo.iter().map(|i| i.lead_id).collect();
         let facts = snapshot::load_batch(&mut tx, settings, &lead_ids, Locking::ForUpdate).await?;
-        let mut run = Run::new(deals_are_won(&mut tx, settings).await?);
+        let mut run = Run::new(settings);
         let plans = plan_in_order(&mut tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
         let conversions: Vec<(i64, &crate::plan::Conversion)> = plans
             .iter()
@@ -542,7 +531,7 @@ pub async fn dry_run(
     qb.push(" ORDER BY l.id");
     let leads: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
     let today = Utc::now().date_naive();
-    let mut run = Run::new(deals_are_won(&mut tx, settings).await?);
+    let mut run = Run::new(settings);
     for chunk in leads.chunks(DRY_RUN_CHUNK) {
         let facts = snapshot::load_batch(&mut tx, settings, chunk, Locking::None).await?;
         for plan in plan_in_order(&mut tx, settings, &mut run, facts, today).await? {

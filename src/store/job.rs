@@ -95,23 +95,45 @@ impl Lease {
     }
 }
 
-/// Refuses a trigger a caller may not choose: `workflow` jobs (the fast
-/// lane, one lead each) are made by rules and convert-now only, and
-/// `schedule` jobs by schedules (and the command line's `enqueue`, which a
-/// CronJob runs). `may_schedule` says whether this caller may say `schedule`.
-pub fn check_caller_trigger(trigger: Trigger, may_schedule: bool) -> Result<Trigger, Refusal> {
-    match trigger {
-        Trigger::Manual | Trigger::Api => Ok(trigger),
-        Trigger::Schedule if may_schedule => Ok(trigger),
-        _ => Err(Refusal::new(
+/// The most leads a `workflow` job holds. That lane is for a rule's or
+/// convert-now's one lead, or a few leads named by id from the command
+/// line; anything larger waits in the bulk lane, so that it never queues
+/// in front of a one-lead conversion.
+pub const WORKFLOW_MAX_LEADS: usize = 100;
+
+/// Refuses a trigger a caller may not choose for `criteria`. `workflow`
+/// jobs are made by rules and convert-now (one lead each), and `schedule`
+/// jobs by schedules. The command line (`from_command_line`: a CronJob or
+/// an operator) may also say `schedule`, and `workflow` for at most
+/// [`WORKFLOW_MAX_LEADS`] leads named by id. An API caller may say neither.
+pub fn check_caller_trigger(trigger: Trigger, criteria: &Value, from_command_line: bool) -> Result<Trigger, Refusal> {
+    let set_by_leadconv = |by: &str| {
+        Refusal::new(
             ErrorCode::InvalidOption,
             "trigger",
-            format!(
-                "trigger {trigger} is set by leadconv itself ({}); a caller may ask for {}",
-                if trigger == Trigger::Workflow { "rules and convert-now" } else { "schedules" },
-                if may_schedule { "manual, api or schedule" } else { "manual or api" }
-            ),
-        )),
+            format!("trigger {trigger} is set by leadconv itself ({by}); a caller may ask for manual or api"),
+        )
+    };
+    match trigger {
+        Trigger::Manual | Trigger::Api => Ok(trigger),
+        Trigger::Schedule if from_command_line => Ok(trigger),
+        Trigger::Schedule => Err(set_by_leadconv("schedules")),
+        Trigger::Workflow if !from_command_line => Err(set_by_leadconv("rules and convert-now")),
+        Trigger::Workflow => {
+            let ids = criteria.get("ids").and_then(Value::as_array).map(Vec::len);
+            match ids {
+                Some(n) if n <= WORKFLOW_MAX_LEADS => Ok(trigger),
+                _ => Err(Refusal::new(
+                    ErrorCode::InvalidOption,
+                    "trigger",
+                    format!(
+                        "a workflow job converts at most {WORKFLOW_MAX_LEADS} leads named by id \
+                         (criteria {{\"ids\": [...]}}), so that it never delays a rule's conversion; \
+                         use trigger manual for this one"
+                    ),
+                )),
+            }
+        }
     }
 }
 

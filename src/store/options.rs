@@ -26,14 +26,19 @@ pub async fn prepare(
         Some(pipeline) => {
             // One row per stage; a pipeline without stages gives one NULL
             // row, an unknown pipeline none at all.
-            let rows: Vec<Option<String>> = sqlx::query_scalar!(
-                r#"SELECT s.stage AS "stage?" FROM pipelines p LEFT JOIN deal_stages s ON s.pipeline = p.name
+            let rows = sqlx::query!(
+                r#"SELECT s.stage AS "stage?", s.is_won AS "is_won?"
+                   FROM pipelines p LEFT JOIN deal_stages s ON s.pipeline = p.name
                    WHERE p.name = $1 ORDER BY s.sort_order, s.stage"#,
                 pipeline
             )
             .fetch_all(&mut *conn)
             .await?;
-            (!rows.is_empty()).then(|| rows.into_iter().flatten().collect())
+            (!rows.is_empty()).then(|| {
+                let stages =
+                    rows.into_iter().filter_map(|r| Some(Stage { stage: r.stage?, is_won: r.is_won.unwrap_or(false) }));
+                stages.collect()
+            })
         }
         None => None,
     };

@@ -58,6 +58,39 @@ impl TestBroker {
     }
 }
 
+impl TestBroker {
+    /// Seeds `leads` sample leads (30 % duplicates, from `rng_seed`) into
+    /// `crm` and publishes one bulk job over all of them, with deals, to this
+    /// test's queues. Returns the job's id.
+    pub async fn seeded_bulk_job(&self, crm: &super::Crm, leads: usize, rng_seed: u64) -> uuid::Uuid {
+        use leadconv::queue::producer;
+        use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
+        let spec = leadconv_sample::SeedSpec { leads, duplicates: 0.3, rng_seed };
+        let s = leadconv_sample::seed(crm.pool(), &spec).await.unwrap();
+        let new = NewJob {
+            criteria: serde_json::json!({"all_leads": true}),
+            options: super::with_deal(),
+            requested_by: s.acting_user,
+            trigger: Trigger::Manual,
+        };
+        let checked = job::check(crm.pool(), new).await.unwrap();
+        let lease = producer::Lease::new(Duration::from_secs(30));
+        let created = job::create(crm.pool(), &checked, Dispatch::Queue { lease }).await.unwrap();
+        producer::publish_job(
+            crm.pool(),
+            &self.channel,
+            &self.topology,
+            created.id,
+            queue::Lane::Bulk,
+            &lease,
+            producer::BATCH,
+        )
+        .await
+        .unwrap();
+        created.id
+    }
+}
+
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let topology = self.topology.clone();

@@ -235,6 +235,11 @@ impl Crm {
         sqlx::query_scalar(sql).fetch_one(self.pool()).await.unwrap()
     }
 
+    /// Leads converted so far, by any job.
+    pub async fn converted_leads(&self) -> i64 {
+        self.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await
+    }
+
     /// Creates a job over `leads` and converts them one after another.
     pub async fn convert_all(&self, acting: i64, options: Value, leads: &[i64]) -> (Uuid, Vec<LeadResult>) {
         let job_id =

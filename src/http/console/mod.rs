@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use crate::automation::{self, rules::Rule, schedule::Schedule, Automation};
-use crate::report::{PlanSummary, Progress};
+use crate::report::{spreadsheet_safe, PlanSummary, Progress};
 use crate::store::auth::{self, Session};
 use crate::store::console::{self as store, ResultFilter};
 use crate::store::convert;
@@ -175,18 +175,11 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// A CSV cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, or a
-/// tab or carriage return first) starts with `'` instead: lead names are
-/// user input, and the export is opened in spreadsheets.
-fn defuse_cell(v: Option<String>) -> Option<String> {
-    v.map(|v| if v.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{v}") } else { v })
-}
-
 fn defused(mut row: store::ResultRow) -> store::ResultRow {
-    row.lead_name = defuse_cell(row.lead_name);
-    row.email = defuse_cell(row.email);
-    row.company = defuse_cell(row.company);
-    row.error_message = defuse_cell(row.error_message);
+    row.lead_name = row.lead_name.map(spreadsheet_safe);
+    row.email = row.email.map(spreadsheet_safe);
+    row.company = row.company.map(spreadsheet_safe);
+    row.error_message = row.error_message.map(spreadsheet_safe);
     row
 }
 
