@@ -15,12 +15,16 @@ fn text(b: &[u8]) -> String {
 /// three conversions for real, each in a fresh database of its own: direct,
 /// set-based (the ceiling), and through the real `enqueue` and `worker`
 /// processes; it prints their figures and ratios, and the ceiling makes the
-/// very records the queue run makes.
+/// very records the queue run makes. One conversion (batch) in flight:
+/// concurrent batches convert leads in another order than the ceiling's
+/// single pass, and a lead without e-mail that is matched by name within
+/// its account merges or not depending on which lead of the account came
+/// first (seen at 100,000 leads: one contact apart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_their_ratios() {
     let crm = Crm::new().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv-dev"))
-        .args(["bench", "--leads", "300", "--workers", "2"])
+        .args(["bench", "--leads", "300", "--workers", "1"])
         .env("LEADCONV_BIN", leadconv_bin())
         .env("DATABASE_URL", crm.url())
         .env("AMQP_URL", amqp_url())
