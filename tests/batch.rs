@@ -314,3 +314,86 @@ async fn results_of(crm: &Crm, job_id: Uuid, rows: &[Row]) -> Vec<Row> {
     .await
     .unwrap()
 }
+
+/// Holds a row lock on record `id` of `table` (as a CRM user's open edit
+/// does) until `change` is run there and committed, while a conversion of
+/// `lead` waits for that lock after it looked its candidates up: the
+/// conversion must see the record as `change` left it.
+async fn convert_while_a_crm_user_changes(
+    crm: &Crm,
+    acting: i64,
+    lead: i64,
+    (table, id): (&str, i64),
+    change: &str,
+) -> LeadResult {
+    let job_id = job::create_for_leads(crm.pool(), acting, Trigger::Manual, &json!({}), &[lead]).await.unwrap();
+    let mut user = crm.pool().begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE")).bind(id).execute(&mut *user).await.unwrap();
+    let pool = crm.pool().clone();
+    let conversion = tokio::spawn(async move {
+        let j = job::get(&pool, job_id).await.unwrap().unwrap();
+        let settings = job::settings(&pool, &j).await.unwrap();
+        convert::convert_lead(&pool, job_id, &settings, lead).await.unwrap()
+    });
+    // The conversion found the record (unlocked) and now waits to lock it.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+         AND wait_event_type = 'Lock' AND query LIKE '%FROM {table} % WHERE id = ANY%'"
+    );
+    wait_for("the conversion waits for the record's row lock", Duration::from_secs(30), || async {
+        crm.count(&waiting).await == 1
+    })
+    .await;
+    sqlx::query(change).bind(id).execute(&mut *user).await.unwrap();
+    user.commit().await.unwrap();
+    conversion.await.unwrap()
+}
+
+// A CRM user edits or deletes the contact a lead's e-mail found (or
+// deletes the account its company found), between the conversion's lookup
+// and its lock on the record: the conversion decides on the record as it
+// is once locked (as a locking lookup by e-mail would), never merging into
+// a contact with another e-mail and never creating a second contact for an
+// e-mail one still has.
+#[tokio::test]
+async fn a_candidate_changed_by_a_crm_user_before_it_is_locked_is_looked_up_again() {
+    let crm = Crm::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+
+    let anna = crm.contact(json!({"owner_id": rep, "last_name": "Nowak", "email": "anna@acme.pl"})).await;
+    let lead =
+        crm.lead(json!({"owner_id": rep, "last_name": "Nowak", "email": "anna@acme.pl", "phone": "+48 1"})).await;
+    let edit = "UPDATE contacts SET email = 'anna@beta.pl' WHERE id = $1";
+    let r = convert_while_a_crm_user_changes(&crm, rep, lead, ("contacts", anna), edit).await;
+    assert_eq!(r.contact_action.map(|a| a.to_string()).as_deref(), Some("created"), "{r:?}");
+    assert_ne!(r.contact_id, Some(anna));
+    let edited = crm.row("contacts", anna).await.unwrap();
+    assert_eq!((edited["email"].as_str(), edited["phone"].as_str()), (Some("anna@beta.pl"), None), "not merged into");
+
+    let first = crm.contact(json!({"owner_id": rep, "last_name": "Kowalski", "email": "jan@acme.pl"})).await;
+    let second = crm.contact(json!({"owner_id": rep, "last_name": "Kowalski", "email": "JAN@acme.pl"})).await;
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Kowalski", "email": "jan@acme.pl"})).await;
+    let r =
+        convert_while_a_crm_user_changes(&crm, rep, lead, ("contacts", first), "DELETE FROM contacts WHERE id = $1")
+            .await;
+    assert_eq!(
+        (r.contact_action.map(|a| a.to_string()).as_deref(), r.contact_id),
+        (Some("merged"), Some(second)),
+        "merged into the contact that has the e-mail now: {r:?}"
+    );
+    assert_eq!(crm.count("SELECT count(*) FROM contacts WHERE email ILIKE 'jan@acme.pl'").await, 1);
+
+    // The oldest account of the lead's company deleted: the next one is the
+    // match, not a third account.
+    let first = crm.account(json!({"owner_id": rep, "account_name": "Acme"})).await;
+    let second = crm.account(json!({"owner_id": rep, "account_name": "ACME"})).await;
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Wiśniewska", "company": "acme "})).await;
+    let delete = "DELETE FROM accounts WHERE id = $1";
+    let r = convert_while_a_crm_user_changes(&crm, rep, lead, ("accounts", first), delete).await;
+    assert_eq!(
+        (r.account_action.map(|a| a.to_string()).as_deref(), r.account_id),
+        (Some("matched"), Some(second)),
+        "matched the account that has the name now: {r:?}"
+    );
+    assert_eq!(crm.count("SELECT count(*) FROM accounts").await, 1);
+}

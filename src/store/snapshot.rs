@@ -145,7 +145,9 @@ pub async fn load_batch(
     // in one global order (contacts by id, then accounts by id) and read
     // again: two batches whose candidates overlap never wait on each other
     // in a cycle. The advisory locks keep every candidate of a lead's keys
-    // from appearing or changing meanwhile through another conversion.
+    // from appearing or changing meanwhile through another conversion; a
+    // candidate a CRM user changed or deleted in between makes the batch
+    // look again (see `Grounds`).
     let mut all: Vec<Facts> = lead_ids.iter().map(|&lead_id| Facts { lead_id, ..Facts::default() }).collect();
     // Locked in id order, whatever the batch's order: two batches that
     // share a lead (two jobs) never wait on each other in a cycle.
@@ -176,146 +178,36 @@ pub async fn load_batch(
         self::lock(conn, open.iter().filter_map(|&i| all[i].lead.as_ref()), settings).await?;
     }
 
-    // Contacts by e-mail and accounts by company: the oldest per key, for
-    // all keys of the batch at once.
     let mut contact_keys: HashMap<i64, ContactKeys> = HashMap::new();
     let mut account_names: HashMap<i64, String> = HashMap::new();
-    let emails: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.email.as_deref()).collect();
-    let mut by_email: HashMap<String, Record> = HashMap::new();
-    if !emails.is_empty() {
-        let rows: Vec<ContactRow> = sqlx::query_as(&format!(
-            "SELECT {CONTACT} FROM contacts c WHERE c.id IN (
-                 SELECT DISTINCT ON (leadconv_norm_email(email)) id FROM contacts
-                 WHERE leadconv_norm_email(email) = ANY($1) ORDER BY leadconv_norm_email(email), created_at, id)
-             ORDER BY c.id"
-        ))
-        .bind(&emails)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let key = row.1.clone();
-            let c = note_contact(&mut contact_keys, row);
-            by_email.extend(key.map(|k| (k, c)));
+    let mut round = 1;
+    let accounts: HashMap<i64, Record> = loop {
+        look_up(conn, settings, &mut all, &open, &mut contact_keys, &mut account_names).await?;
+        if locking != Locking::ForUpdate {
+            break read_accounts(conn, &all, &open, Locking::None, &mut account_names).await?;
         }
-    }
-    let companies: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.company.as_deref()).collect();
-    let mut by_company: HashMap<String, Record> = HashMap::new();
-    if !companies.is_empty() {
-        let rows: Vec<AccountRow> = sqlx::query_as(&format!(
-            "SELECT {ACCOUNT} FROM accounts a WHERE a.id IN (
-                 SELECT DISTINCT ON (leadconv_norm_company(account_name)) id FROM accounts
-                 WHERE leadconv_norm_company(account_name) = ANY($1)
-                 ORDER BY leadconv_norm_company(account_name), created_at, id)
-             ORDER BY a.id"
-        ))
-        .bind(&companies)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let key = row.1.clone();
-            let a = note_account(&mut account_names, row);
-            by_company.extend(key.map(|k| (k, a)));
+        // What made each record a candidate, as looked up (unlocked)...
+        let looked_up: Vec<Grounds> =
+            open.iter().map(|&i| Grounds::of(&all[i], &contact_keys, &account_names)).collect();
+        let accounts = lock_and_read_again(conn, &mut all, &open, &mut contact_keys, &mut account_names).await?;
+        // ... and as locked. The advisory locks keep other conversions
+        // from changing it in between, but a CRM user may have edited or
+        // deleted a candidate: then look again, as a locking lookup by
+        // e-mail would (its WHERE is checked again on the locked row).
+        let locked: Vec<Grounds> = open.iter().map(|&i| Grounds::of(&all[i], &contact_keys, &account_names)).collect();
+        if looked_up == locked {
+            break accounts;
         }
-    }
-
-    // Unique fields (configured per installation), then, for leads without
-    // e-mail, the name within the matched account: a statement per unique
-    // field and one for the names, for the whole batch.
-    let customs: Vec<(usize, serde_json::Map<String, Value>)> =
-        open.iter().map(|&i| (i, record::custom_fields(all[i].lead.as_ref().expect("open leads exist")))).collect();
-    let contact_uniques = settings.fields.unique_keys(Module::Contact);
-    let account_uniques = settings.fields.unique_keys(Module::Account);
-    for (i, (f, row)) in by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &customs).await? {
-        all[i].contact_by_unique = Some((f, note_contact(&mut contact_keys, row)));
-    }
-    for (i, (f, row)) in by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &customs).await? {
-        all[i].account_by_unique = Some((f, note_account(&mut account_names, row)));
-    }
-    // SPEC §3.4 (seed 000): a lead without e-mail whose account was matched
-    // merges into the contact of that account with its first and last name.
-    let mut by_name: Vec<(usize, i64, String, Option<String>)> = Vec::new();
+        if round == LOOKUP_ROUNDS {
+            return Err(sqlx::Error::Protocol(format!(
+                "the candidates of leads {lead_ids:?} kept changing while they were locked ({round} rounds)"
+            )));
+        }
+        tracing::debug!(round, "a candidate changed before it was locked; looking the candidates up again");
+        round += 1;
+    };
     for &i in &open {
         let facts = &mut all[i];
-        facts.contact_by_email = facts.keys.email.as_ref().and_then(|e| by_email.get(e)).cloned();
-        facts.account_by_company = facts.keys.company.as_ref().and_then(|c| by_company.get(c)).cloned();
-        if facts.keys.email.is_none() && facts.contact_by_unique.is_none() {
-            let account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
-            if let (Some(account_id), Some(last)) = (account.and_then(|a| record::id(a, "id")), &facts.keys.last_name) {
-                by_name.push((i, account_id, last.clone(), facts.keys.first_name.clone()));
-            }
-        }
-    }
-    if !by_name.is_empty() {
-        let rows = sqlx::query(&format!(
-            "SELECT DISTINCT ON (v.ord) {CONTACT}, v.ord AS batch_ord
-             FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS v(account_id, last_name, first_name, ord)
-             JOIN contacts c ON c.account_id = v.account_id AND leadconv_norm(c.last_name) = v.last_name
-                            AND leadconv_norm(c.first_name) IS NOT DISTINCT FROM v.first_name
-             ORDER BY v.ord, c.created_at, c.id"
-        ))
-        .bind(by_name.iter().map(|n| n.1).collect::<Vec<_>>())
-        .bind(by_name.iter().map(|n| n.2.clone()).collect::<Vec<_>>())
-        .bind(by_name.iter().map(|n| n.3.clone()).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let (i, contact) = in_batch::<ContactRow>(&row, &by_name.iter().map(|n| n.0).collect::<Vec<_>>())?;
-            all[i].contact_by_name = Some(note_contact(&mut contact_keys, contact));
-        }
-    }
-
-    // Lock the candidate contacts and read them again, as they are now.
-    if locking == Locking::ForUpdate {
-        let mut ids: Vec<i64> =
-            open.iter().flat_map(|&i| all[i].candidate_contacts().filter_map(|c| record::id(c, "id"))).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut fresh: HashMap<i64, Record> = HashMap::new();
-        if !ids.is_empty() {
-            let rows: Vec<ContactRow> =
-                sqlx::query_as(&format!("SELECT {CONTACT} FROM contacts c WHERE id = ANY($1) ORDER BY id{lock}"))
-                    .bind(&ids)
-                    .fetch_all(&mut *conn)
-                    .await?;
-            for row in rows {
-                let c = note_contact(&mut contact_keys, row);
-                fresh.extend(record::id(&c, "id").map(|id| (id, c)));
-            }
-        }
-        for &i in &open {
-            let facts = &mut all[i];
-            facts.contact_by_unique = facts.contact_by_unique.take().and_then(|(f, c)| Some((f, now(&fresh, &c)?)));
-            facts.contact_by_email = facts.contact_by_email.take().and_then(|c| now(&fresh, &c));
-            facts.contact_by_name = facts.contact_by_name.take().and_then(|c| now(&fresh, &c));
-        }
-    }
-
-    // The candidate accounts and the accounts of the candidate contacts:
-    // locked (in a conversion) and read in one statement.
-    let mut ids: Vec<i64> = Vec::new();
-    for &i in &open {
-        let facts = &all[i];
-        ids.extend(facts.candidate_accounts().filter_map(|a| record::id(a, "id")));
-        ids.extend(facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")));
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    let mut accounts: HashMap<i64, Record> = HashMap::new();
-    if !ids.is_empty() {
-        let rows: Vec<AccountRow> =
-            sqlx::query_as(&format!("SELECT {ACCOUNT} FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"))
-                .bind(&ids)
-                .fetch_all(&mut *conn)
-                .await?;
-        for row in rows {
-            let a = note_account(&mut account_names, row);
-            accounts.extend(record::id(&a, "id").map(|id| (id, a)));
-        }
-    }
-    for &i in &open {
-        let facts = &mut all[i];
-        facts.account_by_unique = facts.account_by_unique.take().and_then(|(f, a)| Some((f, now(&accounts, &a)?)));
-        facts.account_by_company = facts.account_by_company.take().and_then(|a| now(&accounts, &a));
         let mut ids: Vec<i64> = facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -370,6 +262,227 @@ pub async fn load_batch(
         facts.acting_is_admin = acting_is_admin;
     }
     Ok(all)
+}
+
+/// Rounds of looking candidates up and locking them before a batch gives
+/// up (as a transient error, retried later): only CRM users editing the
+/// very candidates of its leads over and over make a second round.
+const LOOKUP_ROUNDS: u32 = 5;
+
+/// Finds the candidates of the `open` leads of `all`, without locks:
+/// contacts by e-mail and accounts by company (the oldest per key), by
+/// unique field, and, for leads without e-mail, contacts by name within the
+/// matched account. A few statements for the whole batch.
+async fn look_up(
+    conn: &mut PgConnection,
+    settings: &Settings,
+    all: &mut [Facts],
+    open: &[usize],
+    contact_keys: &mut HashMap<i64, ContactKeys>,
+    account_names: &mut HashMap<i64, String>,
+) -> sqlx::Result<()> {
+    for &i in open {
+        let facts = &mut all[i];
+        facts.contact_by_unique = None;
+        facts.contact_by_email = None;
+        facts.contact_by_name = None;
+        facts.account_by_unique = None;
+        facts.account_by_company = None;
+        facts.contact_accounts.clear();
+    }
+    let emails: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.email.as_deref()).collect();
+    let mut by_email: HashMap<String, Record> = HashMap::new();
+    if !emails.is_empty() {
+        let rows: Vec<ContactRow> = sqlx::query_as(&format!(
+            "SELECT {CONTACT} FROM contacts c WHERE c.id IN (
+                 SELECT DISTINCT ON (leadconv_norm_email(email)) id FROM contacts
+                 WHERE leadconv_norm_email(email) = ANY($1) ORDER BY leadconv_norm_email(email), created_at, id)
+             ORDER BY c.id"
+        ))
+        .bind(&emails)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let key = row.1.clone();
+            let c = note_contact(contact_keys, row);
+            by_email.extend(key.map(|k| (k, c)));
+        }
+    }
+    let companies: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.company.as_deref()).collect();
+    let mut by_company: HashMap<String, Record> = HashMap::new();
+    if !companies.is_empty() {
+        let rows: Vec<AccountRow> = sqlx::query_as(&format!(
+            "SELECT {ACCOUNT} FROM accounts a WHERE a.id IN (
+                 SELECT DISTINCT ON (leadconv_norm_company(account_name)) id FROM accounts
+                 WHERE leadconv_norm_company(account_name) = ANY($1)
+                 ORDER BY leadconv_norm_company(account_name), created_at, id)
+             ORDER BY a.id"
+        ))
+        .bind(&companies)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let key = row.1.clone();
+            let a = note_account(account_names, row);
+            by_company.extend(key.map(|k| (k, a)));
+        }
+    }
+
+    // Unique fields (configured per installation), then, for leads without
+    // e-mail, the name within the matched account: a statement per unique
+    // field and one for the names, for the whole batch.
+    let customs: Vec<(usize, serde_json::Map<String, Value>)> =
+        open.iter().map(|&i| (i, record::custom_fields(all[i].lead.as_ref().expect("open leads exist")))).collect();
+    let contact_uniques = settings.fields.unique_keys(Module::Contact);
+    let account_uniques = settings.fields.unique_keys(Module::Account);
+    for (i, (f, row)) in by_unique::<ContactRow>(conn, "contacts c", CONTACT, &contact_uniques, &customs).await? {
+        all[i].contact_by_unique = Some((f, note_contact(contact_keys, row)));
+    }
+    for (i, (f, row)) in by_unique::<AccountRow>(conn, "accounts a", ACCOUNT, &account_uniques, &customs).await? {
+        all[i].account_by_unique = Some((f, note_account(account_names, row)));
+    }
+    // SPEC §3.4 (seed 000): a lead without e-mail whose account was matched
+    // merges into the contact of that account with its first and last name.
+    let mut by_name: Vec<(usize, i64, String, Option<String>)> = Vec::new();
+    for &i in open {
+        let facts = &mut all[i];
+        facts.contact_by_email = facts.keys.email.as_ref().and_then(|e| by_email.get(e)).cloned();
+        facts.account_by_company = facts.keys.company.as_ref().and_then(|c| by_company.get(c)).cloned();
+        if facts.keys.email.is_none() && facts.contact_by_unique.is_none() {
+            let account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
+            if let (Some(account_id), Some(last)) = (account.and_then(|a| record::id(a, "id")), &facts.keys.last_name) {
+                by_name.push((i, account_id, last.clone(), facts.keys.first_name.clone()));
+            }
+        }
+    }
+    if !by_name.is_empty() {
+        let rows = sqlx::query(&format!(
+            "SELECT DISTINCT ON (v.ord) {CONTACT}, v.ord AS batch_ord
+             FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS v(account_id, last_name, first_name, ord)
+             JOIN contacts c ON c.account_id = v.account_id AND leadconv_norm(c.last_name) = v.last_name
+                            AND leadconv_norm(c.first_name) IS NOT DISTINCT FROM v.first_name
+             ORDER BY v.ord, c.created_at, c.id"
+        ))
+        .bind(by_name.iter().map(|n| n.1).collect::<Vec<_>>())
+        .bind(by_name.iter().map(|n| n.2.clone()).collect::<Vec<_>>())
+        .bind(by_name.iter().map(|n| n.3.clone()).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let (i, contact) = in_batch::<ContactRow>(&row, &by_name.iter().map(|n| n.0).collect::<Vec<_>>())?;
+            all[i].contact_by_name = Some(note_contact(contact_keys, contact));
+        }
+    }
+    Ok(())
+}
+
+/// Locks the candidates of the `open` leads of `all` and reads them again,
+/// as they are now: in one global order (contacts by id, then accounts by
+/// id, with the accounts of the candidate contacts), so two batches whose
+/// candidates overlap never wait on each other in a cycle.
+async fn lock_and_read_again(
+    conn: &mut PgConnection,
+    all: &mut [Facts],
+    open: &[usize],
+    contact_keys: &mut HashMap<i64, ContactKeys>,
+    account_names: &mut HashMap<i64, String>,
+) -> sqlx::Result<HashMap<i64, Record>> {
+    let mut ids: Vec<i64> =
+        open.iter().flat_map(|&i| all[i].candidate_contacts().filter_map(|c| record::id(c, "id"))).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut fresh: HashMap<i64, Record> = HashMap::new();
+    if !ids.is_empty() {
+        let rows: Vec<ContactRow> =
+            sqlx::query_as(&format!("SELECT {CONTACT} FROM contacts c WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
+                .bind(&ids)
+                .fetch_all(&mut *conn)
+                .await?;
+        for row in rows {
+            let c = note_contact(contact_keys, row);
+            fresh.extend(record::id(&c, "id").map(|id| (id, c)));
+        }
+    }
+    for &i in open {
+        let facts = &mut all[i];
+        facts.contact_by_unique = facts.contact_by_unique.take().and_then(|(f, c)| Some((f, now(&fresh, &c)?)));
+        facts.contact_by_email = facts.contact_by_email.take().and_then(|c| now(&fresh, &c));
+        facts.contact_by_name = facts.contact_by_name.take().and_then(|c| now(&fresh, &c));
+    }
+    let accounts = read_accounts(conn, all, open, Locking::ForUpdate, account_names).await?;
+    for &i in open {
+        let facts = &mut all[i];
+        facts.account_by_unique = facts.account_by_unique.take().and_then(|(f, a)| Some((f, now(&accounts, &a)?)));
+        facts.account_by_company = facts.account_by_company.take().and_then(|a| now(&accounts, &a));
+    }
+    Ok(accounts)
+}
+
+/// The candidate accounts of the `open` leads of `all` and the accounts of
+/// their candidate contacts, by id, in one statement (locked in id order
+/// with [`Locking::ForUpdate`]).
+async fn read_accounts(
+    conn: &mut PgConnection,
+    all: &[Facts],
+    open: &[usize],
+    locking: Locking,
+    account_names: &mut HashMap<i64, String>,
+) -> sqlx::Result<HashMap<i64, Record>> {
+    let mut ids: Vec<i64> = Vec::new();
+    for &i in open {
+        let facts = &all[i];
+        ids.extend(facts.candidate_accounts().filter_map(|a| record::id(a, "id")));
+        ids.extend(facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let mut accounts: HashMap<i64, Record> = HashMap::new();
+    if !ids.is_empty() {
+        let lock = locking.clause();
+        let rows: Vec<AccountRow> =
+            sqlx::query_as(&format!("SELECT {ACCOUNT} FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"))
+                .bind(&ids)
+                .fetch_all(&mut *conn)
+                .await?;
+        for row in rows {
+            let a = note_account(account_names, row);
+            accounts.extend(record::id(&a, "id").map(|id| (id, a)));
+        }
+    }
+    Ok(accounts)
+}
+
+/// What made each record a lead's candidate: the id and the matched value
+/// (unique field value, e-mail key, account and names, company key). Equal
+/// before and after [`lock_and_read_again`] when no candidate changed in
+/// what matched it or was deleted.
+#[derive(Debug, PartialEq)]
+struct Grounds {
+    contact_by_unique: Option<(i64, Option<Value>)>,
+    contact_by_email: Option<(i64, Option<String>)>,
+    contact_by_name: Option<(i64, Option<i64>, Option<ContactKeys>)>,
+    account_by_unique: Option<(i64, Option<Value>)>,
+    account_by_company: Option<(i64, Option<String>)>,
+}
+
+impl Grounds {
+    fn of(facts: &Facts, contact_keys: &HashMap<i64, ContactKeys>, account_names: &HashMap<i64, String>) -> Grounds {
+        let id = |r: &Record| record::id(r, "id").unwrap_or(0);
+        let unique = |(field, r): &(String, Record)| (id(r), record::custom_fields(r).get(field).cloned());
+        Grounds {
+            contact_by_unique: facts.contact_by_unique.as_ref().map(unique),
+            contact_by_email: facts
+                .contact_by_email
+                .as_ref()
+                .map(|c| (id(c), contact_keys.get(&id(c)).and_then(|k| k.email.clone()))),
+            contact_by_name: facts
+                .contact_by_name
+                .as_ref()
+                .map(|c| (id(c), record::id(c, "account_id"), contact_keys.get(&id(c)).cloned())),
+            account_by_unique: facts.account_by_unique.as_ref().map(unique),
+            account_by_company: facts.account_by_company.as_ref().map(|a| (id(a), account_names.get(&id(a)).cloned())),
+        }
+    }
 }
 
 /// `r` as read again (`None`: deleted meanwhile).
