@@ -75,7 +75,8 @@ pub struct RunReport {
     pub e2e_p99_ms: Option<f64>,
     pub peak_rss: Vec<(&'static str, u64)>,
     /// Contacts, accounts and deals in the database after the run, and the
-    /// leads that merged: the runs did the same work when these agree.
+    /// leads that merged, leaving out what the one-lead convert calls made
+    /// (`--api-calls`): the runs did the same work when these agree.
     pub made: (i64, i64, i64, i64),
 }
 
@@ -85,8 +86,13 @@ const QUEUE: &str = "enqueue → RabbitMQ → worker";
 
 async fn made(pool: &PgPool) -> sqlx::Result<(i64, i64, i64, i64)> {
     sqlx::query_as(
-        "SELECT (SELECT count(*) FROM contacts), (SELECT count(*) FROM accounts), (SELECT count(*) FROM deals),
-                (SELECT count(*) FROM conversion_results WHERE contact_action = 'merged')",
+        "WITH calls AS (SELECT r.* FROM conversion_results r JOIN conversion_jobs j ON j.id = r.job_id
+                        WHERE j.trigger = 'workflow')
+         SELECT (SELECT count(*) FROM contacts) - (SELECT count(*) FROM calls WHERE contact_action = 'created'),
+                (SELECT count(*) FROM accounts) - (SELECT count(*) FROM calls WHERE account_action = 'created'),
+                (SELECT count(*) FROM deals) - (SELECT count(*) FROM calls WHERE deal_action = 'created'),
+                (SELECT count(*) FROM conversion_results WHERE contact_action = 'merged')
+                - (SELECT count(*) FROM calls WHERE contact_action = 'merged')",
     )
     .fetch_one(pool)
     .await
