@@ -14,8 +14,9 @@ use super::parse_secs;
 #[derive(Args)]
 pub struct Worker {
     /// Bulk conversion transactions in flight at once, each converting a
-    /// batch of up to --batch-size leads.
-    #[arg(long, default_value_t = 4)]
+    /// batch of up to --batch-size leads. Eight keep both cores busy while
+    /// some batches wait on others' locks (BENCHMARKS.md, 2026-11-27).
+    #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
     /// Most leads one bulk transaction converts (1 converts lead by lead).
     #[arg(long, env = "LEADCONV_BATCH_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..=1000))]

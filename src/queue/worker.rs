@@ -70,7 +70,7 @@ impl WorkerConfig {
         WorkerConfig {
             amqp_url: amqp_url.into(),
             topology,
-            concurrency: 4,
+            concurrency: 8,
             batch_size: 200,
             batch_wait: Duration::from_millis(20),
             workflow_concurrency: 8,
