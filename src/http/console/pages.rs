@@ -100,6 +100,13 @@ fn when(t: Option<DateTime<Utc>>) -> String {
 }
 
 fn secs(s: f64) -> String {
+    // A one-lead job takes milliseconds: "0s" would read as "not measured".
+    if s < 1.0 {
+        return format!("{:.0} ms", s * 1000.0);
+    }
+    if s < 10.0 {
+        return format!("{s:.1}s");
+    }
     let s = s.round() as i64;
     match s {
         s if s < 60 => format!("{s}s"),
@@ -471,4 +478,18 @@ pub fn automation(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secs;
+
+    #[test]
+    fn durations_read_at_every_scale() {
+        assert_eq!(secs(0.004), "4 ms");
+        assert_eq!(secs(2.46), "2.5s");
+        assert_eq!(secs(42.4), "42s");
+        assert_eq!(secs(125.0), "2m 5s");
+        assert_eq!(secs(7384.0), "2h 3m");
+    }
 }
