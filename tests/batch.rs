@@ -350,7 +350,7 @@ async fn convert_while_a_crm_user_changes(
 }
 
 // A CRM user edits or deletes the contact a lead's e-mail found (or
-// deletes the account its company found), between the conversion's lookup
+// deletes or blanks out the account its company found), between the conversion's lookup
 // and its lock on the record: the conversion decides on the record as it
 // is once locked (as a locking lookup by e-mail would), never merging into
 // a contact with another e-mail and never creating a second contact for an
@@ -396,4 +396,12 @@ async fn a_candidate_changed_by_a_crm_user_before_it_is_locked_is_looked_up_agai
         "matched the account that has the name now: {r:?}"
     );
     assert_eq!(crm.count("SELECT count(*) FROM accounts").await, 1);
+
+    // The account's name blanked out: it names no company any more.
+    let blanked = second;
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Zielińska", "company": "Acme"})).await;
+    let blank = "UPDATE accounts SET account_name = E' \\u00a0' WHERE id = $1";
+    let r = convert_while_a_crm_user_changes(&crm, rep, lead, ("accounts", blanked), blank).await;
+    assert_eq!(r.account_action.map(|a| a.to_string()).as_deref(), Some("created"), "{r:?}");
+    assert_ne!(r.account_id, Some(blanked));
 }

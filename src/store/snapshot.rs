@@ -147,7 +147,7 @@ pub async fn load_batch(
     // in a cycle. The advisory locks keep every candidate of a lead's keys
     // from appearing or changing meanwhile through another conversion; a
     // candidate a CRM user changed or deleted in between makes the batch
-    // look again (see `Grounds`).
+    // look again (see `LookedUp`).
     let mut all: Vec<Facts> = lead_ids.iter().map(|&lead_id| Facts { lead_id, ..Facts::default() }).collect();
     // Locked in id order, whatever the batch's order: two batches that
     // share a lead (two jobs) never wait on each other in a cycle.
@@ -186,16 +186,18 @@ pub async fn load_batch(
         if locking != Locking::ForUpdate {
             break read_accounts(conn, &all, &open, Locking::None, &mut account_names).await?;
         }
-        // What made each record a candidate, as looked up (unlocked)...
-        let looked_up: Vec<Grounds> =
-            open.iter().map(|&i| Grounds::of(&all[i], &contact_keys, &account_names)).collect();
+        let looked_up: Vec<LookedUp> = open.iter().map(|&i| LookedUp::of(&all[i])).collect();
         let accounts = lock_and_read_again(conn, &mut all, &open, &mut contact_keys, &mut account_names).await?;
-        // ... and as locked. The advisory locks keep other conversions
-        // from changing it in between, but a CRM user may have edited or
-        // deleted a candidate: then look again, as a locking lookup by
-        // e-mail would (its WHERE is checked again on the locked row).
-        let locked: Vec<Grounds> = open.iter().map(|&i| Grounds::of(&all[i], &contact_keys, &account_names)).collect();
-        if looked_up == locked {
+        // The advisory locks keep other conversions from changing what
+        // matched (they only fill empty fields), but a CRM user may have
+        // edited or deleted a candidate before it was locked: then look
+        // again, as a locking lookup would (Postgres checks its WHERE again
+        // on the locked row).
+        let holds = open
+            .iter()
+            .zip(&looked_up)
+            .all(|(&i, before)| before.still_matches(&all[i], &contact_keys, &account_names));
+        if holds {
             break accounts;
         }
         if round == LOOKUP_ROUNDS {
@@ -265,8 +267,11 @@ pub async fn load_batch(
 }
 
 /// Rounds of looking candidates up and locking them before a batch gives
-/// up (as a transient error, retried later): only CRM users editing the
-/// very candidates of its leads over and over make a second round.
+/// up (as a transient error, retried later): only a CRM user editing or
+/// deleting a candidate between its lookup and its lock makes a second
+/// round. A later round takes its locks after the first round's, out of
+/// the global order: a deadlock with another batch is then possible,
+/// detected by Postgres, and retried like any (40P01 is transient).
 const LOOKUP_ROUNDS: u32 = 5;
 
 /// Finds the candidates of the `open` leads of `all`, without locks:
@@ -452,37 +457,68 @@ async fn read_accounts(
     Ok(accounts)
 }
 
-/// What made each record a lead's candidate: the id and the matched value
-/// (unique field value, e-mail key, account and names, company key). Equal
-/// before and after [`lock_and_read_again`] when no candidate changed in
-/// what matched it or was deleted.
-#[derive(Debug, PartialEq)]
-struct Grounds {
+/// A lead's candidates as looked up (unlocked): their ids, and for unique
+/// fields the value that matched.
+struct LookedUp {
     contact_by_unique: Option<(i64, Option<Value>)>,
-    contact_by_email: Option<(i64, Option<String>)>,
-    contact_by_name: Option<(i64, Option<i64>, Option<ContactKeys>)>,
+    contact_by_email: Option<i64>,
+    contact_by_name: Option<i64>,
     account_by_unique: Option<(i64, Option<Value>)>,
-    account_by_company: Option<(i64, Option<String>)>,
+    account_by_company: Option<i64>,
 }
 
-impl Grounds {
-    fn of(facts: &Facts, contact_keys: &HashMap<i64, ContactKeys>, account_names: &HashMap<i64, String>) -> Grounds {
-        let id = |r: &Record| record::id(r, "id").unwrap_or(0);
-        let unique = |(field, r): &(String, Record)| (id(r), record::custom_fields(r).get(field).cloned());
-        Grounds {
-            contact_by_unique: facts.contact_by_unique.as_ref().map(unique),
-            contact_by_email: facts
-                .contact_by_email
-                .as_ref()
-                .map(|c| (id(c), contact_keys.get(&id(c)).and_then(|k| k.email.clone()))),
-            contact_by_name: facts
-                .contact_by_name
-                .as_ref()
-                .map(|c| (id(c), record::id(c, "account_id"), contact_keys.get(&id(c)).cloned())),
-            account_by_unique: facts.account_by_unique.as_ref().map(unique),
-            account_by_company: facts.account_by_company.as_ref().map(|a| (id(a), account_names.get(&id(a)).cloned())),
+impl LookedUp {
+    fn of(facts: &Facts) -> LookedUp {
+        LookedUp {
+            contact_by_unique: facts.contact_by_unique.as_ref().map(unique_ground),
+            contact_by_email: facts.contact_by_email.as_ref().map(id_of),
+            contact_by_name: facts.contact_by_name.as_ref().map(id_of),
+            account_by_unique: facts.account_by_unique.as_ref().map(unique_ground),
+            account_by_company: facts.account_by_company.as_ref().map(id_of),
         }
     }
+
+    /// Whether every candidate, as locked and read again (`facts` and the
+    /// keys read with it), is still there and still matches the lead as the
+    /// lookup found it: the same unique value, the lead's e-mail key, its
+    /// names within the account it matched, its company key.
+    fn still_matches(
+        &self,
+        facts: &Facts,
+        contact_keys: &HashMap<i64, ContactKeys>,
+        account_names: &HashMap<i64, String>,
+    ) -> bool {
+        let keys = &facts.keys;
+        let contact_keys_of = |c: &Record| contact_keys.get(&id_of(c));
+        let name_account = facts.account_by_unique.as_ref().map(|(_, a)| a).or(facts.account_by_company.as_ref());
+        facts.contact_by_unique.as_ref().map(unique_ground) == self.contact_by_unique
+            && facts.account_by_unique.as_ref().map(unique_ground) == self.account_by_unique
+            && facts.contact_by_email.as_ref().map(id_of) == self.contact_by_email
+            && facts
+                .contact_by_email
+                .as_ref()
+                .is_none_or(|c| contact_keys_of(c).is_some_and(|k| k.email.is_some() && k.email == keys.email))
+            && facts.account_by_company.as_ref().map(id_of) == self.account_by_company
+            && facts
+                .account_by_company
+                .as_ref()
+                .is_none_or(|a| keys.company.is_some() && account_names.get(&id_of(a)) == keys.company.as_ref())
+            && facts.contact_by_name.as_ref().map(id_of) == self.contact_by_name
+            && facts.contact_by_name.as_ref().is_none_or(|c| {
+                record::id(c, "account_id") == name_account.and_then(|a| record::id(a, "id"))
+                    && contact_keys_of(c).is_some_and(|k| {
+                        k.last_name.is_some() && k.last_name == keys.last_name && k.first_name == keys.first_name
+                    })
+            })
+    }
+}
+
+fn id_of(r: &Record) -> i64 {
+    record::id(r, "id").unwrap_or(0)
+}
+
+fn unique_ground((field, r): &(String, Record)) -> (i64, Option<Value>) {
+    (id_of(r), record::custom_fields(r).get(field).cloned())
 }
 
 /// `r` as read again (`None`: deleted meanwhile).
@@ -498,10 +534,14 @@ fn note_contact(keys: &mut HashMap<i64, ContactKeys>, (Json(c), email, first_nam
     c
 }
 
-/// Keeps an account's normalised name and returns the account.
+/// Keeps an account's normalised name (forgets it when the name is blank
+/// now) and returns the account.
 fn note_account(names: &mut HashMap<i64, String>, (Json(a), name): AccountRow) -> Record {
-    if let (Some(id), Some(name)) = (record::id(&a, "id"), name) {
-        names.insert(id, name);
+    if let Some(id) = record::id(&a, "id") {
+        match name {
+            Some(name) => names.insert(id, name),
+            None => names.remove(&id),
+        };
     }
     a
 }
