@@ -101,10 +101,11 @@ fn when(t: Option<DateTime<Utc>>) -> String {
 
 fn secs(s: f64) -> String {
     // A one-lead job takes milliseconds: "0s" would read as "not measured".
-    if s < 1.0 {
+    // Rounded first, so that 0.9996 s reads "1.0s", not "1000 ms".
+    if (s * 1000.0).round() < 1000.0 {
         return format!("{:.0} ms", s * 1000.0);
     }
-    if s < 10.0 {
+    if (s * 10.0).round() < 100.0 {
         return format!("{s:.1}s");
     }
     let s = s.round() as i64;
@@ -487,7 +488,9 @@ mod tests {
     #[test]
     fn durations_read_at_every_scale() {
         assert_eq!(secs(0.004), "4 ms");
+        assert_eq!(secs(0.9996), "1.0s");
         assert_eq!(secs(2.46), "2.5s");
+        assert_eq!(secs(9.96), "10s");
         assert_eq!(secs(42.4), "42s");
         assert_eq!(secs(125.0), "2m 5s");
         assert_eq!(secs(7384.0), "2h 3m");
