@@ -392,22 +392,14 @@ async fn lock_and_read_again(
     contact_keys: &mut HashMap<i64, ContactKeys>,
     account_names: &mut HashMap<i64, String>,
 ) -> sqlx::Result<HashMap<i64, Record>> {
-    let mut ids: Vec<i64> =
+    let ids: Vec<i64> =
         open.iter().flat_map(|&i| all[i].candidate_contacts().filter_map(|c| record::id(c, "id"))).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut fresh: HashMap<i64, Record> = HashMap::new();
-    if !ids.is_empty() {
-        let rows: Vec<ContactRow> =
-            sqlx::query_as(&format!("SELECT {CONTACT} FROM contacts c WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
-                .bind(&ids)
-                .fetch_all(&mut *conn)
-                .await?;
-        for row in rows {
-            let c = note_contact(contact_keys, row);
-            fresh.extend(record::id(&c, "id").map(|id| (id, c)));
-        }
-    }
+    let rows: Vec<ContactRow> = by_id(conn, "contacts c", CONTACT, ids, Locking::ForUpdate).await?;
+    let fresh: HashMap<i64, Record> = rows
+        .into_iter()
+        .map(|row| note_contact(contact_keys, row))
+        .filter_map(|c| Some((record::id(&c, "id")?, c)))
+        .collect();
     for &i in open {
         let facts = &mut all[i];
         facts.contact_by_unique = facts.contact_by_unique.take().and_then(|(f, c)| Some((f, now(&fresh, &c)?)));
@@ -433,28 +425,45 @@ async fn read_accounts(
     locking: Locking,
     account_names: &mut HashMap<i64, String>,
 ) -> sqlx::Result<HashMap<i64, Record>> {
-    let mut ids: Vec<i64> = Vec::new();
-    for &i in open {
-        let facts = &all[i];
-        ids.extend(facts.candidate_accounts().filter_map(|a| record::id(a, "id")));
-        ids.extend(facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")));
-    }
+    let ids: Vec<i64> = open
+        .iter()
+        .flat_map(|&i| {
+            let facts = &all[i];
+            let candidates = facts.candidate_accounts().filter_map(|a| record::id(a, "id"));
+            candidates.chain(facts.candidate_contacts().filter_map(|c| record::id(c, "account_id")))
+        })
+        .collect();
+    let rows: Vec<AccountRow> = by_id(conn, "accounts a", ACCOUNT, ids, locking).await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| note_account(account_names, row))
+        .filter_map(|a| Some((record::id(&a, "id")?, a)))
+        .collect())
+}
+
+/// The records of `table` (with its alias) whose id is one of `ids`, as
+/// `columns`, in id order: locked in that order with
+/// [`Locking::ForUpdate`], the one global order every batch locks in.
+async fn by_id<R>(
+    conn: &mut PgConnection,
+    table: &'static str,
+    columns: &'static str,
+    mut ids: Vec<i64>,
+    locking: Locking,
+) -> sqlx::Result<Vec<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
     ids.sort_unstable();
     ids.dedup();
-    let mut accounts: HashMap<i64, Record> = HashMap::new();
-    if !ids.is_empty() {
-        let lock = locking.clause();
-        let rows: Vec<AccountRow> =
-            sqlx::query_as(&format!("SELECT {ACCOUNT} FROM accounts a WHERE id = ANY($1) ORDER BY id{lock}"))
-                .bind(&ids)
-                .fetch_all(&mut *conn)
-                .await?;
-        for row in rows {
-            let a = note_account(account_names, row);
-            accounts.extend(record::id(&a, "id").map(|id| (id, a)));
-        }
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(accounts)
+    let lock = locking.clause();
+    sqlx::query_as(&format!("SELECT {columns} FROM {table} WHERE id = ANY($1) ORDER BY id{lock}"))
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await
 }
 
 /// A lead's candidates as looked up (unlocked): their ids, and for unique
