@@ -11,7 +11,6 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::error::{ErrorCode, Refusal};
 use crate::plan::{Action, Plan, Verdict};
 use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, Job};
@@ -58,9 +57,7 @@ impl Progress {
 }
 
 async fn load(pool: &PgPool, id: Uuid) -> anyhow::Result<Job> {
-    job::get(pool, id)
-        .await?
-        .ok_or_else(|| Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into())
+    job::get(pool, id).await?.ok_or_else(|| crate::store::job::not_found().into())
 }
 
 /// `leadconv status`. With `watch`, follows the job until it finishes: a

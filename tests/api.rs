@@ -98,7 +98,8 @@ async fn probes_document_and_authentication() {
     assert_eq!(ready.json::<Value>().await.unwrap(), json!({"postgres": true, "rabbitmq": true}));
     assert_eq!(plain("/openapi.json").await.unwrap().json::<Value>().await.unwrap()["openapi"], "3.0.3");
 
-    // Missing, malformed and unknown tokens: 401; a user who may not convert: 403.
+    // Missing, malformed and unknown tokens: 401; a user who may not
+    // convert reads (the dashboard role) and gets 403 on anything else.
     let r = plain("/v1/jobs").await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(code(&r.json().await.unwrap()), "unauthorized");
@@ -109,6 +110,15 @@ async fn probes_document_and_authentication() {
     let viewer = api.crm.user("Viewer", json!({"can_convert": false})).await;
     let viewer_token = leadconv::store::auth::create_token(api.crm.pool(), viewer, "v").await.unwrap();
     let r = api.http.get(api.url("/v1/jobs")).bearer_auth(&viewer_token).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = api
+        .http
+        .post(api.url("/v1/jobs"))
+        .bearer_auth(&viewer_token)
+        .json(&json!({"criteria": {"all_leads": true}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(code(&r.json().await.unwrap()), "forbidden");
     // Tokens are stored hashed, never in clear.

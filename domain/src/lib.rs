@@ -1,6 +1,6 @@
 //! The CRM rules of lead conversion (SPEC §3, §4, §6), as plain Rust.
 //!
-//! What lives here: records as the rules see them ([`record`]), the field
+//! What lives here: who may do what ([`access`]), records as the rules see them ([`record`]), the field
 //! mapping ([`mapping`]), criteria parsing ([`criteria`]), options and their
 //! validation against facts the caller read ([`options`]), the deal
 //! template and dates ([`deal`]), the merge ([`merge`]), the decision for
@@ -12,6 +12,7 @@
 //! that way; the `leadconv` crate gathers facts, writes plans and moves
 //! messages around these rules.
 
+pub mod access;
 pub mod criteria;
 pub mod deal;
 pub mod error;

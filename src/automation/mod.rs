@@ -35,6 +35,12 @@ pub trait Automation: Serialize + for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpi
     /// The trigger of the jobs it makes.
     const TRIGGER: Trigger;
 
+    /// The user it acts as: whose rights rules 6 and 7 use, and whose reach
+    /// decides who sees it and the jobs it makes.
+    fn acting_user(&self) -> i64;
+
+    fn id(&self) -> i64;
+
     /// Enables or disables it (a schedule also moves its next run).
     fn set_enabled(
         pool: &PgPool,
@@ -43,9 +49,16 @@ pub trait Automation: Serialize + for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpi
     ) -> impl std::future::Future<Output = Result<Self, crate::Error>> + Send;
 }
 
-/// Every row, by id.
-pub async fn list<T: Automation>(pool: &PgPool) -> sqlx::Result<Vec<T>> {
-    sqlx::query_as(&format!("SELECT {} FROM {} ORDER BY id", T::COLUMNS, T::TABLE)).fetch_all(pool).await
+/// Every row acting as one of `acting_users` (`None`: every row), by id.
+pub async fn list<T: Automation>(pool: &PgPool, acting_users: Option<&[i64]>) -> sqlx::Result<Vec<T>> {
+    sqlx::query_as(&format!(
+        "SELECT {} FROM {} WHERE $1::bigint[] IS NULL OR acting_user = ANY($1) ORDER BY id",
+        T::COLUMNS,
+        T::TABLE
+    ))
+    .bind(acting_users)
+    .fetch_all(pool)
+    .await
 }
 
 /// The row, or a `rule_not_found` / `schedule_not_found` refusal.
@@ -72,8 +85,10 @@ pub async fn delete<T: Automation>(pool: &PgPool, id: i64) -> Result<(), crate::
     Ok(())
 }
 
-pub(crate) fn not_found<T: Automation>(id: i64) -> crate::Error {
-    Refusal::new(T::NOT_FOUND, format!("{}_id", T::WHAT), format!("no {} {id}", T::WHAT)).into()
+/// The answer for a rule or schedule that does not exist, and for one
+/// outside the caller's reach: the same words for both (SPEC §5).
+pub fn not_found<T: Automation>(_id: i64) -> crate::Error {
+    Refusal::new(T::NOT_FOUND, format!("{}_id", T::WHAT), format!("no such {} (check the id)", T::WHAT)).into()
 }
 
 /// Checks what a new rule or schedule shares: its name (not blank, at most

@@ -56,6 +56,14 @@ pub struct NewRule {
 }
 
 impl Automation for Rule {
+    fn acting_user(&self) -> i64 {
+        self.acting_user
+    }
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
     const WHAT: &'static str = "rule";
     const PLURAL: &'static str = "rules";
     const TABLE: &'static str = "conversion_rules";

@@ -62,6 +62,14 @@ pub struct NewSchedule {
 }
 
 impl Automation for Schedule {
+    fn acting_user(&self) -> i64 {
+        self.acting_user
+    }
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
     const WHAT: &'static str = "schedule";
     const PLURAL: &'static str = "schedules";
     const TABLE: &'static str = "conversion_schedules";

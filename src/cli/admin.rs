@@ -3,6 +3,7 @@
 use clap::{Args, Subcommand};
 use leadconv::config::Services;
 use leadconv::store::db;
+use leadconv_domain::access::Scope;
 
 use super::say;
 
@@ -73,8 +74,18 @@ pub enum TokenCommand {
         /// A label to recognise the token by.
         #[arg(long, default_value = "")]
         name: String,
+        /// What the token may do: `full` (everything its user may), `read`
+        /// (only reading: GETs and a read-only console session, for
+        /// dashboards) or `convert` (convert-now and reading, no console:
+        /// for workflow integrations).
+        #[arg(long, default_value = "full", value_parser = parse_scope)]
+        scope: Scope,
+        /// How long the token works, e.g. `90d`, `12h`, `30m`, `2w`; without
+        /// it, until revoked.
+        #[arg(long, value_parser = parse_expiry)]
+        expires_in: Option<std::time::Duration>,
     },
-    /// List tokens (id, user, label, created, last used, revoked); never the tokens themselves.
+    /// List tokens (id, user, label, scope, created, expires, last used, revoked); never the tokens themselves.
     List {
         /// Only the tokens of this user.
         #[arg(long)]
@@ -94,13 +105,14 @@ impl TokenCommand {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         let pool = db::connect_migrated(&s.database_url, 2).await?;
         match self {
-            TokenCommand::Create { user, name } => {
-                say(leadconv::store::auth::create_token(&pool, user, &name).await?)?;
+            TokenCommand::Create { user, name, scope, expires_in } => {
+                let grant = leadconv::store::auth::TokenGrant { scope, expires_in };
+                say(leadconv::store::auth::create_scoped_token(&pool, user, &name, grant).await?)?;
             }
             TokenCommand::List { user, json } => {
                 let tokens = leadconv::store::auth::list_tokens(&pool, user).await?;
                 if !json {
-                    say("id\tuser\tname\tcreated_at\tlast_used_at\trevoked_at")?;
+                    say("id\tuser\tname\tscope\tcreated_at\texpires_at\tlast_used_at\trevoked_at")?;
                 }
                 for t in tokens {
                     let when = |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_owned(), |t| t.to_rfc3339());
@@ -108,11 +120,13 @@ impl TokenCommand {
                         serde_json::to_string(&t)?
                     } else {
                         format!(
-                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                             t.id,
                             t.user_id,
                             t.name,
+                            t.scope,
                             t.created_at.to_rfc3339(),
+                            when(t.expires_at),
                             when(t.last_used_at),
                             when(t.revoked_at)
                         )
@@ -126,5 +140,18 @@ impl TokenCommand {
             }
         }
         Ok(())
+    }
+}
+
+fn parse_scope(raw: &str) -> Result<Scope, String> {
+    Scope::parse(raw).ok_or_else(|| format!("{raw:?} is not a scope: write full, read or convert"))
+}
+
+/// A token's lifetime: a positive duration such as `90d`, `12h` or `30m`.
+fn parse_expiry(raw: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(raw.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("a token must live longer than 0: write e.g. 90d, 12h or 30m".into()),
+        Err(e) => Err(format!("{raw:?} is not a duration ({e}): write e.g. 90d, 12h or 30m")),
     }
 }

@@ -85,19 +85,15 @@ pub enum Manage {
     },
 }
 
-/// One line of `list` for people, and the id its runs are counted by.
+/// One line of `list` for people.
 trait Line {
     fn line(&self) -> String;
-    fn id(&self) -> i64;
 }
 
 impl Line for Rule {
     fn line(&self) -> String {
         let state = if self.enabled { "enabled" } else { "disabled" };
         format!("{}\t{}\t{state}\tacting_user={}\t{}", self.id, self.name, self.acting_user, self.criteria.0)
-    }
-    fn id(&self) -> i64 {
-        self.id
     }
 }
 
@@ -113,9 +109,6 @@ impl Line for Schedule {
             self.next_run_at.to_rfc3339()
         )
     }
-    fn id(&self) -> i64 {
-        self.id
-    }
 }
 
 impl Manage {
@@ -125,7 +118,7 @@ impl Manage {
             Manage::List { json } => {
                 // When each last made a job, and how many leads its jobs converted.
                 let runs = job::origin_runs(&pool, T::TRIGGER == Trigger::Schedule).await?;
-                for r in automation::list::<T>(&pool).await? {
+                for r in automation::list::<T>(&pool, None).await? {
                     let (last, converted) = runs.get(&r.id()).map_or((None, 0), |(at, n)| (Some(*at), *n));
                     say(if json {
                         let mut v = serde_json::to_value(&r)?;

@@ -171,7 +171,7 @@ impl Retry {
         let new = job::retry_request(&pool, &of, self.requested_by, Trigger::Manual).await?;
         let checked = job::check(&pool, new).await?;
         create_and_publish(s, &pool, Lane::Bulk, self.json, self.lease_secs, producer::BATCH, |dispatch| {
-            job::create_retry(&pool, &checked, of.job_id, dispatch)
+            job::create_retry(&pool, &checked, of.job_id, None, dispatch)
         })
         .await
     }
@@ -244,7 +244,7 @@ pub struct Jobs {
 impl Jobs {
     pub async fn run(self, s: &Services) -> anyhow::Result<()> {
         let pool = db::connect_migrated(&s.database_url, 2).await?;
-        for j in job::list(&pool, self.status, self.trigger, self.limit, 0).await? {
+        for j in job::list(&pool, self.status, self.trigger, None, self.limit, 0).await? {
             let p = report::Progress::of(j);
             say(if self.json { serde_json::to_string(&p)? } else { p.line() })?;
         }

@@ -9,9 +9,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{parse_i64, parse_uuid, Acting, ApiError, AppState, Body, Query};
+use super::{parse_i64, parse_uuid, Access, ApiError, AppState, Body, Query};
 use crate::report::{PlanSummary, Progress};
 use futures::TryStreamExt;
+use leadconv_domain::access::Act;
 
 use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, NewJob, Trigger};
@@ -40,10 +41,12 @@ pub struct CreateQuery {
 /// `POST /v1/jobs`: 202 with the job, or with `?dry_run=true` 200 and the plan.
 pub async fn create(
     State(s): State<AppState>,
-    Acting(user): Acting,
+    Access(caller): Access,
     Query(q): Query<CreateQuery>,
     Body(b): Body<CreateJob>,
 ) -> Result<Response, ApiError> {
+    caller.allow(Act::CreateJob, missing).await?;
+    let user = caller.user_id();
     let trigger =
         job::check_caller_trigger(b.trigger.unwrap_or(Trigger::Api), &b.criteria, false).map_err(crate::Error::from)?;
     let new =
@@ -86,20 +89,17 @@ pub struct RetryJob {
 }
 
 /// `POST /v1/jobs/{id}/retry`: the failed (or skipped) leads of a job,
-/// still unconverted, as a new job with its options, asked for by the
-/// caller and naming the first (`retry_of`).
+/// still unconverted, as a new job with its options and its acting user,
+/// asked for by the caller (`asked_by`) and naming the first (`retry_of`).
 pub async fn retry(
     State(s): State<AppState>,
-    Acting(user): Acting,
+    Access(caller): Access,
     Path(raw): Path<String>,
     Body(b): Body<RetryJob>,
 ) -> Result<Response, ApiError> {
-    let of = job::RetryOf {
-        job_id: parse_uuid(&raw, "job_id")?,
-        outcome: b.outcome.unwrap_or(Outcome::Failed),
-        code: b.code,
-    };
-    let created = s.enqueuer.retry(&of, user, Trigger::Api).await?;
+    let earlier = visible(&s, &caller, &raw, |requested_by| Act::SteerJob { requested_by }).await?;
+    let of = job::RetryOf { job_id: earlier.id, outcome: b.outcome.unwrap_or(Outcome::Failed), code: b.code };
+    let created = s.enqueuer.retry(&of, caller.user_id(), Trigger::Api).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"job_id": created.id, "status": created.status, "total_count": created.total_count, "retry_of": of.job_id})),
@@ -152,27 +152,55 @@ fn one_of<T: Copy + std::fmt::Display>(
     }
 }
 
-/// `GET /v1/jobs`: newest first, filtered, paged.
-pub async fn list(State(s): State<AppState>, _: Acting, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+/// `GET /v1/jobs`: newest first, filtered, paged; only the jobs whose
+/// requester the caller reaches.
+pub async fn list(
+    State(s): State<AppState>,
+    Access(caller): Access,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.allow(Act::ListJobs, missing).await?;
     let status = one_of(q.status.as_deref(), "status", JobStatus::parse, JobStatus::ALL)?;
     let trigger = one_of(q.trigger.as_deref(), "trigger", Trigger::parse, Trigger::ALL)?;
     let limit = bounded(q.limit, 50, 500, "limit")?;
     let offset = bounded(q.offset, 0, i64::from(i32::MAX), "offset")?;
-    let jobs = job::list(&s.pool, status, trigger, limit, offset).await?;
+    let reach = caller.reach().await?.users();
+    let jobs = job::list(&s.pool, status, trigger, reach.as_deref(), limit, offset).await?;
     let jobs: Vec<Progress> = jobs.into_iter().map(Progress::of).collect();
     Ok(Json(json!({"jobs": jobs, "limit": limit, "offset": offset})))
 }
 
-async fn load(s: &AppState, raw: &str) -> Result<job::Job, ApiError> {
+/// The answer for a job that does not exist or that the caller does not
+/// reach: one and the same.
+fn missing() -> ApiError {
+    crate::Error::from(job::not_found()).into()
+}
+
+/// The job `raw` names, if the caller may do `act` (given its requester)
+/// to it.
+async fn visible(
+    s: &AppState,
+    caller: &super::access::Gate,
+    raw: &str,
+    act: fn(i64) -> Act,
+) -> Result<job::Job, ApiError> {
     let id = parse_uuid(raw, "job_id")?;
-    job::get(&s.pool, id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "job_id", format!("no job {id}")))
+    let job = job::get(&s.pool, id).await?.ok_or_else(missing)?;
+    caller.allow(act(job.requested_by), missing).await?;
+    Ok(job)
+}
+
+fn read_job(requested_by: i64) -> Act {
+    Act::ReadJob { requested_by }
 }
 
 /// `GET /v1/jobs/{id}`: status, counts, rate, ETA.
-pub async fn read(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Progress>, ApiError> {
-    Ok(Json(Progress::of(load(&s, &raw).await?)))
+pub async fn read(
+    State(s): State<AppState>,
+    Access(caller): Access,
+    Path(raw): Path<String>,
+) -> Result<Json<Progress>, ApiError> {
+    Ok(Json(Progress::of(visible(&s, &caller, &raw, read_job).await?)))
 }
 
 #[derive(Deserialize)]
@@ -189,11 +217,11 @@ pub struct ResultsQuery {
 /// `GET /v1/jobs/{id}/results`: per-lead results in lead order, paged.
 pub async fn results(
     State(s): State<AppState>,
-    _: Acting,
+    Access(caller): Access,
     Path(raw): Path<String>,
     Query(q): Query<ResultsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = load(&s, &raw).await?;
+    let job = visible(&s, &caller, &raw, read_job).await?;
     let outcome = one_of(q.outcome.as_deref(), "outcome", Outcome::parse, Outcome::ALL)?;
     let limit = bounded(q.limit, 100, 1000, "limit")?;
     let rows: Vec<LeadResult> =
@@ -202,10 +230,14 @@ pub async fn results(
     Ok(Json(json!({"results": rows, "next_after": next})))
 }
 
-/// `POST /v1/jobs/{id}/cancel`.
-pub async fn cancel(State(s): State<AppState>, _: Acting, Path(raw): Path<String>) -> Result<Json<Progress>, ApiError> {
-    let id = parse_uuid(&raw, "job_id")?;
-    Ok(Json(Progress::of(job::cancel(&s.pool, id).await?)))
+/// `POST /v1/jobs/{id}/cancel`: by its requester, those above them, admins.
+pub async fn cancel(
+    State(s): State<AppState>,
+    Access(caller): Access,
+    Path(raw): Path<String>,
+) -> Result<Json<Progress>, ApiError> {
+    let job = visible(&s, &caller, &raw, |requested_by| Act::SteerJob { requested_by }).await?;
+    Ok(Json(Progress::of(job::cancel(&s.pool, job.id).await?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -223,10 +255,12 @@ pub struct ConvertLead {
 /// priority lane, answered with the result once committed.
 pub async fn convert_lead(
     State(s): State<AppState>,
-    Acting(user): Acting,
+    Access(caller): Access,
     Path(raw): Path<String>,
     Body(b): Body<ConvertLead>,
 ) -> Result<Response, ApiError> {
+    caller.allow(Act::ConvertNow, missing).await?;
+    let user = caller.user_id();
     let lead_id = parse_i64(&raw, "lead_id")?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(5000).min(60_000));
     let new = NewJob {

@@ -4,6 +4,7 @@
 //! paths and queries are parsed here so that no malformed input reaches a
 //! handler, and none produces a 500.
 
+pub mod access;
 mod automation;
 pub mod console;
 mod jobs;
@@ -116,15 +117,18 @@ pub fn router(state: AppState) -> Router {
 /// What the access log line says of a request beyond its method and status,
 /// filled in as the request is routed and authenticated.
 #[derive(Default)]
-struct AccessNote {
+pub(crate) struct AccessNote {
     /// The route template (`/v1/jobs/{job_id}`), not the path: no ids in logs.
     route: std::sync::OnceLock<String>,
-    /// The user the bearer token stands for.
+    /// The user the bearer token (or console session) stands for.
     user: std::sync::OnceLock<i64>,
+    /// Why the request was denied, when it was (SPEC §5): denials are
+    /// logged with the user.
+    denied: std::sync::OnceLock<&'static str>,
 }
 
-/// One log line per request: method, route, status, latency, user id. Never
-/// the token, the query or the body.
+/// One log line per request: method, route, status, latency, user id, and
+/// the reason of a denial. Never the token, the query or the body.
 async fn access_log(mut req: Request, next: axum::middleware::Next) -> Response {
     let started = std::time::Instant::now();
     let method = req.method().clone();
@@ -138,6 +142,7 @@ async fn access_log(mut req: Request, next: axum::middleware::Next) -> Response 
         status = res.status().as_u16(),
         latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
         user_id = note.user.get().copied(),
+        denied = note.denied.get().copied(),
         "request"
     );
     res
@@ -304,39 +309,44 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
-/// The acting user, from `Authorization: Bearer <token>`.
-pub struct Acting(pub i64);
+/// The caller, from `Authorization: Bearer <token>`: every handler asks it
+/// ([`access::Gate::allow`]) before it reads or changes anything. A missing,
+/// unknown, revoked or expired token is a 401; an inactive user a 403.
+pub struct Access(pub access::Gate);
 
-impl FromRequestParts<AppState> for Acting {
+impl FromRequestParts<AppState> for Access {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "authorization", m);
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthorized("expected Authorization: Bearer <token>"))?;
-        let user = auth::lookup(&state.pool, token).await?.ok_or_else(|| unauthorized("unknown or revoked token"))?;
-        if let Some(note) = parts.extensions.get::<Arc<AccessNote>>() {
-            let _ = note.user.set(user.id);
-        }
-        if !user.active || !user.can_convert {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "authorization",
-                format!("user {} is inactive or may not convert leads", user.id),
-            ));
-        }
-        Ok(Acting(user.id))
+        let note = parts.extensions.get::<Arc<AccessNote>>().cloned();
+        let unauthorized = |m: &str| {
+            if let Some(n) = &note {
+                let _ = n.denied.set("unauthenticated");
+            }
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "authorization", m)
+        };
+        let Some(header) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(unauthorized("missing Authorization: Bearer <token>"));
+        };
+        let Some(token) =
+            header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).map(str::trim).filter(|t| !t.is_empty())
+        else {
+            return Err(unauthorized("expected Authorization: Bearer <token>"));
+        };
+        let Some(user) = auth::lookup(&state.pool, token).await? else {
+            return Err(unauthorized("unknown, revoked or expired token"));
+        };
+        let gate = access::Gate::new(state.pool.clone(), user, note);
+        // The least any act asks (an active user), said at once: an inactive
+        // user gets 403 on every route, before anything is read.
+        gate.allow(leadconv_domain::access::Act::ListJobs, no_object).await?;
+        Ok(Access(gate))
     }
+}
+
+/// `ListJobs` is about no object, so its denial is never a 404.
+fn no_object() -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", "authorization", "forbidden")
 }
 
 /// A path id, with a JSON 400 when it is not one.

@@ -67,14 +67,16 @@ impl Enqueuer {
         Ok(created)
     }
 
-    /// Retries the leads of `of` as a new job requested by `requested_by`
-    /// (see `job::retry_request`), created and published like [`submit`].
+    /// Retries the leads of `of` as a new job with the first job's acting
+    /// user, asked for by `asked_by` (see `job::retry_request`), created
+    /// and published like [`submit`].
     ///
     /// [`submit`]: Enqueuer::submit
-    pub async fn retry(&self, of: &job::RetryOf, requested_by: i64, trigger: Trigger) -> Result<Job, crate::Error> {
-        let new = job::retry_request(&self.pool, of, Some(requested_by), trigger).await?;
+    pub async fn retry(&self, of: &job::RetryOf, asked_by: i64, trigger: Trigger) -> Result<Job, crate::Error> {
+        let new = job::retry_request(&self.pool, of, None, trigger).await?;
         let checked = job::check(&self.pool, new).await?;
-        let created = job::create_retry(&self.pool, &checked, of.job_id, Dispatch::Queue { lease: self.lease }).await?;
+        let dispatch = Dispatch::Queue { lease: self.lease };
+        let created = job::create_retry(&self.pool, &checked, of.job_id, Some(asked_by), dispatch).await?;
         self.publish(&created).await;
         Ok(created)
     }

@@ -40,6 +40,9 @@ pub struct Job {
     pub schedule_id: Option<i64>,
     /// The job whose failed (or skipped) leads this one retries.
     pub retry_of: Option<Uuid>,
+    /// Who asked for it, when not its acting user (`requested_by`): a retry
+    /// keeps the first job's requester.
+    pub asked_by: Option<i64>,
 }
 
 impl Job {
@@ -78,6 +81,12 @@ pub async fn check(pool: &PgPool, new: NewJob) -> Result<Checked, crate::Error> 
     let settings = crate::store::options::prepare(&mut conn, &options, new.requested_by).await?;
     let criteria = Criteria::parse(&new.criteria, &settings.fields.defs)?;
     Ok(Checked { new, criteria, settings })
+}
+
+/// The answer for a job that does not exist, and (SPEC §5) for one outside
+/// the caller's reach: the same words, so that neither hints at the other.
+pub fn not_found() -> Refusal {
+    Refusal::new(ErrorCode::JobNotFound, "job_id", "no such job (check the id)")
 }
 
 /// A job's publisher lease (see `queue::producer`): who holds it, a token
@@ -198,7 +207,7 @@ pub async fn create_in(
         " FROM matched
          RETURNING id, status, criteria, options, requested_by, trigger, total_count, converted_count,
                    merged_count, skipped_count, failed_count, created_at, started_at, finished_at, rule_id,
-                   schedule_id, retry_of",
+                   schedule_id, retry_of, asked_by",
     );
     match qb.build().fetch_one(&mut *tx).await {
         Ok(row) => Ok(Job::from_row(&row)?),
@@ -251,7 +260,7 @@ async fn try_cancel(pool: &PgPool, id: Uuid) -> Result<Job, crate::Error> {
     .fetch_optional(&mut *tx)
     .await?;
     match status {
-        None => return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")).into()),
+        None => return Err(not_found().into()),
         Some(s) if !s.is_finished() => {}
         Some(s) => {
             return Err(Refusal::new(ErrorCode::JobFinished, "job_id", format!("job {id} is {s} already")).into())
@@ -359,7 +368,7 @@ pub async fn rewind_outbox(pool: &PgPool, id: Uuid, lease: &Lease) -> Result<Tri
         return Ok(t);
     }
     Err(match get(pool, id).await? {
-        None => Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {id}")),
+        None => not_found(),
         Some(j) => Refusal::new(ErrorCode::JobFinished, "job_id", format!("job {id} is {} already", j.status)),
     }
     .into())
@@ -388,7 +397,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
                 options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
-                started_at, finished_at, rule_id, schedule_id, retry_of
+                started_at, finished_at, rule_id, schedule_id, retry_of, asked_by
          FROM conversion_job_progress WHERE id = $1"#,
         id
     )
@@ -396,12 +405,15 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
     .await
 }
 
-/// Jobs newest first, of `status` and `trigger` when given, a page of
-/// `limit` after skipping `offset`; counts exact at this moment.
+/// Jobs newest first, of `status` and `trigger` when given, asked for by
+/// one of `requested_by` (`None`: anyone), a page of `limit` after
+/// skipping `offset`; counts exact at this moment. The reach is a filter
+/// of the statement, so pages hold only what the caller may see.
 pub async fn list(
     pool: &PgPool,
     status: Option<JobStatus>,
     trigger: Option<Trigger>,
+    requested_by: Option<&[i64]>,
     limit: i64,
     offset: i64,
 ) -> sqlx::Result<Vec<Job>> {
@@ -413,14 +425,16 @@ pub async fn list(
                 options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
-                started_at, finished_at, rule_id, schedule_id, retry_of
+                started_at, finished_at, rule_id, schedule_id, retry_of, asked_by
          FROM conversion_job_progress
          WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
+           AND ($5::bigint[] IS NULL OR requested_by = ANY($5))
          ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"#,
         status as Option<JobStatus>,
         trigger as Option<Trigger>,
         limit,
-        offset
+        offset,
+        requested_by as Option<&[i64]>
     )
     .fetch_all(pool)
     .await
@@ -486,7 +500,7 @@ pub async fn retry_request(
         }
     }
     let Some(earlier) = get(pool, of.job_id).await? else {
-        return Err(Refusal::new(ErrorCode::JobNotFound, "job_id", format!("no job {}", of.job_id)).into());
+        return Err(not_found().into());
     };
     let limit = i64::try_from(leadconv_domain::criteria::MAX_LIST).expect("a small constant");
     let ids: Vec<i64> = sqlx::query_scalar!(
@@ -529,12 +543,24 @@ pub async fn retry_request(
 }
 
 /// Creates the retry job checked from [`retry_request`], naming the job it
-/// retries (`retry_of`).
-pub async fn create_retry(pool: &PgPool, checked: &Checked, of: Uuid, dispatch: Dispatch) -> Result<Job, crate::Error> {
+/// retries (`retry_of`) and, when it is not the acting user, who asked for
+/// it (`asked_by`).
+pub async fn create_retry(
+    pool: &PgPool,
+    checked: &Checked,
+    of: Uuid,
+    asked_by: Option<i64>,
+    dispatch: Dispatch,
+) -> Result<Job, crate::Error> {
+    let asked_by = asked_by.filter(|&u| u != checked.new.requested_by);
     let mut tx = pool.begin().await?;
     let mut job = create_in(&mut tx, checked, dispatch).await?;
     link_origin(&mut tx, job.id, Origin::Retry(of)).await?;
+    if let Some(user) = asked_by {
+        sqlx::query!("UPDATE conversion_jobs SET asked_by = $2 WHERE id = $1", job.id, user).execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     job.retry_of = Some(of);
+    job.asked_by = asked_by;
     Ok(job)
 }

@@ -6,7 +6,12 @@
 //! named `<script>` is text), one small script for live numbers, no build
 //! step. Security, the same as the API's and then some:
 //! - sign-in exchanges an API token for a session cookie (`HttpOnly`,
-//!   `SameSite=Strict`, `Secure` behind TLS); the token's user acts;
+//!   `SameSite=Strict`, `Secure` behind TLS); the token's user acts, with
+//!   the token's scope, until the token expires at the latest;
+//! - every page and form asks the API's permission check
+//!   ([`super::access::Gate`]): a user sees the jobs, rules and schedules of
+//!   their reach, buttons they may not use are not shown, and their forms
+//!   are refused anyway;
 //! - every state-changing form carries the session's CSRF token;
 //! - every answer carries a `Content-Security-Policy` that allows only
 //!   this origin's script and style, and no framing.
@@ -25,6 +30,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::access::Gate;
 use super::AppState;
 use crate::automation::{self, rules::Rule, schedule::Schedule, Automation};
 use crate::report::{spreadsheet_safe, PlanSummary, Progress};
@@ -33,6 +39,8 @@ use crate::store::console::{self as store, ResultFilter};
 use crate::store::convert;
 use crate::store::job::{self, JobStatus, NewJob, Trigger};
 use crate::store::types::Outcome;
+use leadconv_domain::access::Act;
+use pages::Viewer;
 
 /// The session cookie's name.
 const COOKIE: &str = "leadconv_session";
@@ -140,27 +148,49 @@ impl From<crate::Error> for Problem {
     }
 }
 
+impl From<super::ApiError> for Problem {
+    fn from(api: super::ApiError) -> Problem {
+        Problem::Status(api.status, format!("{} ({})", api.message, api.code))
+    }
+}
+
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Problem {
         crate::Error::from(e).into()
     }
 }
 
-/// The signed-in user: from the session cookie. No cookie: a redirect to
-/// the sign-in page; a cookie that names no live session (forged, expired,
-/// its token revoked): 401.
-pub struct Console(pub Session);
+/// The signed-in user: from the session cookie, with the permission check
+/// every page and form asks. No cookie: a redirect to the sign-in page; a
+/// cookie that names no live session (forged, expired, its token revoked
+/// or expired): 401; an inactive user: 403.
+pub struct Console {
+    pub viewer: Viewer,
+    pub gate: Gate,
+}
 
 impl FromRequestParts<AppState> for Console {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         let Some(cookie) = session_cookie(&parts.headers) else { return Err(Problem::SignIn) };
-        match auth::session(&state.pool, &cookie).await? {
-            Some(s) => Ok(Console(s)),
-            None => Err(Problem::StaleSession),
-        }
+        let Some(session) = auth::session(&state.pool, &cookie).await? else { return Err(Problem::StaleSession) };
+        let note = parts.extensions.get::<std::sync::Arc<super::AccessNote>>().cloned();
+        let gate = Gate::new(state.pool.clone(), session.user.clone(), note);
+        gate.allow(Act::SignIn, missing_job).await?;
+        let viewer = Viewer {
+            may_create_jobs: gate.may(Act::CreateJob).await?,
+            may_change_automation: gate.may(Act::CreateAutomation).await?,
+            session,
+        };
+        Ok(Console { viewer, gate })
     }
+}
+
+/// The page for a job that does not exist or that the viewer does not
+/// reach: one and the same.
+fn missing_job() -> super::ApiError {
+    crate::Error::from(job::not_found()).into()
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
@@ -237,12 +267,17 @@ async fn login(State(s): State<AppState>, headers: HeaderMap, Form(f): Form<Logi
     if !same_origin(&headers) {
         return Err(Problem::Status(StatusCode::FORBIDDEN, "a sign-in from another site is refused".into()));
     }
-    let Some((cookie, _)) = auth::sign_in(&s.pool, f.token.trim()).await? else {
-        return Ok((
-            StatusCode::UNAUTHORIZED,
-            pages::login(Some("unknown or revoked token, or its user may not convert leads")),
-        )
-            .into_response());
+    let token = f.token.trim();
+    let Some(user) = auth::sign_in_user(&s.pool, token).await? else {
+        return Ok((StatusCode::UNAUTHORIZED, pages::login(Some("unknown, revoked or expired token"))).into_response());
+    };
+    if let leadconv_domain::access::Verdict::Forbidden(why) =
+        leadconv_domain::access::decide(&user.caller(), &leadconv_domain::access::Reach::Everyone, Act::SignIn)
+    {
+        return Ok((StatusCode::FORBIDDEN, pages::login(Some(why.message()))).into_response());
+    }
+    let Some((cookie, _)) = auth::open_session(&s.pool, token).await? else {
+        return Ok((StatusCode::UNAUTHORIZED, pages::login(Some("unknown, revoked or expired token"))).into_response());
     };
     let secure = if over_tls(&headers) { "; Secure" } else { "" };
     let max_age = (auth::SESSION_HOURS * 3600.0) as u64;
@@ -259,13 +294,8 @@ struct CsrfForm {
     csrf: String,
 }
 
-async fn logout(
-    State(s): State<AppState>,
-    Console(session): Console,
-    headers: HeaderMap,
-    Form(f): Form<CsrfForm>,
-) -> Page {
-    check_csrf(&session, &f.csrf)?;
+async fn logout(State(s): State<AppState>, c: Console, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Page {
+    check_csrf(&c.viewer.session, &f.csrf)?;
     if let Some(cookie) = session_cookie(&headers) {
         auth::sign_out(&s.pool, &cookie).await?;
     }
@@ -291,13 +321,15 @@ fn parse_filter<T: Copy>(raw: Option<&str>, what: &str, parse: fn(&str) -> Optio
     }
 }
 
-async fn jobs_page(State(s): State<AppState>, Console(session): Console, Query(q): Query<JobsQuery>) -> Page {
+async fn jobs_page(State(s): State<AppState>, c: Console, Query(q): Query<JobsQuery>) -> Page {
+    c.gate.allow(Act::ListJobs, missing_job).await?;
     let status = parse_filter(q.status.as_deref(), "status", JobStatus::parse)?;
     let trigger = parse_filter(q.trigger.as_deref(), "trigger", Trigger::parse)?;
-    let jobs = job::list(&s.pool, status, trigger, 100, 0).await?;
+    let reach = c.gate.reach().await?.users();
+    let jobs = job::list(&s.pool, status, trigger, reach.as_deref(), 100, 0).await?;
     let names = names_of(&s, &jobs).await?;
     let progress: Vec<Progress> = jobs.into_iter().map(Progress::of).collect();
-    Ok(pages::jobs(&session, &progress, &names, status, trigger).into_response())
+    Ok(pages::jobs(&c.viewer, &progress, &names, status, trigger).into_response())
 }
 
 async fn names_of(s: &AppState, jobs: &[job::Job]) -> Result<store::Names, Problem> {
@@ -323,19 +355,31 @@ impl ResultsQuery {
     }
 }
 
-async fn load_job(s: &AppState, raw: &str) -> Result<job::Job, Problem> {
+/// The job `raw` names, if the viewer may do `act` (given its requester) to it.
+async fn load_job(s: &AppState, gate: &Gate, raw: &str, act: fn(i64) -> Act) -> Result<job::Job, Problem> {
     let id: Uuid =
         raw.parse().map_err(|_| Problem::Status(StatusCode::BAD_REQUEST, format!("{raw:?} is not a job id")))?;
-    job::get(&s.pool, id).await?.ok_or_else(|| Problem::Status(StatusCode::NOT_FOUND, format!("no job {id}")))
+    let job = job::get(&s.pool, id).await?.ok_or_else(missing_job)?;
+    gate.allow(act(job.requested_by), missing_job).await?;
+    Ok(job)
+}
+
+fn read_job(requested_by: i64) -> Act {
+    Act::ReadJob { requested_by }
+}
+
+fn steer_job(requested_by: i64) -> Act {
+    Act::SteerJob { requested_by }
 }
 
 async fn job_page(
     State(s): State<AppState>,
-    Console(session): Console,
+    c: Console,
     Path(raw): Path<String>,
     Query(q): Query<ResultsQuery>,
 ) -> Page {
-    let job = load_job(&s, &raw).await?;
+    let job = load_job(&s, &c.gate, &raw, read_job).await?;
+    let may_steer = c.gate.may(steer_job(job.requested_by)).await?;
     let filter = q.filter()?;
     let after = q.after.unwrap_or(0).max(0);
     let rows: Vec<store::ResultRow> = store::results(&s.pool, job.id, &filter, after, Some(PAGE)).try_collect().await?;
@@ -343,17 +387,27 @@ async fn job_page(
     let failures = store::failures_by_code(&s.pool, job.id).await?;
     let names = names_of(&s, std::slice::from_ref(&job)).await?;
     let record_url = s.record_url.clone();
-    let view = pages::JobView { progress: Progress::of(job), names, failures, rows, filter, after, next, record_url };
-    Ok(pages::job(&session, &view).into_response())
+    let view = pages::JobView {
+        progress: Progress::of(job),
+        names,
+        failures,
+        rows,
+        filter,
+        after,
+        next,
+        record_url,
+        may_steer,
+    };
+    Ok(pages::job(&c.viewer, &view).into_response())
 }
 
 async fn results_csv(
     State(s): State<AppState>,
-    Console(_): Console,
+    c: Console,
     Path(raw): Path<String>,
     Query(q): Query<ResultsQuery>,
 ) -> Page {
-    let job = load_job(&s, &raw).await?;
+    let job = load_job(&s, &c.gate, &raw, read_job).await?;
     let filter = q.filter()?;
     // Streamed: a million-lead job's export never sits in memory.
     let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
@@ -409,14 +463,9 @@ async fn results_csv(
         .into_response())
 }
 
-async fn cancel(
-    State(s): State<AppState>,
-    Console(session): Console,
-    Path(raw): Path<String>,
-    Form(f): Form<CsrfForm>,
-) -> Page {
-    check_csrf(&session, &f.csrf)?;
-    let job = load_job(&s, &raw).await?;
+async fn cancel(State(s): State<AppState>, c: Console, Path(raw): Path<String>, Form(f): Form<CsrfForm>) -> Page {
+    check_csrf(&c.viewer.session, &f.csrf)?;
+    let job = load_job(&s, &c.gate, &raw, steer_job).await?;
     job::cancel(&s.pool, job.id).await?;
     Ok(see_other(&format!("/console/jobs/{}", job.id)))
 }
@@ -429,17 +478,15 @@ struct RetryForm {
     code: String,
 }
 
-async fn retry(
-    State(s): State<AppState>,
-    Console(session): Console,
-    Path(raw): Path<String>,
-    Form(f): Form<RetryForm>,
-) -> Page {
-    check_csrf(&session, &f.csrf)?;
-    let earlier = load_job(&s, &raw).await?;
-    let of =
-        job::RetryOf { job_id: earlier.id, outcome: Outcome::Failed, code: Some(f.code).filter(|c| !c.is_empty()) };
-    let created = s.enqueuer.retry(&of, session.user_id, Trigger::Manual).await?;
+async fn retry(State(s): State<AppState>, c: Console, Path(raw): Path<String>, Form(f): Form<RetryForm>) -> Page {
+    check_csrf(&c.viewer.session, &f.csrf)?;
+    let earlier = load_job(&s, &c.gate, &raw, steer_job).await?;
+    let of = job::RetryOf {
+        job_id: earlier.id,
+        outcome: Outcome::Failed,
+        code: Some(f.code).filter(|code| !code.is_empty()),
+    };
+    let created = s.enqueuer.retry(&of, c.gate.user_id(), Trigger::Manual).await?;
     Ok(see_other(&format!("/console/jobs/{}", created.id)))
 }
 
@@ -455,13 +502,14 @@ pub struct JobForm {
     options: String,
 }
 
-async fn preview_page(Console(session): Console) -> Response {
+async fn preview_page(c: Console) -> Page {
+    c.gate.allow(Act::CreateJob, missing_job).await?;
     let form = JobForm {
         criteria: r#"{"field": "lead_status", "op": "eq", "value": "Qualified"}"#.into(),
         options: "{}".into(),
         ..Default::default()
     };
-    pages::preview(&session, &form, None, None).into_response()
+    Ok(pages::preview(&c.viewer, &form, None, None).into_response())
 }
 
 /// The form's criteria and options as a job to check, or what is wrong.
@@ -478,12 +526,13 @@ fn new_job(session: &Session, f: &JobForm) -> Result<NewJob, String> {
     })
 }
 
-async fn preview(State(s): State<AppState>, Console(session): Console, Form(f): Form<JobForm>) -> Page {
-    check_csrf(&session, &f.csrf)?;
+async fn preview(State(s): State<AppState>, c: Console, Form(f): Form<JobForm>) -> Page {
+    check_csrf(&c.viewer.session, &f.csrf)?;
+    c.gate.allow(Act::CreateJob, missing_job).await?;
     let refused = |message: String| {
-        Ok((StatusCode::UNPROCESSABLE_ENTITY, pages::preview(&session, &f, Some(&message), None)).into_response())
+        Ok((StatusCode::UNPROCESSABLE_ENTITY, pages::preview(&c.viewer, &f, Some(&message), None)).into_response())
     };
-    let new = match new_job(&session, &f) {
+    let new = match new_job(&c.viewer.session, &f) {
         Ok(n) => n,
         Err(m) => return refused(m),
     };
@@ -503,12 +552,13 @@ async fn preview(State(s): State<AppState>, Console(session): Console, Form(f): 
     })
     .await?;
     let shown = pages::Preview { total, summary: summary.to_string(), plans };
-    Ok(pages::preview(&session, &f, None, Some(&shown)).into_response())
+    Ok(pages::preview(&c.viewer, &f, None, Some(&shown)).into_response())
 }
 
-async fn create_job(State(s): State<AppState>, Console(session): Console, Form(f): Form<JobForm>) -> Page {
-    check_csrf(&session, &f.csrf)?;
-    let new = new_job(&session, &f).map_err(|m| Problem::Status(StatusCode::UNPROCESSABLE_ENTITY, m))?;
+async fn create_job(State(s): State<AppState>, c: Console, Form(f): Form<JobForm>) -> Page {
+    check_csrf(&c.viewer.session, &f.csrf)?;
+    c.gate.allow(Act::CreateJob, missing_job).await?;
+    let new = new_job(&c.viewer.session, &f).map_err(|m| Problem::Status(StatusCode::UNPROCESSABLE_ENTITY, m))?;
     let checked = job::check(&s.pool, new).await?;
     let created = s.enqueuer.submit(&checked).await?;
     Ok(see_other(&format!("/console/jobs/{}", created.id)))
@@ -516,26 +566,31 @@ async fn create_job(State(s): State<AppState>, Console(session): Console, Form(f
 
 // --- rules and schedules -------------------------------------------------
 
-async fn automation_page(State(s): State<AppState>, Console(session): Console) -> Page {
-    let rules = automation::list::<Rule>(&s.pool).await?;
-    let schedules = automation::list::<Schedule>(&s.pool).await?;
+async fn automation_page(State(s): State<AppState>, c: Console) -> Page {
+    c.gate.allow(Act::ListAutomations, missing_job).await?;
+    let reach = c.gate.reach().await?.users();
+    let rules = automation::list::<Rule>(&s.pool, reach.as_deref()).await?;
+    let schedules = automation::list::<Schedule>(&s.pool, reach.as_deref()).await?;
     let rule_runs = job::origin_runs(&s.pool, false).await?;
     let schedule_runs = job::origin_runs(&s.pool, true).await?;
-    Ok(pages::automation(&session, &rules, &rule_runs, &schedules, &schedule_runs).into_response())
+    Ok(pages::automation(&c.viewer, &rules, &rule_runs, &schedules, &schedule_runs).into_response())
 }
 
 async fn switch<T: Automation>(
     State(s): State<AppState>,
-    Console(session): Console,
+    c: Console,
     Path((id, switch)): Path<(i64, String)>,
     Form(f): Form<CsrfForm>,
 ) -> Page {
-    check_csrf(&session, &f.csrf)?;
+    check_csrf(&c.viewer.session, &f.csrf)?;
     let enabled = match switch.as_str() {
         "enable" => true,
         "disable" => false,
         other => return Err(Problem::Status(StatusCode::NOT_FOUND, format!("no action {other:?}"))),
     };
+    let missing = || super::ApiError::from(automation::not_found::<T>(id));
+    let found = automation::get::<T>(&s.pool, id).await?;
+    c.gate.allow(Act::ChangeAutomation { acting_user: found.acting_user() }, missing).await?;
     automation::set_enabled::<T>(&s.pool, id, enabled).await?;
     Ok(see_other("/console/automation"))
 }

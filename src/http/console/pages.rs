@@ -11,6 +11,16 @@ use crate::automation::{rules::Rule, schedule::Schedule};
 use crate::error::ErrorCode;
 use crate::report::Progress;
 use crate::store::auth::Session;
+
+/// Who is looking, and what the page may offer them: a button the viewer
+/// may not use is not shown (and its form is refused anyway).
+pub struct Viewer {
+    pub session: Session,
+    /// May create jobs and preview them (the "New job" page).
+    pub may_create_jobs: bool,
+    /// May enable, disable or delete rules and schedules (admins).
+    pub may_change_automation: bool,
+}
 use crate::store::console::{Names, ResultFilter, ResultRow};
 use crate::store::job::{JobStatus, Trigger};
 use crate::store::types::Outcome;
@@ -28,7 +38,7 @@ impl axum::response::IntoResponse for Html {
 
 /// The frame of every page. `live`: the page refreshes its numbers while
 /// something on it is still running.
-fn layout(title: &str, session: Option<&Session>, live: bool, body: Markup) -> Html {
+fn layout(title: &str, viewer: Option<&Viewer>, live: bool, body: Markup) -> Html {
     Html(html! {
         (DOCTYPE)
         html lang="en" {
@@ -42,15 +52,15 @@ fn layout(title: &str, session: Option<&Session>, live: bool, body: Markup) -> H
             body data-live=(if live { "1" } else { "0" }) {
                 header {
                     a.brand href="/console" { "leadconv" }
-                    @if let Some(s) = session {
+                    @if let Some(v) = viewer {
                         nav {
                             a href="/console" { "Jobs" }
-                            a href="/console/preview" { "New job" }
+                            @if v.may_create_jobs { a href="/console/preview" { "New job" } }
                             a href="/console/automation" { "Rules & schedules" }
                         }
                         form.signout method="post" action="/console/logout" {
-                            (csrf(s))
-                            span.who { (s.user_name) }
+                            (csrf(&v.session))
+                            span.who { (v.session.user_name) }
                             button type="submit" { "Sign out" }
                         }
                     }
@@ -176,7 +186,7 @@ fn is_running(p: &Progress) -> bool {
 }
 
 pub fn jobs(
-    session: &Session,
+    viewer: &Viewer,
     jobs: &[Progress],
     names: &Names,
     status: Option<JobStatus>,
@@ -185,7 +195,7 @@ pub fn jobs(
     let live = jobs.iter().any(is_running);
     layout(
         "Jobs",
-        Some(session),
+        Some(viewer),
         live,
         html! {
             h1 { "Jobs" }
@@ -201,7 +211,7 @@ pub fn jobs(
                 button type="submit" { "Filter" }
             }
             @if jobs.is_empty() {
-                p { "No jobs yet. " a href="/console/preview" { "Start one." } }
+                p { "No jobs yet. " @if viewer.may_create_jobs { a href="/console/preview" { "Start one." } } }
             } @else {
                 table.jobs {
                     thead { tr { th { "Job" } th { "Status" } th { "Progress" } th { "Counts" } th { "Time" } th { "Requested by" } th { "Made by" } th { "Created" } } }
@@ -236,6 +246,8 @@ pub struct JobView {
     pub next: Option<i64>,
     /// See `AppState::record_url`.
     pub record_url: Option<std::sync::Arc<str>>,
+    /// The viewer may cancel and retry this job.
+    pub may_steer: bool,
 }
 
 fn query(filter: &ResultFilter, after: Option<i64>) -> String {
@@ -285,13 +297,13 @@ fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
-pub fn job(session: &Session, v: &JobView) -> Html {
+pub fn job(viewer: &Viewer, v: &JobView) -> Html {
     let p = &v.progress;
     let j = &p.job;
     let base = format!("/console/jobs/{}", j.id);
     layout(
         &format!("Job {}", short(j.id)),
-        Some(session),
+        Some(viewer),
         is_running(p),
         html! {
             h1 { "Job " code id="job-id" { (j.id) } }
@@ -305,15 +317,15 @@ pub fn job(session: &Session, v: &JobView) -> Html {
             div.progress id="job-progress" { (bar(p)) }
             p.counts id="job-counts" { (j.total_count) " leads: " (counts(p)) " · " (timing(p)) }
             div.actions {
-                @if is_running(p) {
+                @if v.may_steer && is_running(p) {
                     form method="post" action={ (base) "/cancel" } {
-                        (csrf(session))
+                        (csrf(&viewer.session))
                         button type="submit" id="cancel" { "Cancel the job" }
                     }
                 }
-                @if j.failed_count > 0 {
+                @if v.may_steer && j.failed_count > 0 {
                     form method="post" action={ (base) "/retry" } {
-                        (csrf(session))
+                        (csrf(&viewer.session))
                         @if let Some(c) = &v.filter.code { input type="hidden" name="code" value=(c); }
                         button type="submit" id="retry" {
                             @if let Some(c) = &v.filter.code { "Retry the failed leads with code " (c) } @else { "Retry the failed leads" }
@@ -393,17 +405,17 @@ pub struct Preview {
     pub plans: Vec<String>,
 }
 
-pub fn preview(session: &Session, form: &JobForm, error: Option<&str>, shown: Option<&Preview>) -> Html {
+pub fn preview(viewer: &Viewer, form: &JobForm, error: Option<&str>, shown: Option<&Preview>) -> Html {
     layout(
         "New job",
-        Some(session),
+        Some(viewer),
         false,
         html! {
             h1 { "New job" }
             p { "Criteria and options as JSON (SPEC §6). Preview first: a dry run writes nothing." }
             @if let Some(e) = error { p.error id="preview-error" { (e) } }
             form method="post" action="/console/preview" {
-                (csrf(session))
+                (csrf(&viewer.session))
                 label.block { "Criteria" textarea name="criteria" id="criteria" rows="6" { (form.criteria) } }
                 label.block { "Options" textarea name="options" id="options" rows="6" { (form.options) } }
                 button type="submit" id="preview" { "Preview" }
@@ -416,7 +428,7 @@ pub fn preview(session: &Session, form: &JobForm, error: Option<&str>, shown: Op
                     ol.plans { @for line in &p.plans { li { (line) } } }
                 }
                 form method="post" action="/console/jobs" {
-                    (csrf(session))
+                    (csrf(&viewer.session))
                     input type="hidden" name="criteria" value=(form.criteria);
                     input type="hidden" name="options" value=(form.options);
                     button type="submit" id="create" { "Create this job" }
@@ -428,18 +440,20 @@ pub fn preview(session: &Session, form: &JobForm, error: Option<&str>, shown: Op
 
 type Runs = HashMap<i64, (DateTime<Utc>, i64)>;
 
-fn switch_form(session: &Session, kind: &str, id: i64, enabled: bool) -> Markup {
+fn switch_form(viewer: &Viewer, kind: &str, id: i64, enabled: bool) -> Markup {
     let (action, label) = if enabled { ("disable", "Disable") } else { ("enable", "Enable") };
     html! {
+        @if viewer.may_change_automation {
         form.inline method="post" action={ "/console/" (kind) "/" (id) "/" (action) } {
-            (csrf(session))
+            (csrf(&viewer.session))
             button type="submit" { (label) }
+        }
         }
     }
 }
 
 pub fn automation(
-    session: &Session,
+    viewer: &Viewer,
     rules: &[Rule],
     rule_runs: &Runs,
     schedules: &[Schedule],
@@ -448,7 +462,7 @@ pub fn automation(
     let last = |runs: &Runs, id: i64| runs.get(&id).map_or(("–".to_owned(), 0), |(at, n)| (when(Some(*at)), *n));
     layout(
         "Rules & schedules",
-        Some(session),
+        Some(viewer),
         false,
         html! {
             h1 { "Rules" }
@@ -458,7 +472,7 @@ pub fn automation(
                 tbody {
                     @for r in rules {
                         @let (at, n) = last(rule_runs, r.id);
-                        tr { td { (r.name) } td { (if r.enabled { "yes" } else { "no" }) } td { "#" (r.acting_user) } td { (at) } td { (n) } td { (switch_form(session, "rules", r.id, r.enabled)) } }
+                        tr { td { (r.name) } td { (if r.enabled { "yes" } else { "no" }) } td { "#" (r.acting_user) } td { (at) } td { (n) } td { (switch_form(viewer, "rules", r.id, r.enabled)) } }
                     }
                 }
             }
@@ -472,7 +486,7 @@ pub fn automation(
                             td { (s.name) } td { code { (s.cron) } } td { (if s.enabled { "yes" } else { "no" }) }
                             td { (when(Some(s.next_run_at))) } td { (when(s.last_run_at)) }
                             td { @if let Some(j) = s.last_job_id { a href={ "/console/jobs/" (j) } { (short(j)) } } @else { (at) } }
-                            td { (n) } td { (switch_form(session, "schedules", s.id, s.enabled)) }
+                            td { (n) } td { (switch_form(viewer, "schedules", s.id, s.enabled)) }
                         }
                     }
                 }
