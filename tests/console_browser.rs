@@ -208,3 +208,72 @@ async fn an_admin_runs_watches_retries_and_cancels_jobs_in_the_browser() {
     let _ = worker.start_kill();
     let _ = worker.wait().await;
 }
+
+/// Signs in with `token` from the sign-in page and waits for the jobs list.
+async fn sign_in(c: &Client, base: &str, token: &str) {
+    c.goto(&format!("{base}/console/login")).await.unwrap();
+    c.wait().at_most(PATIENCE).for_element(Locator::Id("token")).await.unwrap();
+    c.find(Locator::Id("token")).await.unwrap().send_keys(token).await.unwrap();
+    click(c, "#sign-in").await;
+    c.wait().at_most(PATIENCE).for_element(Locator::XPath("//main/h1[normalize-space()='Jobs']")).await.unwrap();
+}
+
+/// The ids of the jobs the jobs list shows.
+async fn listed_jobs(c: &Client) -> Vec<String> {
+    let mut ids = Vec::new();
+    for row in c.find_all(Locator::Css("table.jobs tbody tr td a")).await.unwrap() {
+        if let Some(href) = row.attr("href").await.unwrap() {
+            ids.push(href.trim_start_matches("/console/jobs/").to_owned());
+        }
+    }
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rep_and_an_admin_see_different_jobs_in_the_browser() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let server = serve(&crm.db, &broker).await;
+    let base = server.base.clone();
+    let admin = crm.user("Ada Admin", json!({"is_admin": true})).await;
+    let manager = crm.user("Mia Manager", json!({})).await;
+    let rep = crm.user("Rex Rep", json!({"manager_id": manager})).await;
+    let peer = crm.user("Pia Peer", json!({"manager_id": manager})).await;
+    let mut jobs = Vec::new();
+    for owner in [rep, peer, admin] {
+        let lead = crm.lead(json!({"owner_id": owner, "last_name": "Lead", "company": "Acme"})).await;
+        let new = leadconv::store::job::NewJob {
+            criteria: json!({"ids": [lead]}),
+            options: json!({}),
+            requested_by: owner,
+            trigger: leadconv::store::job::Trigger::Manual,
+        };
+        let checked = leadconv::store::job::check(crm.pool(), new).await.unwrap();
+        let lease = leadconv::store::job::Lease::new(Duration::from_secs(30));
+        let dispatch = leadconv::store::job::Dispatch::Queue { lease };
+        jobs.push(leadconv::store::job::create(crm.pool(), &checked, dispatch).await.unwrap().id.to_string());
+    }
+    let (rep_job, admin_job) = (jobs[0].clone(), jobs[2].clone());
+    let rep_token = leadconv::store::auth::create_token(crm.pool(), rep, "browser").await.unwrap();
+    let admin_token = leadconv::store::auth::create_token(crm.pool(), admin, "browser").await.unwrap();
+
+    let (_driver, c) = browser().await;
+    // The rep sees their own job only, and the admin's is "not found".
+    sign_in(&c, &base, &rep_token).await;
+    assert_eq!(listed_jobs(&c).await, vec![rep_job.clone()]);
+    c.goto(&format!("{base}/console/jobs/{admin_job}")).await.unwrap();
+    c.wait().at_most(PATIENCE).for_element(Locator::XPath("//h1[contains(., '404')]")).await.unwrap();
+    c.goto(&format!("{base}/console/jobs/{rep_job}")).await.unwrap();
+    assert!(text(&c, "#job-status").await.contains("scheduled"));
+    c.find(Locator::Id("cancel")).await.expect("the rep may cancel their own job");
+    click(&c, "form.signout button").await;
+    c.wait().at_most(PATIENCE).for_element(Locator::Id("token")).await.unwrap();
+
+    // The admin sees all three.
+    sign_in(&c, &base, &admin_token).await;
+    let mut all = jobs.clone();
+    all.sort();
+    assert_eq!(listed_jobs(&c).await, all);
+    c.close().await.unwrap();
+}
