@@ -16,6 +16,7 @@ pub mod access;
 pub mod criteria;
 pub mod deal;
 pub mod error;
+pub mod journal;
 pub mod mapping;
 pub mod merge;
 pub mod options;

@@ -10,6 +10,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::PgConnection;
 
+use crate::journal::{self, Entry, Filled, Moved, NoteCopy, Related as RelatedTable};
 use crate::plan::{Action, Conversion, Target};
 use crate::record::{Module, Record};
 
@@ -172,32 +173,53 @@ impl Writes {
         fill(module, &mut self.updates[i], values);
     }
 
-    async fn write(&self, conn: &mut PgConnection, module: Module) -> sqlx::Result<()> {
+    /// Writes the batch's rows of `module`. Returns what the journal needs,
+    /// as the database has it: each created row as stored, and each filled
+    /// row as it was before the fill and as it is after.
+    async fn write(&self, conn: &mut PgConnection, module: Module) -> sqlx::Result<Written> {
         let (table, cols) = table(module);
+        let mut written = Written::default();
         if !self.inserts.is_empty() {
             let list = cols.join(", ");
-            sqlx::query(&format!(
+            let rows: Vec<(i64, Json<Record>)> = sqlx::query_as(&format!(
                 "INSERT INTO {table} (id, {list}) OVERRIDING SYSTEM VALUE
-                 SELECT id, {list} FROM jsonb_populate_recordset(NULL::{table}, $1)"
+                 SELECT id, {list} FROM jsonb_populate_recordset(NULL::{table}, $1)
+                 RETURNING id, to_jsonb({table}.*) - 'created_at' - 'updated_at'"
             ))
             .bind(Json(&self.inserts))
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
+            written.created = rows.into_iter().map(|(id, row)| (id, row.0)).collect();
         }
         if !self.updates.is_empty() {
             // A fill never writes null (it copies non-empty values), so a
-            // column a row leaves out keeps its value.
+            // column a row leaves out keeps its value. `prev` reads the rows
+            // as the statement found them (locked since the batch's facts):
+            // the journal's exact values before, `''` and white space kept.
             let set: Vec<String> = cols.iter().map(|c| format!("{c} = coalesce(p.{c}, t.{c})")).collect();
-            sqlx::query(&format!(
-                "UPDATE {table} t SET {} FROM jsonb_populate_recordset(NULL::{table}, $1) p WHERE t.id = p.id",
+            let rows: Vec<(i64, Json<Record>, Json<Record>)> = sqlx::query_as(&format!(
+                "WITH p AS (SELECT * FROM jsonb_populate_recordset(NULL::{table}, $1)),
+                      prev AS (SELECT * FROM {table} WHERE id IN (SELECT id FROM p))
+                 UPDATE {table} t SET {} FROM p, prev WHERE t.id = p.id AND prev.id = p.id
+                 RETURNING t.id, to_jsonb(prev.*) - 'created_at' - 'updated_at',
+                           to_jsonb(t.*) - 'created_at' - 'updated_at'",
                 set.join(", ")
             ))
             .bind(Json(&self.updates))
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
+            written.filled = rows.into_iter().map(|(id, before, after)| (id, (before.0, after.0))).collect();
         }
-        Ok(())
+        Ok(written)
     }
+}
+
+/// What a module's statements returned: created rows as stored; filled
+/// rows before and after.
+#[derive(Default)]
+struct Written {
+    created: HashMap<i64, Record>,
+    filled: HashMap<i64, (Record, Record)>,
 }
 
 /// Writes the `conversions` of a batch (lead id and plan, in batch order)
@@ -205,8 +227,11 @@ impl Writes {
 /// A later lead may merge into a record an earlier one creates
 /// ([`Target::created_by_lead`]). Runs inside the caller's transaction: if
 /// any statement fails, nothing of the batch stays. Returns each lead's
-/// ids, in the same order.
-pub async fn apply_batch(conn: &mut PgConnection, conversions: &[(i64, &Conversion)]) -> sqlx::Result<Vec<Converted>> {
+/// ids and journal entry (SPEC §4a: what it wrote), in the same order.
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    conversions: &[(i64, &Conversion)],
+) -> sqlx::Result<Vec<(Converted, Entry)>> {
     if conversions.is_empty() {
         return Ok(Vec::new());
     }
@@ -242,17 +267,25 @@ pub async fn apply_batch(conn: &mut PgConnection, conversions: &[(i64, &Conversi
         (None, None) => unreachable!("a matched record is existing or created by an earlier lead"),
     };
     let mut out = Vec::with_capacity(conversions.len());
+    // Each lead's writes, in batch order, for its journal entry: the
+    // records it created (module, id, values as planned) and the fills it
+    // made (module, id, values).
+    let mut creates: Vec<Vec<(Module, i64, Record)>> = Vec::with_capacity(conversions.len());
+    let mut fills: Vec<Vec<(Module, i64, Record)>> = Vec::with_capacity(conversions.len());
     for &(lead_id, c) in conversions {
+        let (mut made, mut filled) = (Vec::new(), Vec::new());
         let account_id = match &c.account {
             Some(a) if a.action == Action::Created => {
                 let id = accounts.next().expect("an id per new account");
                 created_account.insert(lead_id, id);
                 account_rows.create(Module::Account, id, &a.values);
+                made.push((Module::Account, id, new_row(Module::Account, id, &a.values)));
                 Some(id)
             }
             Some(a) => {
                 let id = resolve(a, &created_account);
                 account_rows.fill(Module::Account, id, &a.values);
+                filled.push((Module::Account, id, a.values.clone()));
                 Some(id)
             }
             None => None,
@@ -265,10 +298,12 @@ pub async fn apply_batch(conn: &mut PgConnection, conversions: &[(i64, &Conversi
             let id = contacts.next().expect("an id per new contact");
             created_contact.insert(lead_id, id);
             contact_rows.create(Module::Contact, id, &values);
+            made.push((Module::Contact, id, new_row(Module::Contact, id, &values)));
             id
         } else {
             let id = resolve(&c.contact, &created_contact);
             contact_rows.fill(Module::Contact, id, &values);
+            filled.push((Module::Contact, id, values));
             id
         };
         let deal_id = c.deal.as_ref().map(|d| {
@@ -279,13 +314,19 @@ pub async fn apply_batch(conn: &mut PgConnection, conversions: &[(i64, &Conversi
                 values.insert("account_id".into(), aid.into());
             }
             deal_rows.create(Module::Deal, id, &values);
+            made.push((Module::Deal, id, new_row(Module::Deal, id, &values)));
             id
         });
         out.push(Converted { contact_id, account_id, deal_id });
+        creates.push(made);
+        fills.push(filled);
     }
-    account_rows.write(conn, Module::Account).await?;
-    contact_rows.write(conn, Module::Contact).await?;
-    deal_rows.write(conn, Module::Deal).await?;
+    let written = [
+        (Module::Account, account_rows.write(conn, Module::Account).await?),
+        (Module::Contact, contact_rows.write(conn, Module::Contact).await?),
+        (Module::Deal, deal_rows.write(conn, Module::Deal).await?),
+    ];
+    let mut entries = journal_records(&creates, &fills, &written);
 
     // Related records, each kind in one statement for the whole batch.
     let parent = |ids: &Converted, lead_id: i64, m: Module| match m {
@@ -311,53 +352,182 @@ pub async fn apply_batch(conn: &mut PgConnection, conversions: &[(i64, &Conversi
             }
         }
     }
+    let index: HashMap<i64, usize> = conversions.iter().enumerate().map(|(i, (lead, _))| (*lead, i)).collect();
     // Copies first, then the move: the copies are made from the lead's notes.
+    // Their ids are drawn in the statement, so that each copy is known by
+    // the lead it was made for.
     if !copies.leads.is_empty() {
-        sqlx::query!(
-            "INSERT INTO notes (parent_module, parent_id, title, body, created_at)
-             SELECT v.module, v.parent_id, n.title, n.body, n.created_at
-             FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY AS v(lead_id, module, parent_id, ord)
-             JOIN notes n ON n.parent_module = 'lead' AND n.parent_id = v.lead_id
-             ORDER BY v.ord, n.id",
+        let made = sqlx::query!(
+            r#"WITH src AS MATERIALIZED (
+                   SELECT nextval(pg_get_serial_sequence('notes', 'id')) AS id, v.lead_id, v.module, v.parent_id,
+                          n.title, n.body, n.created_at
+                   FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY AS v(lead_id, module, parent_id, ord)
+                   JOIN notes n ON n.parent_module = 'lead' AND n.parent_id = v.lead_id
+                   ORDER BY v.ord, n.id),
+               ins AS (
+                   INSERT INTO notes (id, parent_module, parent_id, title, body, created_at) OVERRIDING SYSTEM VALUE
+                   SELECT id, module, parent_id, title, body, created_at FROM src)
+               SELECT id AS "id!", lead_id AS "lead_id!", module AS "module!", parent_id AS "parent_id!",
+                      to_jsonb(title) AS "title!", to_jsonb(body) AS "body!" FROM src"#,
             &copies.leads,
             &copies.modules as &[&str],
             &copies.parents
         )
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
+        for m in made {
+            let module = Module::parse(&m.module).expect("a module this batch named");
+            entries[index[&m.lead_id]].copies.push(NoteCopy {
+                id: m.id,
+                module,
+                parent_id: m.parent_id,
+                title: m.title,
+                body: m.body,
+            });
+        }
     }
-    for (table, related) in [("notes", &notes), ("attachments", &attachments), ("activities", &activities)] {
-        sqlx::query(&format!(
+    for (kind, related) in [
+        (RelatedTable::Notes, &notes),
+        (RelatedTable::Attachments, &attachments),
+        (RelatedTable::Activities, &activities),
+    ] {
+        let table = kind.table();
+        let moved: Vec<(i64, i64, String, i64)> = sqlx::query_as(&format!(
             "UPDATE {table} x SET parent_module = v.module, parent_id = v.parent_id
              FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(lead_id, module, parent_id)
-             WHERE x.parent_module = 'lead' AND x.parent_id = v.lead_id"
+             WHERE x.parent_module = 'lead' AND x.parent_id = v.lead_id
+             RETURNING x.id, v.lead_id, x.parent_module, x.parent_id"
         ))
         .bind(&related.leads)
         .bind(&related.modules)
         .bind(&related.parents)
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
+        for (id, lead_id, module, to_id) in moved {
+            let to_module = Module::parse(&module).expect("a module this batch named");
+            entries[index[&lead_id]].moved.push(Moved { table: kind, id, to_module, to_id });
+        }
     }
 
     let leads: Vec<i64> = conversions.iter().map(|(l, _)| *l).collect();
-    let marked = sqlx::query(
-        "UPDATE leads l SET converted_at = now(), converted_account_id = v.account_id,
+    // The lead's own fields as they were and as they are: its journal's
+    // `lead` (an undo restores `lead_status` and `is_repeat` exactly).
+    let marked: Vec<(i64, Json<Record>, Json<Record>)> = sqlx::query_as(
+        "WITH prev AS (SELECT * FROM leads WHERE id = ANY($1))
+         UPDATE leads l SET converted_at = now(), converted_account_id = v.account_id,
                 converted_contact_id = v.contact_id, converted_deal_id = v.deal_id,
                 lead_status = 'Converted', is_repeat = v.is_repeat
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bool[])
-              AS v(id, account_id, contact_id, deal_id, is_repeat)
-         WHERE l.id = v.id AND l.converted_at IS NULL",
+              AS v(id, account_id, contact_id, deal_id, is_repeat), prev
+         WHERE l.id = v.id AND prev.id = v.id AND l.converted_at IS NULL
+         RETURNING l.id,
+                   jsonb_build_object('lead_status', prev.lead_status, 'is_repeat', prev.is_repeat,
+                                      'converted_at', prev.converted_at, 'converted_account_id', prev.converted_account_id,
+                                      'converted_contact_id', prev.converted_contact_id,
+                                      'converted_deal_id', prev.converted_deal_id),
+                   jsonb_build_object('lead_status', l.lead_status, 'is_repeat', l.is_repeat,
+                                      'converted_at', l.converted_at, 'converted_account_id', l.converted_account_id,
+                                      'converted_contact_id', l.converted_contact_id,
+                                      'converted_deal_id', l.converted_deal_id)",
     )
     .bind(&leads)
     .bind(out.iter().map(|i| i.account_id).collect::<Vec<_>>())
     .bind(out.iter().map(|i| i.contact_id).collect::<Vec<_>>())
     .bind(out.iter().map(|i| i.deal_id).collect::<Vec<_>>())
     .bind(conversions.iter().map(|(_, c)| c.lead_is_repeat).collect::<Vec<_>>())
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
     // Every lead row is locked since the snapshot and was unconverted then.
-    debug_assert_eq!(marked.rows_affected(), leads.len() as u64);
-    Ok(out)
+    debug_assert_eq!(marked.len(), leads.len());
+    for (lead_id, before, after) in marked {
+        entries[index[&lead_id]].lead = journal::LeadChange { before: before.0, after: after.0 };
+    }
+    Ok(out.into_iter().zip(entries).collect())
+}
+
+/// The records part of each lead's journal entry: what it created, as
+/// stored, and what it filled, each field's exact value before and the
+/// value written. Leads of a batch that fill the same record are replayed
+/// in batch order over the row as the database had it, so each one's
+/// "before" is what the one before it left.
+fn journal_records(
+    creates: &[Vec<(Module, i64, Record)>],
+    fills: &[Vec<(Module, i64, Record)>],
+    written: &[(Module, Written); 3],
+) -> Vec<Entry> {
+    let of = |m: Module| &written.iter().find(|(w, _)| *w == m).expect("every module written").1;
+    // The row each fill is laid over: an existing record as it was, or a
+    // record of the batch as its creating lead planned it.
+    let mut rows: HashMap<(Module, i64), Record> = HashMap::new();
+    let mut entries: Vec<Entry> = Vec::with_capacity(creates.len());
+    for (made, filled) in creates.iter().zip(fills) {
+        let mut e = Entry::default();
+        for (module, id, planned) in made {
+            rows.insert((*module, *id), planned.clone());
+        }
+        for (module, id, values) in filled {
+            let row = rows
+                .entry((*module, *id))
+                .or_insert_with(|| of(*module).filled.get(id).map(|(before, _)| before.clone()).unwrap_or_default());
+            e.filled.extend(journal::fill(*module, *id, row, values));
+        }
+        entries.push(e);
+    }
+    // What was written, as the database stores it: a field's value after
+    // the batch is the last fill's; a created record's values are as
+    // stored, but for the fields later leads of the batch filled, which
+    // held what the creating lead planned.
+    let mut last: HashMap<(Module, i64, String), (usize, usize)> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        for (j, f) in e.filled.iter().enumerate() {
+            last.insert((f.module, f.id, f.field.clone()), (i, j));
+        }
+    }
+    let stored = |m: Module, id: i64| -> Option<&Record> {
+        of(m).created.get(&id).or_else(|| of(m).filled.get(&id).map(|(_, after)| after))
+    };
+    for ((module, id, field), (i, j)) in &last {
+        if let Some(row) = stored(*module, *id) {
+            let value = match field.strip_prefix(journal::CUSTOM_PREFIX) {
+                Some(key) => crate::record::custom_fields(row).get(key).cloned(),
+                None => row.get(field).cloned(),
+            };
+            if let Some(v) = value {
+                entries[*i].filled[*j].after = v;
+            }
+        }
+    }
+    for (i, made) in creates.iter().enumerate() {
+        for (module, id, planned) in made {
+            let mut values = stored(*module, *id).cloned().unwrap_or_else(|| planned.clone());
+            let later: Vec<&Filled> =
+                entries.iter().flat_map(|e| &e.filled).filter(|f| f.module == *module && f.id == *id).collect();
+            for f in later.into_iter().rev() {
+                put_back(&mut values, f);
+            }
+            entries[i].created.push(journal::Created { module: *module, id: *id, values });
+        }
+    }
+    entries
+}
+
+/// Sets `f`'s field of `row` back to its value before `f` (fills of one
+/// record are put back from the last: the first's "before" stays).
+fn put_back(row: &mut Record, f: &Filled) {
+    match f.field.strip_prefix(journal::CUSTOM_PREFIX) {
+        Some(key) => {
+            let mut custom = crate::record::custom_fields(row);
+            if f.before.is_null() {
+                custom.remove(key);
+            } else {
+                custom.insert(key.to_owned(), f.before.clone());
+            }
+            row.insert("custom_fields".into(), Value::Object(custom));
+        }
+        None => {
+            row.insert(f.field.clone(), f.before.clone());
+        }
+    }
 }
 
 /// Related records to move (or copy): from which lead, to which parent.

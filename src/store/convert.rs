@@ -330,7 +330,10 @@ async fn try_batch(
                 _ => None,
             })
             .collect();
-        let mut ids = apply_batch(&mut tx, &conversions).await?.into_iter();
+        let applied = apply_batch(&mut tx, &conversions).await?;
+        let leads: Vec<i64> = conversions.iter().map(|(lead_id, _)| *lead_id).collect();
+        write_journal(&mut tx, job_id, &leads, applied.iter().map(|(_, entry)| entry)).await?;
+        let mut ids = applied.into_iter().map(|(ids, _)| ids);
         plans
             .iter()
             .map(|plan| match &plan.verdict {
@@ -364,6 +367,30 @@ async fn try_batch(
         .iter()
         .map(|i| recorded.get(&i.lead_id).cloned().ok_or(ConvertError::NotInJob { job_id, lead_id: i.lead_id }))
         .collect())
+}
+
+/// Writes the journal entries of a batch's converted `leads` (SPEC §4a), in
+/// the transaction of their conversion: one statement for the batch.
+async fn write_journal<'a>(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    leads: &[i64],
+    entries: impl Iterator<Item = &'a crate::journal::Entry>,
+) -> sqlx::Result<()> {
+    if leads.is_empty() {
+        return Ok(());
+    }
+    let entries: Vec<sqlx::types::Json<&crate::journal::Entry>> = entries.map(sqlx::types::Json).collect();
+    sqlx::query(
+        "INSERT INTO conversion_journal (job_id, lead_id, entry)
+         SELECT $1, lead_id, entry FROM unnest($2::bigint[], $3::jsonb[]) AS v(lead_id, entry)",
+    )
+    .bind(job_id)
+    .bind(leads)
+    .bind(entries)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// What goes into the result row.

@@ -1,0 +1,216 @@
+//! What one lead's conversion changed (SPEC §4a "The journal"): written in
+//! the conversion's own transaction, one [`Entry`] per converted lead, so
+//! that an undo can take it back exactly and a record's history can say
+//! who changed what.
+//!
+//! An entry records what was *written*, not what was meant: the store
+//! builds it from the plan's decisions and from what its statements return
+//! (the ids of created and copied records, the rows as they were before a
+//! fill). This module holds its shape and the pure steps of building it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::record::{self, Module, Record};
+
+/// One converted lead's changes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Entry {
+    /// The lead's own fields that the conversion set, before and after.
+    pub lead: LeadChange,
+    /// Records the conversion created, with every value written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created: Vec<Created>,
+    /// Fields the conversion filled on records that existed before (or that
+    /// an earlier lead of the same batch created): links, custom fields,
+    /// tags and the opt-out included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filled: Vec<Filled>,
+    /// Notes, attachments and activities moved from the lead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<Moved>,
+    /// Note copies made (SPEC §3.11: a deal gets the notes, the contact and
+    /// the account a copy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<NoteCopy>,
+}
+
+/// The lead's fields a conversion sets (SPEC §3.12), before and after.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LeadChange {
+    pub before: Record,
+    pub after: Record,
+}
+
+/// A record the conversion created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    pub module: Module,
+    pub id: i64,
+    /// Every writable column as stored (`created_at`/`updated_at` left out).
+    pub values: Record,
+}
+
+/// One field the conversion wrote on a record it did not create: its exact
+/// value before (`""`, white space and null told apart) and the value
+/// written. `field` is a column, or `custom_fields.<api_name>` for one key
+/// of the custom fields; `tags` holds the whole list before and after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Filled {
+    pub module: Module,
+    pub id: i64,
+    pub field: String,
+    pub before: Value,
+    pub after: Value,
+}
+
+/// The related tables a conversion moves rows of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Related {
+    Notes,
+    Attachments,
+    Activities,
+}
+
+impl Related {
+    pub fn table(self) -> &'static str {
+        match self {
+            Related::Notes => "notes",
+            Related::Attachments => "attachments",
+            Related::Activities => "activities",
+        }
+    }
+}
+
+/// A row moved from the lead (`parent_module = 'lead'`, the lead's id) to a
+/// record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Moved {
+    pub table: Related,
+    pub id: i64,
+    pub to_module: Module,
+    pub to_id: i64,
+}
+
+/// A note copy the conversion made, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoteCopy {
+    pub id: i64,
+    pub module: Module,
+    pub parent_id: i64,
+    pub title: Value,
+    pub body: Value,
+}
+
+/// The prefix of a custom field's key in [`Filled::field`].
+pub const CUSTOM_PREFIX: &str = "custom_fields.";
+
+/// The fields `values` (a fill the plan decided) writes over `row` (the
+/// record as it is before it, read back from the database), one [`Filled`]
+/// per column that changes, and per custom field key that changes; then
+/// lays the fill over `row`, so that the next lead of a batch filling the
+/// same record journals against what this one left.
+pub fn fill(module: Module, id: i64, row: &mut Record, values: &Record) -> Vec<Filled> {
+    let mut out = Vec::new();
+    for (field, after) in values {
+        if field == "custom_fields" {
+            let before_custom = record::custom_fields(row);
+            if let Value::Object(after_custom) = after {
+                for (key, v) in after_custom {
+                    let before = before_custom.get(key).cloned().unwrap_or(Value::Null);
+                    if &before != v {
+                        out.push(Filled {
+                            module,
+                            id,
+                            field: format!("{CUSTOM_PREFIX}{key}"),
+                            before,
+                            after: v.clone(),
+                        });
+                    }
+                }
+            }
+        } else {
+            let before = row.get(field).cloned().unwrap_or(Value::Null);
+            if &before != after {
+                out.push(Filled { module, id, field: field.clone(), before, after: after.clone() });
+            }
+        }
+        row.insert(field.clone(), after.clone());
+    }
+    out
+}
+
+/// The tags a fill added: those of `after` that `before` lacked.
+pub fn tags_added(f: &Filled) -> Vec<String> {
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    };
+    let before = list(&f.before);
+    list(&f.after).into_iter().filter(|t| !before.contains(t)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(v: Value) -> Record {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_fill_records_the_exact_value_before_and_lays_itself_over_the_row() {
+        let mut row = rec(
+            json!({"id": 5, "phone": " ", "city": "", "fax": null, "custom_fields": {"region": "", "size": 3}, "tags": ["a"]}),
+        );
+        let values = rec(json!({
+            "phone": "+48 123", "city": "Kraków", "fax": "1",
+            "custom_fields": {"region": "EMEA", "size": 3, "tier": "gold"},
+            "tags": ["a", "b"]
+        }));
+        let filled = fill(Module::Contact, 5, &mut row, &values);
+        let by_field = |f: &str| filled.iter().find(|x| x.field == f).unwrap_or_else(|| panic!("{f} journaled"));
+        assert_eq!(by_field("phone").before, json!(" "), "white space is kept as it was, not as null");
+        assert_eq!(by_field("city").before, json!(""));
+        assert_eq!(by_field("fax").before, Value::Null);
+        assert_eq!(by_field("custom_fields.region").before, json!(""));
+        assert_eq!(by_field("custom_fields.tier").before, Value::Null);
+        assert!(filled.iter().all(|f| f.field != "custom_fields.size"), "an unchanged key is not journaled");
+        assert_eq!(tags_added(by_field("tags")), vec!["b".to_owned()]);
+        // The next lead of the batch sees this one's fill.
+        let next = fill(Module::Contact, 5, &mut row, &rec(json!({"tags": ["a", "b", "c"]})));
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].before, json!(["a", "b"]));
+        assert_eq!(tags_added(&next[0]), vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn an_entry_reads_back_what_was_written() {
+        let e = Entry {
+            lead: LeadChange {
+                before: rec(json!({"lead_status": "Qualified", "is_repeat": false})),
+                after: rec(json!({"lead_status": "Converted", "is_repeat": true})),
+            },
+            created: vec![Created { module: Module::Deal, id: 3, values: rec(json!({"deal_name": "Acme"})) }],
+            filled: vec![Filled {
+                module: Module::Account,
+                id: 9,
+                field: "phone".into(),
+                before: json!(""),
+                after: json!("1"),
+            }],
+            moved: vec![Moved { table: Related::Notes, id: 7, to_module: Module::Deal, to_id: 3 }],
+            copies: vec![NoteCopy {
+                id: 8,
+                module: Module::Contact,
+                parent_id: 2,
+                title: json!("t"),
+                body: json!("b"),
+            }],
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), e);
+        assert!(text.contains(r#""table":"notes""#), "{text}");
+    }
+}
