@@ -12,7 +12,7 @@ pub fn answer(code: ErrorCode) -> (u16, u8) {
     let http = match code {
         JobNotFound | NotFound | RuleNotFound | ScheduleNotFound => 404,
         RequesterCannotConvert => 403,
-        JobFinished | AlreadyConverted | DuplicateName | NothingToRetry => 409,
+        JobFinished | AlreadyConverted | DuplicateName | NothingToRetry | JobInProgress | NothingToUndo => 409,
         _ => 422,
     };
     (http, 2)

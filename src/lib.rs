@@ -29,6 +29,6 @@ pub mod store;
 
 // The CRM rules live in the `leadconv-domain` crate, which cannot reach the
 // database or the queue.
-pub use leadconv_domain::{deal, journal, merge, plan, record, run};
+pub use leadconv_domain::{deal, journal, merge, plan, record, run, undo};
 
 pub use error::{Error, ErrorCode, Refusal};

@@ -66,6 +66,11 @@ enum Command {
     /// Convert the failed (or skipped) leads of a job again, as a new job
     /// with the same options that names the first (`retry_of`).
     Retry(cli::jobs::Retry),
+    /// Take back the conversions of a finished job, lead by lead, from its
+    /// journal (SPEC §4a): a new job (`undo_of`) through the same queue and
+    /// workers. Work people did since is never destroyed: such a lead is
+    /// skipped with a code naming the record. --dry-run shows each lead's.
+    Undo(cli::jobs::Undo),
     /// Publish every pending lead of a job again, e.g. after RabbitMQ lost
     /// its queues' contents. Leads whose message was not lost get it twice,
     /// which is harmless: a lead is converted once.
@@ -136,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Results(c) => c.run(s).await,
         Command::Cancel(c) => c.run(s).await,
         Command::Retry(c) => c.run(s).await,
+        Command::Undo(c) => c.run(s).await,
         Command::Republish(c) => c.run(s).await,
     }
 }

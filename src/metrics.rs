@@ -67,11 +67,17 @@ pub const LEAD_CODES: &[(Outcome, ErrorCode)] = &[
     (Outcome::Failed, ErrorCode::RetriesExhausted),
     (Outcome::Failed, ErrorCode::PoisonMessage),
     (Outcome::Failed, ErrorCode::InternalError),
+    // An undo job's leads (SPEC §4a).
+    (Outcome::Skipped, ErrorCode::ChangedSince),
+    (Outcome::Skipped, ErrorCode::InUse),
+    (Outcome::Skipped, ErrorCode::AlreadyUndone),
+    (Outcome::Skipped, ErrorCode::NotLatestConversion),
+    (Outcome::Skipped, ErrorCode::NoJournal),
 ];
 
 /// The label sets of [`CONVERSIONS`]: a converted lead has a contact
 /// (created or merged), an account or none, a deal or none; a skipped or
-/// failed one has none of them.
+/// failed one has none of them, nor has a lead an undo took back.
 pub fn conversion_label_sets() -> Vec<[(&'static str, &'static str); 4]> {
     let mut sets = Vec::new();
     for contact in ContactAction::ALL {
@@ -86,7 +92,7 @@ pub fn conversion_label_sets() -> Vec<[(&'static str, &'static str); 4]> {
             }
         }
     }
-    for outcome in [Outcome::Skipped, Outcome::Failed] {
+    for outcome in [Outcome::Skipped, Outcome::Failed, Outcome::Undone] {
         sets.push([
             ("outcome", outcome.as_str()),
             ("contact_action", "none"),

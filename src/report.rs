@@ -259,3 +259,67 @@ pub fn actions(results: &[LeadResult]) -> BTreeMap<String, usize> {
     }
     actions
 }
+
+/// One line of an undo's dry run for people: what taking the lead back
+/// would do, or why it would be skipped.
+pub fn undo_line(lead_id: i64, v: &crate::undo::UndoVerdict) -> String {
+    use crate::undo::UndoVerdict;
+    match v {
+        UndoVerdict::Skipped { code, message, .. } => format!("lead {lead_id}: skipped, {code}: {message}"),
+        UndoVerdict::Undo(t) => {
+            let mut parts = Vec::new();
+            if !t.delete.is_empty() {
+                let names: Vec<String> = t.delete.iter().map(|(m, id)| format!("{} {id}", m.as_str())).collect();
+                parts.push(format!("delete {}", names.join(", ")));
+            }
+            let mut restored: Vec<String> = Vec::new();
+            for r in &t.restore {
+                let name = format!("{} {}", r.module.as_str(), r.id);
+                match restored.iter_mut().find(|x| x.starts_with(&format!("{name} ("))) {
+                    Some(x) => {
+                        x.pop();
+                        x.push_str(&format!(", {})", r.field));
+                    }
+                    None => restored.push(format!("{name} ({})", r.field)),
+                }
+            }
+            if !restored.is_empty() {
+                parts.push(format!("set back {}", restored.join(", ")));
+            }
+            if !t.move_back.is_empty() {
+                parts.push(format!("move {} related record(s) back to the lead", t.move_back.len()));
+            }
+            if !t.delete_copies.is_empty() {
+                parts.push(format!("delete {} note copy(ies)", t.delete_copies.len()));
+            }
+            if let Some(c) = t.opt_out_kept {
+                parts.push(format!("keep the e-mail opt-out on {c}"));
+            }
+            format!(
+                "lead {lead_id}: undo: {}",
+                if parts.is_empty() { "unmark the lead".into() } else { parts.join("; ") }
+            )
+        }
+    }
+}
+
+/// The summary of an undo's dry run: how many leads would be taken back,
+/// how many skipped, by code.
+pub fn undo_summary(verdicts: &[(i64, crate::undo::UndoVerdict)]) -> String {
+    use crate::undo::UndoVerdict;
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut undone = 0;
+    for (_, v) in verdicts {
+        match v {
+            UndoVerdict::Undo(_) => undone += 1,
+            UndoVerdict::Skipped { code, .. } => *codes.entry(code.to_string()).or_default() += 1,
+        }
+    }
+    let skipped: usize = codes.values().sum();
+    let mut s = format!("{} leads: {undone} would be taken back, {skipped} skipped", verdicts.len());
+    if !codes.is_empty() {
+        let by: Vec<String> = codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        s.push_str(&format!(" ({})", by.join(", ")));
+    }
+    s
+}

@@ -42,6 +42,16 @@ pub enum ErrorCode {
     DuplicateName,
     // Retries (SPEC §4).
     NothingToRetry,
+    // Undo (SPEC §4a): why a lead's undo is skipped.
+    ChangedSince,
+    InUse,
+    AlreadyUndone,
+    NotLatestConversion,
+    NoJournal,
+    /// An undo of a job that is still converting.
+    JobInProgress,
+    /// An undo of a job none of whose leads (of those asked for) were converted.
+    NothingToUndo,
 }
 
 impl ErrorCode {
@@ -75,13 +85,20 @@ impl ErrorCode {
             ErrorCode::ScheduleNotFound => "schedule_not_found",
             ErrorCode::DuplicateName => "duplicate_name",
             ErrorCode::NothingToRetry => "nothing_to_retry",
+            ErrorCode::ChangedSince => "changed_since",
+            ErrorCode::InUse => "in_use",
+            ErrorCode::AlreadyUndone => "already_undone",
+            ErrorCode::NotLatestConversion => "not_latest_conversion",
+            ErrorCode::NoJournal => "no_journal",
+            ErrorCode::JobInProgress => "job_in_progress",
+            ErrorCode::NothingToUndo => "nothing_to_undo",
         }
     }
 
     /// What the code means, for people reading a result export.
     pub fn describe(self) -> &'static str {
         match self {
-            ErrorCode::AlreadyConverted => "the lead was converted before; conversion is irreversible",
+            ErrorCode::AlreadyConverted => "the lead was converted before (only an undo of that conversion makes it convertible again)",
             ErrorCode::NotFound => "the lead was deleted after the job was created",
             ErrorCode::BlockedByHierarchy => {
                 "the lead's owner is above the acting user in the hierarchy and a contact with the same e-mail exists"
@@ -113,6 +130,17 @@ impl ErrorCode {
             ErrorCode::ScheduleNotFound => "no conversion schedule has this id",
             ErrorCode::DuplicateName => "another rule or schedule already has this name",
             ErrorCode::NothingToRetry => "the job has no unconverted leads of that outcome (and code) to retry",
+            ErrorCode::ChangedSince => {
+                "a field the conversion wrote was changed since (by a person or another system): the undo keeps that work"
+            }
+            ErrorCode::InUse => {
+                "a record the conversion created is used by something it did not make (a later conversion, a deal, a note, another contact, …)"
+            }
+            ErrorCode::AlreadyUndone => "this conversion was taken back already",
+            ErrorCode::NotLatestConversion => "the lead was converted again since: undo that conversion first",
+            ErrorCode::NoJournal => "the lead was converted before leadconv kept a journal: there is nothing to take back from",
+            ErrorCode::JobInProgress => "the job is still converting: cancel it, or wait for it to finish, then undo it",
+            ErrorCode::NothingToUndo => "none of the job's leads (of those named) was converted by it",
         }
     }
 }

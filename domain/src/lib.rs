@@ -23,5 +23,6 @@ pub mod options;
 pub mod plan;
 pub mod record;
 pub mod run;
+pub mod undo;
 
 pub use error::{ErrorCode, Refusal};

@@ -115,6 +115,9 @@ where
         if let Some(of) = created.retry_of {
             out["retry_of"] = serde_json::json!(of);
         }
+        if let Some(of) = created.undo_of {
+            out["undo_of"] = serde_json::json!(of);
+        }
         say(out)?;
     } else {
         say(created.id)?;
@@ -315,5 +318,56 @@ impl Republish {
         let _ = ch.close(200, "bye").await;
         let _ = conn.close(200, "bye").await;
         Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct Undo {
+    /// The converted job whose conversions to take back.
+    pub job_id: Uuid,
+    /// Print what each lead's undo would do (and a summary); change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Machine-readable output: the undo job's id and size, or (with
+    /// --dry-run) one JSON object per lead.
+    #[arg(long)]
+    pub json: bool,
+    /// The undo job's acting user (active, may convert); by default whoever
+    /// asked for the converted job.
+    #[arg(long)]
+    pub requested_by: Option<i64>,
+    /// Only this lead (repeatable); by default every lead the job converted.
+    #[arg(long = "lead")]
+    pub leads: Vec<i64>,
+    /// How long this process holds the job's publisher lease between
+    /// batches; after that a worker's sweeper takes over publishing.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub lease_secs: Duration,
+}
+
+impl Undo {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
+        let of = job::UndoOf { job_id: self.job_id, lead_ids: (!self.leads.is_empty()).then_some(self.leads) };
+        if self.dry_run {
+            let verdicts = leadconv::store::undo::dry_run(&pool, &of).await?;
+            for (lead_id, v) in &verdicts {
+                if self.json {
+                    let mut line = serde_json::to_value(v)?;
+                    line["lead_id"] = (*lead_id).into();
+                    say(line)?;
+                } else {
+                    say(leadconv::report::undo_line(*lead_id, v))?;
+                }
+            }
+            if !self.json {
+                say(leadconv::report::undo_summary(&verdicts))?;
+            }
+            return Ok(());
+        }
+        create_and_publish(s, &pool, Lane::Bulk, self.json, self.lease_secs, producer::BATCH, |dispatch| {
+            job::create_undo(&pool, &of, self.requested_by, None, Trigger::Manual, dispatch)
+        })
+        .await
     }
 }

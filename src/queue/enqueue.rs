@@ -81,6 +81,17 @@ impl Enqueuer {
         Ok(created)
     }
 
+    /// Takes back the converted leads of `of` (SPEC §4a) as an undo job
+    /// asked for by `asked_by`, created and published like [`submit`].
+    ///
+    /// [`submit`]: Enqueuer::submit
+    pub async fn undo(&self, of: &job::UndoOf, asked_by: i64, trigger: Trigger) -> Result<Job, crate::Error> {
+        let dispatch = Dispatch::Queue { lease: self.lease };
+        let created = job::create_undo(&self.pool, of, None, Some(asked_by), trigger, dispatch).await?;
+        self.publish(&created).await;
+        Ok(created)
+    }
+
     /// Creates the job with this process's publisher lease, for a caller
     /// that publishes it itself ([`Enqueuer::publish`]) when it suits it.
     pub async fn create(&self, checked: &Checked) -> Result<Job, crate::Error> {

@@ -337,7 +337,14 @@ async fn nothing_left(pool: &PgPool, ch: &Channel, topology: &Topology) -> anyho
 /// Job settings, read once per job and worker rather than per lead.
 #[derive(Default)]
 struct SettingsCache {
-    jobs: Mutex<HashMap<Uuid, (Instant, Arc<Settings>)>>,
+    jobs: Mutex<HashMap<Uuid, (Instant, Arc<JobWork>)>>,
+}
+
+/// What a job's leads need: its settings, and for an undo job the job it
+/// takes back.
+struct JobWork {
+    settings: Settings,
+    undo_of: Option<Uuid>,
 }
 
 /// How long cached settings are trusted (custom field mappings may change).
@@ -345,14 +352,14 @@ const SETTINGS_TTL: Duration = Duration::from_secs(60);
 
 impl SettingsCache {
     /// `Ok(None)`: the job does not exist (deleted).
-    async fn get(&self, pool: &PgPool, job_id: Uuid) -> Result<Option<Arc<Settings>>, Error> {
+    async fn get(&self, pool: &PgPool, job_id: Uuid) -> Result<Option<Arc<JobWork>>, Error> {
         if let Some((at, s)) = self.jobs.lock().expect("cache lock").get(&job_id) {
             if at.elapsed() < SETTINGS_TTL {
                 return Ok(Some(s.clone()));
             }
         }
         let Some(job) = job::get(pool, job_id).await? else { return Ok(None) };
-        let settings = Arc::new(job::settings(pool, &job).await?);
+        let settings = Arc::new(JobWork { settings: job::settings(pool, &job).await?, undo_of: job.undo_of });
         let mut jobs = self.jobs.lock().expect("cache lock");
         jobs.retain(|_, (at, _)| at.elapsed() < SETTINGS_TTL);
         jobs.insert(job_id, (Instant::now(), settings.clone()));
@@ -466,7 +473,11 @@ impl Handler {
                 earlier_attempts: earlier_attempts(&m.delivery),
             })
             .collect();
-        let results = match convert::convert_batch(&self.pool, job_id, &settings, &items).await {
+        let done = match settings.undo_of {
+            Some(of) => crate::store::undo::undo_batch(&self.pool, job_id, of, &settings.settings, &items).await,
+            None => convert::convert_batch(&self.pool, job_id, &settings.settings, &items).await,
+        };
+        let results = match done {
             Ok(results) => results,
             Err(e) => {
                 // Nothing of the batch was written: each message meets the
@@ -491,6 +502,7 @@ impl Handler {
             match result {
                 Ok(_) => done.push(m.delivery),
                 Err(ConvertError::Transient(e)) => self.retry(m, &e.to_string()).await,
+                Err(e @ ConvertError::Waits(_)) => self.wait(m, &e.to_string()).await,
                 Err(e @ ConvertError::NotInJob { .. }) => {
                     // A stray message: nothing to convert, nothing to record.
                     tracing::warn!(%job_id, lead_id = m.msg.lead_id, reason = %e, "dropping message");
@@ -513,15 +525,30 @@ impl Handler {
         }
     }
 
+    /// Sends the message around again through the shortest delay queue,
+    /// not counted as an attempt: an undo's lead waiting for others of its
+    /// job to be taken back first (they are being, by this or another
+    /// worker, so the wait ends).
+    async fn wait(&self, m: Message, reason: &str) {
+        self.requeue(m, 0, reason, false).await
+    }
+
     /// Sends the message around again through the next delay queue, or
     /// records the lead as failed when the delays are used up.
     async fn retry(&self, m: Message, reason: &str) {
-        let Message { delivery, msg, attempt } = m;
-        let level = attempt as usize;
+        let level = m.attempt as usize;
         if level >= RETRY_DELAYS.len() {
-            return self.fail(Message { delivery, msg, attempt }, ErrorCode::RetriesExhausted, reason).await;
+            return self.fail(m, ErrorCode::RetriesExhausted, reason).await;
         }
-        tracing::info!(job_id = %msg.job_id, lead_id = msg.lead_id, attempt = attempt + 1, delay = ?RETRY_DELAYS[level], reason, "retrying later");
+        self.requeue(m, level, reason, true).await
+    }
+
+    /// Publishes the message to the delay queue of `level`, then acks it;
+    /// `counted`: the attempt header goes up (a retry).
+    async fn requeue(&self, m: Message, level: usize, reason: &str, counted: bool) {
+        let Message { delivery, msg, attempt } = m;
+        let next = if counted { attempt + 1 } else { attempt };
+        tracing::info!(job_id = %msg.job_id, lead_id = msg.lead_id, attempt = next, delay = ?RETRY_DELAYS[level], reason, "retrying later");
         let key = Topology::routing_key(self.lane, Some(level));
         let published = async {
             let confirm = self
@@ -531,7 +558,7 @@ impl Handler {
                     &key,
                     BasicPublishOptions::default(),
                     &delivery.data,
-                    queue::properties(attempt + 1),
+                    queue::properties(next),
                 )
                 .await?
                 .await?;
@@ -540,7 +567,9 @@ impl Handler {
         .await;
         match published {
             Ok(true) => {
-                metrics::counter!(crate::metrics::RETRIES).increment(1);
+                if counted {
+                    metrics::counter!(crate::metrics::RETRIES).increment(1);
+                }
                 self.ack(&delivery).await
             }
             Ok(false) | Err(_) => {

@@ -69,6 +69,12 @@ pub enum ConvertError {
     /// Will recur: the lead fails with `internal_error`.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// An undo's lead that must wait until leads converted after it into
+    /// the same records are taken back (SPEC §4a: a lead that merged into
+    /// another's records goes first): nothing was written; try it again
+    /// shortly, without counting it as a failed attempt.
+    #[error("waiting for leads {0:?} of the same job to be taken back first")]
+    Waits(Vec<i64>),
 }
 
 impl From<sqlx::Error> for ConvertError {
@@ -207,7 +213,13 @@ pub async fn record_failure(
     record(pool, job_id, lead_id, &Finish::failed(code, message.to_owned()), attempts).await.map(|_| ())
 }
 
-async fn record(pool: &PgPool, job_id: Uuid, lead_id: i64, f: &Finish, tries: u32) -> Result<LeadResult, ConvertError> {
+pub(crate) async fn record(
+    pool: &PgPool,
+    job_id: Uuid,
+    lead_id: i64,
+    f: &Finish,
+    tries: u32,
+) -> Result<LeadResult, ConvertError> {
     let mut tx = pool.begin().await?;
     let Some(locked) = lock_results(&mut tx, job_id, &[lead_id]).await?.pop() else {
         return Err(ConvertError::NotInJob { job_id, lead_id });
@@ -228,24 +240,24 @@ fn is_lock_wait(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03" | "57014")))
 }
 
-fn is_lock_conflict(e: &sqlx::Error) -> bool {
+pub(crate) fn is_lock_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
 }
 
 #[derive(sqlx::FromRow)]
-struct Locked {
+pub(crate) struct Locked {
     #[sqlx(flatten)]
-    result: LeadResult,
-    job_status: JobStatus,
+    pub(crate) result: LeadResult,
+    pub(crate) job_status: JobStatus,
     /// A convert-now request waits on the commit.
-    workflow: bool,
+    pub(crate) workflow: bool,
 }
 
 /// Locks the result rows of `lead_ids` in job `job_id`, the job's gate for
 /// those leads: whoever holds a row is the only one converting its lead
 /// for this job. Rows are locked in lead order, so two batches never wait
 /// on each other in a cycle.
-async fn lock_results(conn: &mut PgConnection, job_id: Uuid, lead_ids: &[i64]) -> sqlx::Result<Vec<Locked>> {
+pub(crate) async fn lock_results(conn: &mut PgConnection, job_id: Uuid, lead_ids: &[i64]) -> sqlx::Result<Vec<Locked>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         // The job's status and trigger ride along: one round trip, not two.
         format!(
@@ -382,8 +394,12 @@ async fn write_journal<'a>(
     }
     let entries: Vec<sqlx::types::Json<&crate::journal::Entry>> = entries.map(sqlx::types::Json).collect();
     sqlx::query(
-        "INSERT INTO conversion_journal (job_id, lead_id, entry)
-         SELECT $1, lead_id, entry FROM unnest($2::bigint[], $3::jsonb[]) AS v(lead_id, entry)",
+        // clock_timestamp(), not now(): a batch that waited on another's
+        // locks started before it committed, yet converted after it; the
+        // undo's dry run takes the latest conversions back first.
+        "INSERT INTO conversion_journal (job_id, lead_id, entry, created_at)
+         SELECT $1, lead_id, entry, clock_timestamp() FROM unnest($2::bigint[], $3::jsonb[]) WITH ORDINALITY
+             AS v(lead_id, entry, ord) ORDER BY ord",
     )
     .bind(job_id)
     .bind(leads)
@@ -394,7 +410,7 @@ async fn write_journal<'a>(
 }
 
 /// What goes into the result row.
-struct Finish {
+pub(crate) struct Finish {
     outcome: Outcome,
     contact_action: Option<ContactAction>,
     account_action: Option<AccountAction>,
@@ -404,6 +420,8 @@ struct Finish {
     email_opt_out_applied: Option<bool>,
     error: Option<(ErrorCode, String)>,
     merged: bool,
+    /// A message without an error code (an undo's "the opt-out stays").
+    note: Option<String>,
 }
 
 impl Finish {
@@ -426,6 +444,7 @@ impl Finish {
             email_opt_out_applied: Some(c.contact.email_opt_out_applied),
             error: None,
             merged: c.contact.action == Action::Merged,
+            note: None,
         }
     }
 
@@ -440,11 +459,29 @@ impl Finish {
             email_opt_out_applied: None,
             error: Some((code, message)),
             merged: false,
+            note: None,
         }
     }
 
-    fn skipped(code: ErrorCode, message: String) -> Finish {
+    pub(crate) fn skipped(code: ErrorCode, message: String) -> Finish {
         Finish::without_ids(Outcome::Skipped, code, message)
+    }
+
+    /// A lead an undo took back: the records its conversion had, and a
+    /// note (the opt-out kept) when there is one.
+    pub(crate) fn undone(ids: Converted, note: Option<String>) -> Finish {
+        Finish {
+            outcome: Outcome::Undone,
+            contact_action: None,
+            account_action: None,
+            deal_action: None,
+            ids,
+            is_repeat: None,
+            email_opt_out_applied: None,
+            error: None,
+            merged: false,
+            note,
+        }
     }
 
     fn failed(code: ErrorCode, message: String) -> Finish {
@@ -453,11 +490,11 @@ impl Finish {
 }
 
 /// A lead's result to record.
-struct Done<'a> {
-    lead_id: i64,
-    finish: &'a Finish,
-    tries: u32,
-    enqueued_at: Option<DateTime<Utc>>,
+pub(crate) struct Done<'a> {
+    pub(crate) lead_id: i64,
+    pub(crate) finish: &'a Finish,
+    pub(crate) tries: u32,
+    pub(crate) enqueued_at: Option<DateTime<Utc>>,
 }
 
 /// Writes the result rows of a batch and counts them in the job's counter
@@ -468,7 +505,7 @@ struct Done<'a> {
 /// [`finished::CHANNEL`](crate::store::finished::CHANNEL), which Postgres
 /// delivers on commit: the waiting convert-now request learns of the
 /// result the moment it exists, at no extra round trip.
-async fn finish(
+pub(crate) async fn finish(
     conn: &mut PgConnection,
     job_id: Uuid,
     done: &[Done<'_>],
@@ -496,7 +533,7 @@ async fn finish(
                  RETURNING c.*, v.merged),
              counted AS (
                  INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
-                 SELECT $1, pg_backend_pid(), count(*) FILTER (WHERE outcome = 'converted'),
+                 SELECT $1, pg_backend_pid(), count(*) FILTER (WHERE outcome IN ('converted', 'undone')),
                         count(*) FILTER (WHERE merged), count(*) FILTER (WHERE outcome = 'skipped'),
                         count(*) FILTER (WHERE outcome = 'failed')
                  FROM r HAVING count(*) > 0
@@ -522,7 +559,11 @@ async fn finish(
         .bind(id(&|f| f.ids.deal_id))
         .bind(done.iter().map(|d| d.finish.is_repeat).collect::<Vec<_>>())
         .bind(col(&|f| f.error.as_ref().map(|(c, _)| c.as_str())))
-        .bind(done.iter().map(|d| d.finish.error.as_ref().map(|(_, m)| m.clone())).collect::<Vec<_>>())
+        .bind(
+            done.iter()
+                .map(|d| d.finish.error.as_ref().map(|(_, m)| m.clone()).or_else(|| d.finish.note.clone()))
+                .collect::<Vec<_>>(),
+        )
         .bind(done.iter().map(|d| i32::try_from(d.tries).unwrap_or(i32::MAX)).collect::<Vec<_>>())
         .bind(done.iter().map(|d| d.enqueued_at).collect::<Vec<_>>())
         .bind(done.iter().map(|d| d.finish.email_opt_out_applied).collect::<Vec<_>>())

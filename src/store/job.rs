@@ -43,6 +43,10 @@ pub struct Job {
     /// Who asked for it, when not its acting user (`requested_by`): a retry
     /// keeps the first job's requester.
     pub asked_by: Option<i64>,
+    /// The job whose conversions this one takes back (an undo job).
+    pub undo_of: Option<Uuid>,
+    /// How many of this job's conversions were taken back since.
+    pub undone_count: i32,
 }
 
 impl Job {
@@ -207,7 +211,7 @@ pub async fn create_in(
         " FROM matched
          RETURNING id, status, criteria, options, requested_by, trigger, total_count, converted_count,
                    merged_count, skipped_count, failed_count, created_at, started_at, finished_at, rule_id,
-                   schedule_id, retry_of, asked_by",
+                   schedule_id, retry_of, asked_by, undo_of, 0 AS undone_count",
     );
     match qb.build().fetch_one(&mut *tx).await {
         Ok(row) => Ok(Job::from_row(&row)?),
@@ -397,7 +401,8 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
                 options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
-                started_at, finished_at, rule_id, schedule_id, retry_of, asked_by
+                started_at, finished_at, rule_id, schedule_id, retry_of, asked_by, undo_of,
+                undone_count AS "undone_count!"
          FROM conversion_job_progress WHERE id = $1"#,
         id
     )
@@ -425,7 +430,8 @@ pub async fn list(
                 options AS "options!: Json<Value>", requested_by AS "requested_by!", trigger AS "trigger!: Trigger",
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
-                started_at, finished_at, rule_id, schedule_id, retry_of, asked_by
+                started_at, finished_at, rule_id, schedule_id, retry_of, asked_by, undo_of,
+                undone_count AS "undone_count!"
          FROM conversion_job_progress
          WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
            AND ($5::bigint[] IS NULL OR requested_by = ANY($5))
@@ -563,4 +569,119 @@ pub async fn create_retry(
     job.retry_of = Some(of);
     job.asked_by = asked_by;
     Ok(job)
+}
+
+/// Which conversions an undo takes back: the converted leads of `job_id`,
+/// or only `lead_ids` among them.
+#[derive(Debug, Clone)]
+pub struct UndoOf {
+    pub job_id: Uuid,
+    pub lead_ids: Option<Vec<i64>>,
+}
+
+/// Creates an undo job (SPEC §4a) of `of`'s converted leads: its acting
+/// user is `requested_by`, by default the converted job's requester (whose
+/// reach decides who sees it), `asked_by` who asked; criteria `{"ids": [...]}` of the leads it
+/// takes back; `undo_of` names the job. Refused, writing nothing, when the
+/// job is still converting (cancel it first), is itself an undo, or has no
+/// converted lead among those named.
+pub async fn create_undo(
+    pool: &PgPool,
+    of: &UndoOf,
+    requested_by: Option<i64>,
+    asked_by: Option<i64>,
+    trigger: Trigger,
+    dispatch: Dispatch,
+) -> Result<Job, crate::Error> {
+    let earlier = check_undo(pool, of).await?;
+    let requested_by = requested_by.unwrap_or(earlier.requested_by);
+    // The acting user must still be allowed to act (as for any job).
+    let new = NewJob { criteria: json!({"all_leads": true}), options: json!({}), requested_by, trigger };
+    check(pool, new).await?;
+    let asked_by = asked_by.filter(|&u| u != requested_by);
+    let id = Uuid::new_v4();
+    let (lease, token, published) = match dispatch {
+        Dispatch::Queue { lease } => (lease.length.as_secs_f64(), Some(lease.token), false),
+        Dispatch::InProcess => (0.0, None, true),
+    };
+    // The converted results of the job, not the leads matching criteria:
+    // an undo's leads are converted ones. Result rows first, the job row
+    // (which counts them) last, in one statement.
+    let row = sqlx::query(
+        "WITH snapshot AS (
+             INSERT INTO conversion_results (job_id, lead_id)
+             SELECT $1, r.lead_id FROM conversion_results r
+             WHERE r.job_id = $2 AND r.outcome = 'converted' AND ($3::bigint[] IS NULL OR r.lead_id = ANY($3))
+             RETURNING lead_id),
+         matched AS (SELECT count(*) AS n, coalesce(jsonb_agg(lead_id ORDER BY lead_id), '[]') AS ids FROM snapshot)
+         INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, total_count, status, finished_at,
+                                      published_at, publisher_lease_until, publisher_token, undo_of, asked_by)
+         SELECT $1, jsonb_build_object('ids', ids), '{}'::jsonb, $4, $5, n::int,
+                CASE WHEN n = 0 THEN 'completed' ELSE 'scheduled' END, CASE WHEN n = 0 THEN now() END,
+                CASE WHEN n = 0 OR $6 THEN now() END,
+                CASE WHEN n > 0 THEN now() + make_interval(secs => $7) END, $8, $2, $9
+         FROM matched
+         RETURNING id, status, criteria, options, requested_by, trigger, total_count, converted_count,
+                   merged_count, skipped_count, failed_count, created_at, started_at, finished_at, rule_id,
+                   schedule_id, retry_of, asked_by, undo_of, 0 AS undone_count",
+    )
+    .bind(id)
+    .bind(of.job_id)
+    .bind(of.lead_ids.as_deref())
+    .bind(requested_by)
+    .bind(trigger)
+    .bind(published)
+    .bind(lease)
+    .bind(token)
+    .bind(asked_by)
+    .fetch_one(pool)
+    .await?;
+    use sqlx::FromRow;
+    let job = Job::from_row(&row)?;
+    if job.total_count == 0 {
+        // Nothing was taken: the empty job goes, the caller learns why.
+        sqlx::query!("DELETE FROM conversion_jobs WHERE id = $1", job.id).execute(pool).await?;
+        return Err(nothing_to_undo(of).into());
+    }
+    Ok(job)
+}
+
+fn nothing_to_undo(of: &UndoOf) -> Refusal {
+    let which = if of.lead_ids.is_some() { "of the leads named " } else { "" };
+    Refusal::new(ErrorCode::NothingToUndo, "job_id", format!("no lead {which}was converted by job {}", of.job_id))
+}
+
+/// The job an undo would take back, if it may be undone now.
+pub async fn check_undo(pool: &PgPool, of: &UndoOf) -> Result<Job, crate::Error> {
+    let Some(earlier) = get(pool, of.job_id).await? else { return Err(not_found().into()) };
+    if earlier.undo_of.is_some() {
+        return Err(Refusal::new(
+            ErrorCode::InvalidOption,
+            "job_id",
+            format!("job {} is an undo; its leads convert again with a new job", earlier.id),
+        )
+        .into());
+    }
+    if !earlier.is_finished() {
+        return Err(Refusal::new(
+            ErrorCode::JobInProgress,
+            "job_id",
+            format!("job {} is {}: cancel it, or wait for it to finish, then undo it", earlier.id, earlier.status),
+        )
+        .into());
+    }
+    if let Some(ids) = &of.lead_ids {
+        if ids.is_empty() || ids.len() > leadconv_domain::criteria::MAX_LIST {
+            return Err(Refusal::new(
+                ErrorCode::InvalidCriteria,
+                "lead_ids",
+                format!("name between 1 and {} leads, or none for all", leadconv_domain::criteria::MAX_LIST),
+            )
+            .into());
+        }
+    }
+    if earlier.converted_count == 0 {
+        return Err(nothing_to_undo(of).into());
+    }
+    Ok(earlier)
 }

@@ -4,7 +4,8 @@
 //! `mapping`), writes what they decided (`apply`), runs one conversion in
 //! one transaction and records its result (`convert`), keeps jobs, their
 //! results and counters (`job`), compiles criteria to SQL (`criteria`), API
-//! tokens (`auth`), connections and migrations (`db`).
+//! tokens (`auth`), connections and migrations (`db`), takes conversions
+//! back from their journal (`undo`).
 //!
 //! May import: `leadconv_domain`, sqlx, `crate::error`, `crate::metrics`.
 //! Never lapin or axum: the queue and HTTP layers call into the store, not
@@ -22,3 +23,4 @@ pub mod mapping;
 pub mod options;
 pub mod snapshot;
 pub mod types;
+pub mod undo;

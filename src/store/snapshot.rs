@@ -105,7 +105,7 @@ fn lock_args<'a>(leads: impl Iterator<Item = &'a Record>, settings: &Settings) -
 }
 
 /// Takes the advisory locks of `leads` (see [`LOCK_KEYS`]).
-async fn lock<'a>(
+pub(crate) async fn lock<'a>(
     conn: &mut PgConnection,
     leads: impl Iterator<Item = &'a Record>,
     settings: &Settings,

@@ -88,12 +88,14 @@ text_enum!(
 );
 
 text_enum!(
-    /// `conversion_results.outcome`.
+    /// `conversion_results.outcome`. `undone`: a lead an undo job took back
+    /// (only undo jobs record it; counted in `converted_count`).
     Outcome {
         Pending => "pending",
         Converted => "converted",
         Skipped => "skipped",
         Failed => "failed",
+        Undone => "undone",
     }
 );
 

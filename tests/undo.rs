@@ -1,0 +1,409 @@
+//! Undo (SPEC §4a, issue 21): a conversion job taken back from its
+//! journal, lead by lead, leaving the CRM as it was — and never destroying
+//! work done since.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::broker::{wait_for, TestBroker};
+use common::*;
+use leadconv::store::convert::{ConvertError, Item, LeadResult};
+use leadconv::store::job::{self, Dispatch, Trigger, UndoOf};
+use leadconv::store::types::Outcome;
+use leadconv::undo::UndoVerdict;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Every CRM table of SPEC §2 (not leadconv's own), row by row, without
+/// `updated_at`.
+async fn dump(crm: &Crm) -> BTreeMap<String, Vec<Value>> {
+    let mut out = BTreeMap::new();
+    for table in [
+        "users",
+        "leads",
+        "accounts",
+        "contacts",
+        "deals",
+        "pipelines",
+        "deal_stages",
+        "notes",
+        "attachments",
+        "activities",
+        "custom_field_defs",
+        "conversion_mappings",
+    ] {
+        let rows: Vec<sqlx::types::Json<Value>> = sqlx::query_scalar(&format!(
+            "SELECT to_jsonb(t) - 'updated_at' FROM {table} t ORDER BY (to_jsonb(t) - 'updated_at')::text"
+        ))
+        .fetch_all(crm.pool())
+        .await
+        .unwrap();
+        out.insert(table.to_owned(), rows.into_iter().map(|j| j.0).collect());
+    }
+    out
+}
+
+/// Asserts two dumps equal, naming the first row that differs.
+fn same(before: &BTreeMap<String, Vec<Value>>, after: &BTreeMap<String, Vec<Value>>) {
+    for (table, rows) in before {
+        let now = &after[table];
+        for (a, b) in rows.iter().zip(now) {
+            assert_eq!(b, a, "{table}: a row is not as it was");
+        }
+        assert_eq!(now.len(), rows.len(), "{table}: rows added or missing");
+    }
+}
+
+/// Takes back job `of` in this process, as workers do: lead by lead, a
+/// lead waiting for another of the same job tried again after the others.
+async fn undo_in_process(crm: &Crm, of: Uuid, leads: Option<Vec<i64>>) -> (Uuid, Vec<LeadResult>) {
+    let undo = job::create_undo(
+        crm.pool(),
+        &UndoOf { job_id: of, lead_ids: leads },
+        None,
+        None,
+        Trigger::Manual,
+        Dispatch::InProcess,
+    )
+    .await
+    .expect("an undo job");
+    let settings = job::settings(crm.pool(), &undo).await.unwrap();
+    let mut todo: Vec<i64> =
+        sqlx::query_scalar("SELECT lead_id FROM conversion_results WHERE job_id = $1 ORDER BY lead_id")
+            .bind(undo.id)
+            .fetch_all(crm.pool())
+            .await
+            .unwrap();
+    let mut done = Vec::new();
+    for _round in 0..20 {
+        if todo.is_empty() {
+            break;
+        }
+        let items: Vec<Item> =
+            todo.iter().map(|&lead_id| Item { lead_id, enqueued_at: None, earlier_attempts: 0 }).collect();
+        let results = leadconv::store::undo::undo_batch(crm.pool(), undo.id, of, &settings, &items).await.unwrap();
+        let mut again = Vec::new();
+        for (lead, r) in todo.iter().zip(results) {
+            match r {
+                Ok(r) => done.push(r),
+                Err(ConvertError::Waits(_)) => again.push(*lead),
+                Err(e) => panic!("lead {lead}: {e}"),
+            }
+        }
+        todo = again;
+    }
+    assert!(todo.is_empty(), "leads {todo:?} still wait");
+    job::rollup(crm.pool(), undo.id).await.unwrap();
+    done.sort_by_key(|r| r.lead_id);
+    (undo.id, done)
+}
+
+fn outcome(r: &LeadResult) -> (String, Option<String>) {
+    (r.outcome.to_string(), r.error_code.clone())
+}
+
+/// A CRM with what an undo must put back exactly: merges into existing
+/// contacts and accounts (blank fields filled, tags added, an opt-out
+/// set), leads of one job merging into records another lead of it made,
+/// a won deal (repeat marks), notes, attachments and activities moved and
+/// copied, custom fields.
+struct World {
+    crm: Crm,
+    rep: i64,
+    leads: Vec<i64>,
+}
+
+async fn world() -> World {
+    let crm = Crm::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    for (module, api) in [("lead", "region"), ("contact", "region")] {
+        sqlx::query(
+            "INSERT INTO custom_field_defs (module, api_name, data_type, max_length) VALUES ($1, $2, 'text', 40)",
+        )
+        .bind(module)
+        .bind(api)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO conversion_mappings (lead_field, target_module, target_field) VALUES ('region', 'contact', 'region')")
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    let won =
+        crm.account(json!({"owner_id": rep, "account_name": "Żółć Sp. z o.o.", "phone": " ", "tags": ["old"]})).await;
+    let existing = crm
+        .contact(json!({"owner_id": rep, "account_id": won, "last_name": "Kowalska", "email": "anna@zolc.pl",
+                        "city": "", "custom_fields": {"region": ""}, "email_opt_out": false}))
+        .await;
+    crm.insert(
+        "deals",
+        json!({"owner_id": rep, "account_id": won, "contact_id": existing, "deal_name": "Old", "closing_date": "2026-01-01", "stage": "Closed Won"}),
+    )
+    .await;
+    let lead = |v: Value| {
+        let mut base = json!({"owner_id": rep, "lead_status": "Qualified"});
+        merge(&mut base, v);
+        crm.lead(base)
+    };
+    let leads = vec![
+        // Merges into the existing contact and its won account.
+        lead(json!({"last_name": "Kowalska", "email": "ANNA@zolc.pl ", "company": "ŻÓŁĆ sp. z o.o.", "city": "Łódź",
+                    "phone": "+48 1", "custom_fields": {"region": "EMEA"}, "tags": ["expo"], "email_opt_out": true}))
+        .await,
+        // Creates a contact and an account …
+        lead(json!({"first_name": "Nguyễn", "last_name": "Văn A", "email": "a@viet.vn", "company": "Công ty Việt", "tags": ["vn"]}))
+            .await,
+        // … which the next lead of the job merges into (another e-mail).
+        lead(json!({"last_name": "Trần", "email": "b@viet.vn", "company": "CÔNG TY VIỆT", "website": "viet.vn", "tags": ["b"]}))
+            .await,
+        // Turkish İ and a plain new lead with related records.
+        lead(json!({"first_name": "İsmail", "last_name": "Yılmaz", "email": "ismail@firma.com.tr", "company": "Firma A.Ş."}))
+            .await,
+    ];
+    let n = crm
+        .insert("notes", json!({"parent_module": "lead", "parent_id": leads[3], "title": "Call", "body": "Called"}))
+        .await;
+    let _ = n;
+    crm.insert(
+        "activities",
+        json!({"parent_module": "lead", "parent_id": leads[3], "kind": "call", "subject": "Again"}),
+    )
+    .await;
+    crm.insert(
+        "attachments",
+        json!({"parent_module": "lead", "parent_id": leads[1], "file_name": "cv.pdf", "storage_key": "k1"}),
+    )
+    .await;
+    World { crm, rep, leads }
+}
+
+#[tokio::test]
+async fn an_undone_job_leaves_the_crm_as_it_was_but_the_opt_outs() {
+    let w = world().await;
+    let before = dump(&w.crm).await;
+    let (job, results) = w.crm.convert_in_batches(w.rep, with_deal(), &w.leads, 10).await;
+    assert!(results.iter().all(|r| r.outcome == Outcome::Converted), "{results:#?}");
+    assert_ne!(dump(&w.crm).await, before);
+
+    // The dry run says what the undo then does, lead by lead.
+    let planned = leadconv::store::undo::dry_run(w.crm.pool(), &UndoOf { job_id: job, lead_ids: None }).await.unwrap();
+    assert!(planned.iter().all(|(_, v)| matches!(v, UndoVerdict::Undo(_))), "{planned:#?}");
+    let (undo, undone) = undo_in_process(&w.crm, job, None).await;
+    assert!(undone.iter().all(|r| r.outcome == Outcome::Undone), "{undone:#?}");
+    assert!(undone[0].error_message.as_deref().unwrap_or("").contains("opt-out"), "the result says the opt-out stays");
+
+    // Equal, row for row and value for value, but the opt-out it set.
+    let mut after = dump(&w.crm).await;
+    for c in after.get_mut("contacts").unwrap() {
+        if c["email"] == "anna@zolc.pl" {
+            assert_eq!(c["email_opt_out"], true, "consent wins");
+            c["email_opt_out"] = json!(false);
+        }
+    }
+    for (table, rows) in &before {
+        assert_eq!(&after[table], rows, "{table} is as it was");
+    }
+    let j = job::get(w.crm.pool(), job).await.unwrap().unwrap();
+    assert_eq!(j.undone_count, 4, "the converted job shows its leads were undone");
+    let u = job::get(w.crm.pool(), undo).await.unwrap().unwrap();
+    assert_eq!((u.undo_of, u.converted_count, u.total_count), (Some(job), 4, 4));
+
+    // Undoing again is a no-op; the leads convert again.
+    let (_, twice) = undo_in_process(&w.crm, job, None).await;
+    assert!(twice.iter().all(|r| outcome(r) == ("skipped".into(), Some("already_undone".into()))), "{twice:#?}");
+    let mut again = dump(&w.crm).await;
+    for c in again.get_mut("contacts").unwrap() {
+        if c["email"] == "anna@zolc.pl" {
+            c["email_opt_out"] = json!(false);
+        }
+    }
+    assert_eq!(again, before, "a second undo changes nothing");
+    let (job2, results) = w.crm.convert_in_batches(w.rep, with_deal(), &w.leads, 10).await;
+    assert!(results.iter().all(|r| r.outcome == Outcome::Converted), "undone leads convert again");
+    // The first job's leads are now marked by the second: its undo skips them.
+    let (_, stale) = undo_in_process(&w.crm, job, None).await;
+    assert!(stale.iter().all(|r| outcome(r) == ("skipped".into(), Some("already_undone".into()))), "{stale:#?}");
+    let (_, second) = undo_in_process(&w.crm, job2, None).await;
+    assert!(second.iter().all(|r| r.outcome == Outcome::Undone));
+}
+
+#[tokio::test]
+async fn later_work_is_kept_and_a_blocked_lead_goes_once_the_later_job_is_undone() {
+    let w = world().await;
+    let crm = &w.crm;
+    let (job, results) = crm.convert_in_batches(w.rep, with_deal(), &w.leads, 1).await;
+    let existing = results[0].contact_id.unwrap();
+    let viet_contact = results[1].contact_id.unwrap();
+    let viet_account = results[1].account_id.unwrap();
+    let turkish_contact = results[3].contact_id.unwrap();
+    // A person edits a field the job filled, adds a note to a contact the
+    // job created; a second job merges a lead into a contact the first made.
+    sqlx::query("UPDATE contacts SET city = 'Gdańsk' WHERE id = $1").bind(existing).execute(crm.pool()).await.unwrap();
+    crm.insert(
+        "notes",
+        json!({"parent_module": "contact", "parent_id": turkish_contact, "title": "Mine", "body": "kept"}),
+    )
+    .await;
+    let later = crm.lead(json!({"owner_id": w.rep, "last_name": "Văn A", "email": "A@viet.vn"})).await;
+    let (job2, r2) = crm.convert_in_batches(w.rep, json!({}), &[later], 1).await;
+    assert_eq!(r2[0].contact_id, Some(viet_contact), "the later lead merged into the first job's contact");
+
+    let dry = leadconv::store::undo::dry_run(crm.pool(), &UndoOf { job_id: job, lead_ids: None }).await.unwrap();
+    let (_, undone) = undo_in_process(crm, job, None).await;
+    let got: Vec<(String, Option<String>)> = undone.iter().map(outcome).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("skipped".into(), Some("changed_since".into())),
+            ("skipped".into(), Some("in_use".into())),
+            ("undone".into(), None),
+            ("skipped".into(), Some("in_use".into())),
+        ]
+    );
+    assert!(undone[0].error_message.as_deref().unwrap().contains(&format!("contact {existing}")));
+    assert!(undone[3].error_message.as_deref().unwrap().contains(&format!("contact {turkish_contact}")));
+    // The dry run said exactly that, lead by lead.
+    let said: Vec<(String, Option<String>)> = dry
+        .iter()
+        .map(|(_, v)| match v {
+            UndoVerdict::Undo(_) => ("undone".into(), None),
+            UndoVerdict::Skipped { code, .. } => ("skipped".into(), Some(code.to_string())),
+        })
+        .collect();
+    assert_eq!(said, got, "the dry run equals the undo");
+    // Kept: the person's edit, their note, the later job's merge.
+    let city: String = sqlx::query_scalar("SELECT city FROM contacts WHERE id = $1")
+        .bind(existing)
+        .fetch_one(crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(city, "Gdańsk");
+    assert!(crm.row("contacts", turkish_contact).await.is_some());
+    assert!(crm.row("contacts", viet_contact).await.is_some());
+    assert!(crm.row("accounts", viet_account).await.is_some());
+
+    // Undo the later job, then the first again: the blocked lead goes; the
+    // others stay skipped, their records untouched.
+    let (_, u2) = undo_in_process(crm, job2, None).await;
+    assert_eq!(outcome(&u2[0]), ("undone".into(), None));
+    let (_, again) = undo_in_process(crm, job, None).await;
+    let got: Vec<(String, Option<String>)> = again.iter().map(outcome).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("skipped".into(), Some("changed_since".into())),
+            ("undone".into(), None),
+            ("skipped".into(), Some("already_undone".into())),
+            ("skipped".into(), Some("in_use".into())),
+        ]
+    );
+    assert!(crm.row("contacts", viet_contact).await.is_none(), "taken back once nothing else used it");
+    assert!(crm.row("accounts", viet_account).await.is_none());
+    assert_eq!(city, "Gdańsk");
+}
+
+#[tokio::test]
+async fn an_undo_is_refused_while_the_job_converts_and_takes_some_leads_only() {
+    let w = world().await;
+    let crm = &w.crm;
+    let new = job::NewJob {
+        criteria: json!({"ids": w.leads}),
+        options: json!({}),
+        requested_by: w.rep,
+        trigger: Trigger::Manual,
+    };
+    let checked = job::check(crm.pool(), new).await.unwrap();
+    let pending =
+        job::create(crm.pool(), &checked, Dispatch::Queue { lease: job::Lease::new(Duration::from_secs(30)) })
+            .await
+            .unwrap();
+    let refused = job::create_undo(
+        crm.pool(),
+        &UndoOf { job_id: pending.id, lead_ids: None },
+        None,
+        None,
+        Trigger::Manual,
+        Dispatch::InProcess,
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("job_in_progress"), "{refused}");
+    job::cancel(crm.pool(), pending.id).await.unwrap();
+
+    let (job, _) = crm.convert_in_batches(w.rep, json!({}), &w.leads, 10).await;
+    let (_, some) = undo_in_process(crm, job, Some(vec![w.leads[3]])).await;
+    assert_eq!(some.iter().map(|r| r.lead_id).collect::<Vec<_>>(), vec![w.leads[3]]);
+    assert_eq!(outcome(&some[0]), ("undone".into(), None));
+    assert_eq!(crm.converted_leads().await, 3, "the others stay converted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let seeded =
+        leadconv_sample::seed(crm.pool(), &leadconv_sample::SeedSpec { leads: 1500, duplicates: 0.3, rng_seed: 11 })
+            .await
+            .unwrap();
+    let before = dump(&crm).await;
+    let workers: Vec<_> = (0..2)
+        .map(|_| leadconv_command(&crm.url(), broker.prefix(), &["worker", "--concurrency", "2"]).spawn().unwrap())
+        .collect();
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        leadconv_command(&crm.url(), broker.prefix(), &args).output()
+    };
+    let out = run(vec![
+        "enqueue".into(),
+        "--criteria".into(),
+        json!({"ids": seeded.lead_ids}).to_string(),
+        "--options".into(),
+        with_deal().to_string(),
+        "--requested-by".into(),
+        seeded.acting_user.to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let converted: Uuid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let finished = |id: Uuid| {
+        let pool = crm.pool().clone();
+        async move { job::get(&pool, id).await.unwrap().unwrap().is_finished() }
+    };
+    wait_for("the conversion finishes", Duration::from_secs(240), || finished(converted)).await;
+    let j = job::get(crm.pool(), converted).await.unwrap().unwrap();
+    assert!(j.converted_count > 1000, "{j:?}");
+
+    // The dry run, then the undo through the queue.
+    let out = run(vec!["undo".into(), converted.to_string(), "--dry-run".into()]).await.unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(&format!("{} leads: {} would be taken back, 0 skipped", j.converted_count, j.converted_count)),
+        "{report}"
+    );
+    let out = run(vec!["undo".into(), converted.to_string(), "--json".into()]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["undo_of"], json!(converted));
+    let undo: Uuid = made["job_id"].as_str().unwrap().parse().unwrap();
+    wait_for("the undo finishes", Duration::from_secs(240), || finished(undo)).await;
+    let u = job::get(crm.pool(), undo).await.unwrap().unwrap();
+    let skipped: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT lead_id, error_code, error_message FROM conversion_results WHERE job_id = $1 AND outcome <> 'undone' LIMIT 10",
+    )
+    .bind(undo)
+    .fetch_all(crm.pool())
+    .await
+    .unwrap();
+    assert_eq!((u.converted_count, u.skipped_count, u.failed_count), (j.converted_count, 0, 0), "{skipped:#?}");
+
+    let after = dump(&crm).await;
+    same(&before, &after);
+    for mut w in workers {
+        let _ = w.start_kill();
+        let _ = w.wait().await;
+    }
+}
