@@ -169,4 +169,15 @@ mod tests {
         walk(&super::Cli::command(), "leadconv", &mut missing);
         assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
+
+    /// `serve`'s flags default to the listener's own defaults, which
+    /// `worker --metrics` uses.
+    #[test]
+    fn serve_defaults_to_the_listeners_limits() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["leadconv", "serve"]).unwrap();
+        let super::Command::Serve(serve) = cli.command else { panic!("serve parses as serve") };
+        assert_eq!(serve.clients.limits(), leadconv::http::listener::Limits::DEFAULT);
+        assert!(super::Cli::try_parse_from(["leadconv", "serve", "--idle-timeout-secs", "61"]).is_err());
+    }
 }

@@ -7,6 +7,7 @@
 mod automation;
 pub mod console;
 mod jobs;
+pub mod listener;
 pub mod serve;
 
 use std::sync::Arc;
