@@ -29,6 +29,13 @@ pub const QUEUE_DEPTH: &str = "leadconv_queue_depth";
 pub const IN_FLIGHT: &str = "leadconv_worker_in_flight";
 pub const JOBS_CREATED: &str = "leadconv_jobs_created_total";
 pub const BATCH_SPLITS: &str = "leadconv_batch_splits_total";
+pub const HTTP_CONNECTIONS: &str = "leadconv_http_connections";
+pub const HTTP_REFUSED: &str = "leadconv_http_connections_refused_total";
+pub const HTTP_TIMED_OUT: &str = "leadconv_http_connections_timed_out_total";
+
+/// The `phase` labels of [`HTTP_TIMED_OUT`]: which deadline of
+/// `http::listener` closed the connection.
+pub const HTTP_TIMEOUT_PHASES: [&str; 5] = ["header", "body", "write", "response", "idle"];
 
 /// Every metric the application exports (dashboards may use only these).
 pub const ALL: &[&str] = &[
@@ -44,6 +51,9 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT,
     JOBS_CREATED,
     BATCH_SPLITS,
+    HTTP_CONNECTIONS,
+    HTTP_REFUSED,
+    HTTP_TIMED_OUT,
 ];
 
 /// Upper bounds of the end-to-end histogram: a workflow lead takes a tenth
@@ -119,6 +129,11 @@ fn register_at_zero() {
     counter!(DEAD_LETTERS).absolute(0);
     counter!(BATCH_SPLITS).absolute(0);
     gauge!(IN_FLIGHT).set(0.0);
+    gauge!(HTTP_CONNECTIONS).set(0.0);
+    counter!(HTTP_REFUSED).absolute(0);
+    for phase in HTTP_TIMEOUT_PHASES {
+        counter!(HTTP_TIMED_OUT, "phase" => phase).absolute(0);
+    }
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -167,6 +182,15 @@ fn describe() {
     describe_gauge!(JOBS, "Conversion jobs by status");
     describe_gauge!(QUEUE_DEPTH, "Messages ready in each leadconv queue");
     describe_gauge!(IN_FLIGHT, "Messages a worker holds now: converting, or waiting for a free conversion slot");
+    describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now (serve, or worker --metrics)");
+    describe_counter!(
+        HTTP_REFUSED,
+        "HTTP connections turned away by the connection cap: closed on accept beyond the reserve, or answered 503 overloaded in it"
+    );
+    describe_counter!(
+        HTTP_TIMED_OUT,
+        "HTTP connections closed by a deadline, by phase: header, body, write (no progress), response (total), idle"
+    );
 }
 
 /// Counts one finished lead (called once per result actually recorded).

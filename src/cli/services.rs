@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 use leadconv::config::Services;
-use leadconv::http::serve;
+use leadconv::http::{listener, serve};
 use leadconv::queue::worker;
 use leadconv::shutdown;
 use leadconv::store::db;
@@ -100,7 +100,71 @@ pub struct Serve {
     #[arg(long, env = "LEADCONV_CRM_RECORD_URL", value_parser = parse_record_url)]
     pub crm_record_url: Option<String>,
     #[command(flatten)]
+    pub clients: ClientLimits,
+    #[command(flatten)]
     pub limits: leadconv::config::WaitLimits,
+}
+
+/// What a slow or idle HTTP client may hold, and how many connections are
+/// served (`leadconv::http::listener`; its `Limits::DEFAULT` is these
+/// defaults, checked by a test).
+#[derive(Args)]
+pub struct ClientLimits {
+    /// Seconds a client has to send a request's head (request line and
+    /// headers), from its connection's accept, or on a kept-alive connection
+    /// from the next request's first byte.
+    #[arg(long, env = "LEADCONV_HEADER_TIMEOUT_SECS", default_value = "10", value_parser = parse_secs)]
+    pub header_timeout_secs: Duration,
+    /// Seconds a client has to send a whole request body, however slowly
+    /// it trickles in.
+    #[arg(long, env = "LEADCONV_BODY_TIMEOUT_SECS", default_value = "30", value_parser = parse_secs)]
+    pub body_timeout_secs: Duration,
+    /// Seconds a response may wait for a client that does not read (no
+    /// byte written) before its connection is closed.
+    #[arg(long, env = "LEADCONV_WRITE_TIMEOUT_SECS", default_value = "30", value_parser = parse_secs)]
+    pub write_timeout_secs: Duration,
+    /// Seconds a whole request may take, from its head to its response's
+    /// last byte: long enough for a large CSV export to a slow reader, and
+    /// for convert-now's wait (up to 60 s).
+    #[arg(long, env = "LEADCONV_RESPONSE_TIMEOUT_SECS", default_value = "600", value_parser = parse_secs)]
+    pub response_timeout_secs: Duration,
+    /// Seconds a kept-alive connection may wait for its next request (at
+    /// most 60).
+    #[arg(long, env = "LEADCONV_IDLE_TIMEOUT_SECS", default_value = "30", value_parser = parse_idle_secs)]
+    pub idle_timeout_secs: Duration,
+    /// Connections served at once. Above it, --reserved-connections more
+    /// are accepted for /healthz, /readyz and /metrics only; beyond those,
+    /// new connections are closed at once. The limit on open files is
+    /// raised to fit (up to its hard limit, with a warning if that is too low).
+    #[arg(long, env = "LEADCONV_MAX_CONNECTIONS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Connections kept above --max-connections for /healthz, /readyz and
+    /// /metrics: one request each, anything else answered 503 overloaded.
+    #[arg(long, env = "LEADCONV_RESERVED_CONNECTIONS", default_value_t = 64)]
+    pub reserved_connections: u32,
+}
+
+impl ClientLimits {
+    pub fn limits(&self) -> listener::Limits {
+        listener::Limits {
+            header: self.header_timeout_secs,
+            body: self.body_timeout_secs,
+            write: self.write_timeout_secs,
+            response: self.response_timeout_secs,
+            idle: self.idle_timeout_secs,
+            max_connections: self.max_connections as usize,
+            reserved_connections: self.reserved_connections as usize,
+        }
+    }
+}
+
+/// An idle timeout: load balancers and clients expect a minute at most.
+fn parse_idle_secs(raw: &str) -> Result<Duration, String> {
+    let d = parse_secs(raw)?;
+    if d > listener::MAX_IDLE {
+        return Err(format!("{raw:?} is more than {} seconds", listener::MAX_IDLE.as_secs()));
+    }
+    Ok(d)
 }
 
 impl Serve {
@@ -113,6 +177,7 @@ impl Serve {
             amqp_url: s.amqp_url.clone(),
             topology: s.topology(),
             record_url: self.crm_record_url,
+            limits: self.clients.limits(),
         };
         serve::run(pool, cfg, shutdown::on_signal()).await
     }

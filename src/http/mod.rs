@@ -8,6 +8,7 @@ pub mod access;
 mod automation;
 pub mod console;
 mod jobs;
+pub mod listener;
 pub mod serve;
 
 use std::sync::Arc;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{self, AppState};
+use crate::http::{self, listener, AppState};
 use crate::queue::enqueue::Enqueuer;
 use crate::queue::Topology;
 
@@ -17,9 +17,12 @@ pub struct ServeConfig {
     pub topology: Topology,
     /// See [`AppState::record_url`].
     pub record_url: Option<String>,
+    /// What a slow or idle client may hold.
+    pub limits: listener::Limits,
 }
 
-/// Serves until `stop` is cancelled; in-flight requests are finished.
+/// Serves until `stop` is cancelled; in-flight requests are finished (see
+/// [`listener::DRAIN`]).
 pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
     let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
@@ -41,11 +44,10 @@ pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> any
             crate::automation::schedule::run_scheduler(enqueuer.clone(), stop.clone()),
         )),
     ];
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let tcp = listener::bind(cfg.listen)?;
     // Printed so that scripts and tests binding port 0 learn the address.
-    println!("listening on http://{}", listener.local_addr()?);
-    let token = stop.clone();
-    let served = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await;
+    println!("listening on http://{}", tcp.local_addr()?);
+    let served = listener::serve(tcp, app, cfg.limits, stop.clone()).await;
     stop.cancel();
     for task in background {
         match task.await {
@@ -84,7 +86,7 @@ async fn after_schema(
 }
 
 /// A `/metrics` and `/healthz` listener for processes without the API
-/// (`leadconv worker --metrics ADDR`).
+/// (`leadconv worker --metrics ADDR`), with `serve`'s default limits.
 pub async fn metrics_only(listen: SocketAddr, stop: CancellationToken) -> anyhow::Result<()> {
     use axum::routing::get;
     let handle = crate::metrics::install();
@@ -97,8 +99,8 @@ pub async fn metrics_only(listen: SocketAddr, stop: CancellationToken) -> anyhow
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+    let tcp = listener::bind(listen)?;
+    tracing::info!(addr = %tcp.local_addr()?, "metrics listening");
+    listener::serve(tcp, app, listener::Limits::DEFAULT, stop).await?;
     Ok(())
 }
