@@ -407,3 +407,91 @@ async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers() {
         let _ = w.wait().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_over_the_api_and_the_console() {
+    use common::server::serve;
+    use reqwest::StatusCode;
+    let w = world().await;
+    let crm = &w.crm;
+    let broker = TestBroker::new().await;
+    let server = serve(&crm.db, &broker).await;
+    let manager = crm.user("Manager", json!({})).await;
+    sqlx::query("UPDATE users SET manager_id = $1 WHERE id = $2")
+        .bind(manager)
+        .bind(w.rep)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    let peer = crm.user("Peer", json!({"manager_id": manager})).await;
+    let token = |u| leadconv::store::auth::create_token(crm.pool(), u, "t");
+    let (manager_token, peer_token) = (token(manager).await.unwrap(), token(peer).await.unwrap());
+    let (job, _) = crm.convert_in_batches(w.rep, with_deal(), &w.leads, 10).await;
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let post = |path: String, token: String| {
+        let req = http.post(format!("{}{path}", server.base)).bearer_auth(token).json(&json!({}));
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // Outside the peer's reach: not found, nothing made.
+    let (s, _) = post(format!("/v1/jobs/{job}/undo"), peer_token.clone()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The manager previews, then undoes.
+    let (s, dry) = post(format!("/v1/jobs/{job}/undo?dry_run=true"), manager_token.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{dry}");
+    assert_eq!(dry["summary"], "4 leads: 4 would be taken back, 0 skipped");
+    assert_eq!(dry["plans"][0]["outcome"], "undo");
+    assert_eq!(crm.count("SELECT count(*) FROM conversion_jobs").await, 1, "a dry run makes no job");
+    let mut worker = leadconv_command(&crm.url(), broker.prefix(), &["worker"]).spawn().unwrap();
+    let (s, made) = post(format!("/v1/jobs/{job}/undo"), manager_token.clone()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{made}");
+    assert_eq!(made["undo_of"], json!(job));
+    let undo: Uuid = made["job_id"].as_str().unwrap().parse().unwrap();
+    wait_for("the undo job finishes", Duration::from_secs(60), || async {
+        job::get(crm.pool(), undo).await.unwrap().unwrap().is_finished()
+    })
+    .await;
+    let u = job::get(crm.pool(), undo).await.unwrap().unwrap();
+    assert_eq!((u.converted_count, u.requested_by, u.asked_by), (4, w.rep, Some(manager)));
+    assert_eq!(crm.converted_leads().await, 0);
+    let (s, v) = post(format!("/v1/jobs/{undo}/undo"), manager_token.clone()).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_option")), "{v}");
+
+    // The console: the button on the job page, the dry run to confirm.
+    let (job2, _) = crm.convert_in_batches(w.rep, json!({}), &w.leads, 10).await;
+    let login = http
+        .post(format!("{}/console/login", server.base))
+        .form(&[("token", manager_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page = |path: String| {
+        let req = http.get(format!("{}{path}", server.base)).header("cookie", &cookie);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    let (_, html) = page(format!("/console/jobs/{job2}")).await;
+    assert!(html.contains(&format!("/console/jobs/{job2}/undo")), "an undo button");
+    let (s, html) = page(format!("/console/jobs/{job2}/undo")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("4 leads: 4 would be taken back, 0 skipped"), "{html}");
+    let at = html.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
+    let csrf = html[at..].split('"').next().unwrap().to_owned();
+    let r = http
+        .post(format!("{}/console/jobs/{job2}/undo", server.base))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    wait_for("the console's undo finishes", Duration::from_secs(60), || async { crm.converted_leads().await == 0 })
+        .await;
+    let _ = worker.start_kill();
+    let _ = worker.wait().await;
+}

@@ -324,3 +324,61 @@ pub async fn convert_lead(
         }
     }
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UndoJob {
+    /// Only these leads of the job (default: every lead it converted).
+    #[serde(default)]
+    lead_ids: Option<Vec<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UndoQuery {
+    #[serde(default)]
+    dry_run: bool,
+    /// How many leads' plans a dry run returns (the summary covers all).
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `POST /v1/jobs/{id}/undo`: takes back the job's conversions as an undo
+/// job (SPEC §4a) → 202; `?dry_run=true` → 200 with what each lead's undo
+/// would do. By the requester, those above them, admins.
+pub async fn undo(
+    State(s): State<AppState>,
+    Access(caller): Access,
+    Path(raw): Path<String>,
+    Query(q): Query<UndoQuery>,
+    Body(b): Body<UndoJob>,
+) -> Result<Response, ApiError> {
+    let converted = visible(&s, &caller, &raw, |requested_by| Act::SteerJob { requested_by }).await?;
+    let of = job::UndoOf { job_id: converted.id, lead_ids: b.lead_ids };
+    if q.dry_run {
+        let verdicts = crate::store::undo::dry_run(&s.pool, &of).await?;
+        let limit = q.limit.unwrap_or(100).min(1000);
+        let plans: Vec<Value> = verdicts
+            .iter()
+            .take(limit)
+            .map(|(lead_id, v)| {
+                let mut p = serde_json::to_value(v).unwrap_or(Value::Null);
+                p["lead_id"] = (*lead_id).into();
+                p
+            })
+            .collect();
+        return Ok(Json(json!({
+            "dry_run": true,
+            "total_count": verdicts.len(),
+            "summary": crate::report::undo_summary(&verdicts),
+            "plans": plans
+        }))
+        .into_response());
+    }
+    let created = s.enqueuer.undo(&of, caller.user_id(), Trigger::Api).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": created.id, "status": created.status, "total_count": created.total_count, "undo_of": converted.id})),
+    )
+        .into_response())
+}

@@ -52,6 +52,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{job_id}/results"),
     ("POST", "/v1/jobs/{job_id}/cancel"),
     ("POST", "/v1/jobs/{job_id}/retry"),
+    ("POST", "/v1/jobs/{job_id}/undo"),
     ("POST", "/v1/leads/{lead_id}/convert"),
     ("GET", "/v1/rules"),
     ("POST", "/v1/rules"),
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}/results", get(jobs::results))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{job_id}/retry", post(jobs::retry))
+        .route("/v1/jobs/{job_id}/undo", post(jobs::undo))
         .route("/v1/leads/{lead_id}/convert", post(jobs::convert_lead))
         .route("/v1/rules", get(automation::list::<Rule>).post(automation::create_rule))
         .route("/v1/rules/{rule_id}", get(automation::read::<Rule>).delete(automation::delete::<Rule>))

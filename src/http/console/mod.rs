@@ -64,6 +64,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/jobs/{job_id}/results.csv", get(results_csv))
         .route("/console/jobs/{job_id}/cancel", post(cancel))
         .route("/console/jobs/{job_id}/retry", post(retry))
+        .route("/console/jobs/{job_id}/undo", get(undo_page).post(undo))
         .route("/console/preview", get(preview_page).post(preview))
         .route("/console/automation", get(automation_page))
         .route("/console/rules/{id}/{switch}", post(switch::<Rule>))
@@ -84,6 +85,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/console/jobs/{job_id}/results.csv"),
     ("POST", "/console/jobs/{job_id}/cancel"),
     ("POST", "/console/jobs/{job_id}/retry"),
+    ("GET", "/console/jobs/{job_id}/undo"),
+    ("POST", "/console/jobs/{job_id}/undo"),
     ("GET", "/console/preview"),
     ("POST", "/console/preview"),
     ("GET", "/console/automation"),
@@ -487,6 +490,33 @@ async fn retry(State(s): State<AppState>, c: Console, Path(raw): Path<String>, F
         code: Some(f.code).filter(|code| !code.is_empty()),
     };
     let created = s.enqueuer.retry(&of, c.gate.user_id(), Trigger::Manual).await?;
+    Ok(see_other(&format!("/console/jobs/{}", created.id)))
+}
+
+/// Undo lines a confirmation page shows.
+const UNDO_LINES: usize = 50;
+
+/// The undo's dry run, to confirm: what taking the job's conversions back
+/// would do, lead by lead (the first of them), and a button that does it.
+async fn undo_page(State(s): State<AppState>, c: Console, Path(raw): Path<String>) -> Page {
+    let converted = load_job(&s, &c.gate, &raw, steer_job).await?;
+    let of = job::UndoOf { job_id: converted.id, lead_ids: None };
+    let (status, shown) = match crate::store::undo::dry_run(&s.pool, &of).await {
+        Ok(verdicts) => {
+            let lines = verdicts.iter().take(UNDO_LINES).map(|(l, v)| crate::report::undo_line(*l, v)).collect();
+            (StatusCode::OK, Ok((crate::report::undo_summary(&verdicts), lines)))
+        }
+        Err(crate::Error::Refused(r)) => (StatusCode::CONFLICT, Err(r.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((status, pages::undo(&c.viewer, &Progress::of(converted), shown)).into_response())
+}
+
+async fn undo(State(s): State<AppState>, c: Console, Path(raw): Path<String>, Form(f): Form<CsrfForm>) -> Page {
+    check_csrf(&c.viewer.session, &f.csrf)?;
+    let converted = load_job(&s, &c.gate, &raw, steer_job).await?;
+    let of = job::UndoOf { job_id: converted.id, lead_ids: None };
+    let created = s.enqueuer.undo(&of, c.gate.user_id(), Trigger::Manual).await?;
     Ok(see_other(&format!("/console/jobs/{}", created.id)))
 }
 

@@ -146,6 +146,8 @@ fn origin(p: &Progress, names: &Names) -> Markup {
             "schedule " (names.schedules.get(&s).map_or("(deleted)", String::as_str))
         } @else if let Some(of) = j.retry_of {
             "retry of " a href={ "/console/jobs/" (of) } { (short(of)) }
+        } @else if let Some(of) = j.undo_of {
+            "undo of " a href={ "/console/jobs/" (of) } { (short(of)) }
         } @else {
             "–"
         }
@@ -316,12 +318,18 @@ pub fn job(viewer: &Viewer, v: &JobView) -> Html {
             }
             div.progress id="job-progress" { (bar(p)) }
             p.counts id="job-counts" { (j.total_count) " leads: " (counts(p)) " · " (timing(p)) }
+            @if j.undone_count > 0 {
+                p id="job-undone" { (j.undone_count) " of its conversions were taken back since." }
+            }
             div.actions {
                 @if v.may_steer && is_running(p) {
                     form method="post" action={ (base) "/cancel" } {
                         (csrf(&viewer.session))
                         button type="submit" id="cancel" { "Cancel the job" }
                     }
+                }
+                @if v.may_steer && j.undo_of.is_none() && p.job.is_finished() && j.converted_count > j.undone_count {
+                    a.button id="undo" href={ (base) "/undo" } { "Undo this job…" }
                 }
                 @if v.may_steer && j.failed_count > 0 {
                     form method="post" action={ (base) "/retry" } {
@@ -490,6 +498,41 @@ pub fn automation(
                         }
                     }
                 }
+            }
+        },
+    )
+}
+
+/// The undo's confirmation: its dry run (or why there is nothing to undo)
+/// and the button that takes the conversions back.
+pub fn undo(viewer: &Viewer, p: &Progress, shown: Result<(String, Vec<String>), String>) -> Html {
+    let j = &p.job;
+    let base = format!("/console/jobs/{}", j.id);
+    layout(
+        &format!("Undo job {}", short(j.id)),
+        Some(viewer),
+        false,
+        html! {
+            h1 { "Undo job " a href=(base) { code { (j.id) } } }
+            p {
+                "Takes back what this job's conversions did, lead by lead: records they created are deleted, "
+                "fields they filled are set back, notes, attachments and activities go back to their lead. "
+                "Work done since is kept: a lead whose records someone changed or uses since is skipped, "
+                "with the record named. E-mail opt-outs stay."
+            }
+            @match &shown {
+                Ok((summary, lines)) => {
+                    p id="undo-summary" { (summary) }
+                    @if !lines.is_empty() {
+                        p { "The first " (lines.len()) ":" }
+                        ol.plans { @for line in lines { li { (line) } } }
+                    }
+                    form method="post" action={ (base) "/undo" } {
+                        (csrf(&viewer.session))
+                        button type="submit" id="confirm-undo" { "Take these conversions back" }
+                    }
+                }
+                Err(why) => { p.error id="undo-error" { (why) } }
             }
         },
     )
