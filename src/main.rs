@@ -79,6 +79,10 @@ enum Command {
     /// workers. Work people did since is never destroyed: such a lead is
     /// skipped with a code naming the record. --dry-run shows each lead's.
     Undo(cli::jobs::Undo),
+    /// Every conversion and undo that created or changed a lead, account,
+    /// contact or deal: when, by whom, which job and lead, each field
+    /// before and after.
+    History(cli::jobs::History),
     /// Publish every pending lead of a job again, e.g. after RabbitMQ lost
     /// its queues' contents. Leads whose message was not lost get it twice,
     /// which is harmless: a lead is converted once.
@@ -150,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel(c) => c.run(s).await,
         Command::Retry(c) => c.run(s).await,
         Command::Undo(c) => c.run(s).await,
+        Command::History(c) => c.run(s).await,
         Command::Republish(c) => c.run(s).await,
     }
 }

@@ -370,7 +370,9 @@ async fn the_openapi_document_matches_the_routes() {
             .replace("{job_id}", "00000000-0000-0000-0000-000000000000")
             .replace("{lead_id}", "1")
             .replace("{rule_id}", "1")
-            .replace("{schedule_id}", "1");
+            .replace("{schedule_id}", "1")
+            .replace("{module}", "contact")
+            .replace("{id}", "1");
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let (s, v) = api.call(m, &concrete, if method == "POST" { Some(json!({})) } else { None }).await;
         assert!(

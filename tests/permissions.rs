@@ -390,6 +390,33 @@ async fn every_role_against_every_api_operation() {
             }
         }
 
+        // Undo (its dry run: the same check, nothing written) and history.
+        for (name, owner) in owners(o) {
+            let lead = w.lead(&format!("Undoable {role:?} {name}")).await;
+            let (converted, results) = w.crm.convert_all(owner, json!({}), &[lead]).await;
+            let expected = role.on_object(o, owner, role.writes(), StatusCode::OK);
+            let path = format!("/v1/jobs/{converted}/undo?dry_run=true");
+            let body = cell(&w, &format!("{role:?} previews the undo of {name}'s job"), expected, || {
+                w.call(role, Method::POST, &path, Some(json!({})))
+            })
+            .await;
+            if expected == StatusCode::NOT_FOUND {
+                let (_, absent) =
+                    w.call(role, Method::POST, format!("{missing_job}/undo?dry_run=true"), Some(json!({}))).await;
+                assert_eq!(absent, body, "{role:?}: undoing a hidden job reads as missing");
+            }
+            let contact = results[0].contact_id.unwrap();
+            let expected = role.plain(true, StatusCode::OK);
+            let body = cell(&w, &format!("{role:?} reads the history of {name}'s contact"), expected, || {
+                w.call(role, Method::GET, format!("/v1/records/contact/{contact}/history"), None)
+            })
+            .await;
+            if expected == StatusCode::OK {
+                let events = body["events"].as_array().unwrap().len();
+                assert_eq!(events, usize::from(role.sees(o, owner)), "{role:?}: history follows job visibility");
+            }
+        }
+
         // Converting: jobs, dry runs, convert-now.
         let lead = w.lead("Fresh").await;
         let expected = role.plain(role.writes(), StatusCode::ACCEPTED);

@@ -495,3 +495,120 @@ async fn undo_over_the_api_and_the_console() {
     let _ = worker.start_kill();
     let _ = worker.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_and_a_conversion_over_the_same_keys_at_once_leave_no_duplicate() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let companies = ["Acme", "Żółć", "Công ty Việt", "Firma A.Ş."];
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for i in 0..120 {
+        let (email, company) = (format!("p{}@example.com", i % 40), companies[i % companies.len()]);
+        let lead = json!({"owner_id": rep, "last_name": format!("L{i}"), "email": email, "company": company});
+        if i < 60 {
+            first.push(crm.lead(lead).await);
+        } else {
+            second.push(crm.lead(lead).await);
+        }
+    }
+    let (job, _) = crm.convert_in_batches(rep, with_deal(), &first, 20).await;
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            leadconv_command(&crm.url(), broker.prefix(), &["worker", "--concurrency", "4", "--batch-size", "10"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // The undo of the first job and a conversion of the second, at once.
+    let undo = leadconv_command(&crm.url(), broker.prefix(), &["undo", &job.to_string()]).output();
+    let criteria = json!({"ids": second}).to_string();
+    let rep_id = rep.to_string();
+    let convert = leadconv_command(
+        &crm.url(),
+        broker.prefix(),
+        &["enqueue", "--criteria", &criteria, "--requested-by", &rep_id, "--options", &with_deal().to_string()],
+    )
+    .output();
+    let (u, c) = tokio::join!(undo, convert);
+    let (u, c) = (u.unwrap(), c.unwrap());
+    assert!(
+        u.status.success() && c.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&u.stderr),
+        String::from_utf8_lossy(&c.stderr)
+    );
+    wait_for("both jobs finish", Duration::from_secs(120), || async {
+        crm.count(
+            "SELECT count(*) FROM conversion_job_progress WHERE status NOT IN ('completed', 'cancelled', 'failed')",
+        )
+        .await
+            == 0
+    })
+    .await;
+    // No two contacts for one e-mail, no two accounts for one company.
+    assert_eq!(
+        crm.count(
+            "SELECT count(*) FROM (SELECT leadconv_norm_email(email) FROM contacts GROUP BY 1 HAVING count(*) > 1) d"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        crm.count("SELECT count(*) FROM (SELECT leadconv_norm_company(account_name) FROM accounts GROUP BY 1 HAVING count(*) > 1) d")
+            .await,
+        0
+    );
+    // Every lead of the second job converted; the first job's leads either
+    // taken back or kept, each with a reason.
+    assert_eq!(
+        crm.count(&format!(
+            "SELECT count(*) FROM leads WHERE id = ANY('{{{}}}') AND converted_at IS NOT NULL",
+            second.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        ))
+        .await,
+        60
+    );
+    assert_eq!(
+        crm.count(
+            "SELECT count(*) FROM conversion_results r JOIN conversion_jobs j ON j.id = r.job_id
+                   WHERE j.undo_of IS NOT NULL AND r.outcome NOT IN ('undone', 'skipped')"
+        )
+        .await,
+        0
+    );
+    for mut w in workers {
+        let _ = w.start_kill();
+        let _ = w.wait().await;
+    }
+}
+
+#[tokio::test]
+async fn a_records_history_shows_its_conversions_and_undos() {
+    let w = world().await;
+    let crm = &w.crm;
+    let (job, results) = crm.convert_in_batches(w.rep, with_deal(), &w.leads, 10).await;
+    let existing = results[0].contact_id.unwrap();
+    let created = results[1].contact_id.unwrap();
+    let (undo, _) = undo_in_process(crm, job, Some(vec![w.leads[1], w.leads[2]])).await;
+    let events =
+        leadconv::store::history::of(crm.pool(), leadconv::record::Module::Contact, existing, None).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].kind, events[0].job_id, events[0].lead_id), ("conversion", job, w.leads[0]));
+    assert!(events[0].changes.iter().any(|c| c.field == "city" && c.before == json!("") && c.after == json!("Łódź")));
+    let events =
+        leadconv::store::history::of(crm.pool(), leadconv::record::Module::Contact, created, None).await.unwrap();
+    let kinds: Vec<(&str, Uuid)> = events.iter().map(|e| (e.kind, e.job_id)).collect();
+    assert_eq!(kinds, vec![("conversion", job), ("undo", undo)]);
+    // Out of reach: a peer sees none of it.
+    let peer = crm.user("Peer", json!({})).await;
+    let none = leadconv::store::history::of(crm.pool(), leadconv::record::Module::Contact, created, Some(&[peer]))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let out =
+        leadconv_command(&crm.url(), "unused", &["history", "lead", &w.leads[1].to_string()]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("conversion") && text.contains("undo"), "{text}");
+}

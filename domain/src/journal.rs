@@ -150,6 +150,78 @@ pub fn tags_added(f: &Filled) -> Vec<String> {
     list(&f.after).into_iter().filter(|t| !before.contains(t)).collect()
 }
 
+/// One field of a record's history: before and after.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub field: String,
+    pub before: Value,
+    pub after: Value,
+}
+
+/// What a conversion, or its undo, did to one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Touch {
+    /// The conversion created it.
+    Created,
+    /// The conversion filled fields of it.
+    Filled,
+    /// The lead itself, marked converted.
+    Converted,
+    /// The undo deleted the record the conversion created.
+    Deleted,
+    /// The undo set the filled fields back.
+    SetBack,
+    /// The lead itself, its conversion taken back.
+    Unconverted,
+}
+
+/// What `entry` (lead `lead_id`'s conversion) did to the record `module`
+/// `id`, field by field; `None` when it did not touch it. With `undone`,
+/// what taking it back did (the opt-out it set stays, consent wins).
+pub fn touched(entry: &Entry, lead_id: i64, module: Module, id: i64, undone: bool) -> Option<(Touch, Vec<Change>)> {
+    let change = |field: &str, before: &Value, after: &Value| {
+        if undone {
+            Change { field: field.to_owned(), before: after.clone(), after: before.clone() }
+        } else {
+            Change { field: field.to_owned(), before: before.clone(), after: after.clone() }
+        }
+    };
+    if module == Module::Lead {
+        if id != lead_id {
+            return None;
+        }
+        let mut fields: Vec<&String> = entry.lead.after.keys().collect();
+        fields.sort();
+        let changes = fields
+            .into_iter()
+            .map(|k| change(k, entry.lead.before.get(k).unwrap_or(&Value::Null), &entry.lead.after[k]))
+            .collect();
+        return Some((if undone { Touch::Unconverted } else { Touch::Converted }, changes));
+    }
+    if let Some(c) = entry.created.iter().find(|c| c.module == module && c.id == id) {
+        let mut fields: Vec<&String> = c.values.keys().filter(|k| k.as_str() != "id").collect();
+        fields.sort();
+        let changes = fields
+            .into_iter()
+            .filter(|k| !record::is_empty(c.values.get(k.as_str())))
+            .map(|k| change(k, &Value::Null, &c.values[k.as_str()]))
+            .collect();
+        return Some((if undone { Touch::Deleted } else { Touch::Created }, changes));
+    }
+    let filled: Vec<Change> = entry
+        .filled
+        .iter()
+        .filter(|f| f.module == module && f.id == id)
+        .filter(|f| !(undone && f.field == "email_opt_out" && f.after == Value::Bool(true)))
+        .map(|f| change(&f.field, &f.before, &f.after))
+        .collect();
+    if filled.is_empty() {
+        return None;
+    }
+    Some((if undone { Touch::SetBack } else { Touch::Filled }, filled))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +255,45 @@ mod tests {
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].before, json!(["a", "b"]));
         assert_eq!(tags_added(&next[0]), vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn a_records_history_reads_from_the_entry_both_ways() {
+        let e = Entry {
+            lead: LeadChange {
+                before: rec(json!({"lead_status": "New", "converted_at": null})),
+                after: rec(json!({"lead_status": "Converted", "converted_at": "2026-12-06T08:00:00Z"})),
+            },
+            created: vec![Created {
+                module: Module::Deal,
+                id: 3,
+                values: rec(json!({"id": 3, "deal_name": "Acme", "amount": null})),
+            }],
+            filled: vec![
+                Filled { module: Module::Contact, id: 9, field: "phone".into(), before: json!(""), after: json!("1") },
+                Filled {
+                    module: Module::Contact,
+                    id: 9,
+                    field: "email_opt_out".into(),
+                    before: json!(false),
+                    after: json!(true),
+                },
+            ],
+            ..Default::default()
+        };
+        let (t, c) = touched(&e, 5, Module::Deal, 3, false).unwrap();
+        assert_eq!((t, c.len(), c[0].field.as_str()), (Touch::Created, 1, "deal_name"), "empty values left out");
+        let (t, c) = touched(&e, 5, Module::Contact, 9, true).unwrap();
+        assert_eq!(t, Touch::SetBack);
+        assert_eq!(
+            c,
+            vec![Change { field: "phone".into(), before: json!("1"), after: json!("") }],
+            "the opt-out stays"
+        );
+        let (t, c) = touched(&e, 5, Module::Lead, 5, false).unwrap();
+        assert_eq!((t, c[1].after.clone()), (Touch::Converted, json!("Converted")));
+        assert!(touched(&e, 5, Module::Lead, 6, false).is_none());
+        assert!(touched(&e, 5, Module::Account, 9, false).is_none());
     }
 
     #[test]

@@ -371,3 +371,50 @@ impl Undo {
         .await
     }
 }
+
+#[derive(Args)]
+pub struct History {
+    /// The record's module: lead, account, contact or deal.
+    #[arg(value_parser = parse_module)]
+    pub module: leadconv::record::Module,
+    /// The record's id.
+    pub id: i64,
+    /// Machine-readable output: one JSON object per event.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_module(raw: &str) -> Result<leadconv::record::Module, String> {
+    leadconv::record::Module::parse(raw)
+        .ok_or_else(|| format!("{raw:?} is not a module: write lead, account, contact or deal"))
+}
+
+impl History {
+    pub async fn run(self, s: &Services) -> anyhow::Result<()> {
+        let pool = db::connect_migrated(&s.database_url, 2).await?;
+        let events = leadconv::store::history::of(&pool, self.module, self.id, None).await?;
+        if events.is_empty() && !self.json {
+            say(format!("no conversion or undo touched {} {}", self.module.as_str(), self.id))?;
+        }
+        for e in events {
+            if self.json {
+                say(serde_json::to_string(&e)?)?;
+                continue;
+            }
+            let asked = e.asked_by.map(|u| format!(" (asked by user {u})")).unwrap_or_default();
+            let changes: Vec<String> =
+                e.changes.iter().map(|c| format!("{}: {} → {}", c.field, c.before, c.after)).collect();
+            say(format!(
+                "{} {} job {} lead {} by user {}{asked}: {:?}; {}",
+                e.at.to_rfc3339(),
+                e.kind,
+                e.job_id,
+                e.lead_id,
+                e.by,
+                e.what,
+                changes.join(", ")
+            ))?;
+        }
+        Ok(())
+    }
+}

@@ -382,3 +382,25 @@ pub async fn undo(
     )
         .into_response())
 }
+
+/// `GET /v1/records/{module}/{id}/history`: every conversion and undo that
+/// created or changed the record, of the jobs the caller sees.
+pub async fn history(
+    State(s): State<AppState>,
+    Access(caller): Access,
+    Path((module, raw)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    caller.allow(Act::ListJobs, missing).await?;
+    let m = crate::record::Module::parse(&module).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "module",
+            format!("{module:?} is not a module: lead, account, contact or deal"),
+        )
+    })?;
+    let id = parse_i64(&raw, "id")?;
+    let reach = caller.reach().await?.users();
+    let events = crate::store::history::of(&s.pool, m, id, reach.as_deref()).await?;
+    Ok(Json(json!({"module": m.as_str(), "id": id, "events": events})))
+}

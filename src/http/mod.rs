@@ -54,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/jobs/{job_id}/retry"),
     ("POST", "/v1/jobs/{job_id}/undo"),
     ("POST", "/v1/leads/{lead_id}/convert"),
+    ("GET", "/v1/records/{module}/{id}/history"),
     ("GET", "/v1/rules"),
     ("POST", "/v1/rules"),
     ("GET", "/v1/rules/{rule_id}"),
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}/retry", post(jobs::retry))
         .route("/v1/jobs/{job_id}/undo", post(jobs::undo))
         .route("/v1/leads/{lead_id}/convert", post(jobs::convert_lead))
+        .route("/v1/records/{module}/{id}/history", get(jobs::history))
         .route("/v1/rules", get(automation::list::<Rule>).post(automation::create_rule))
         .route("/v1/rules/{rule_id}", get(automation::read::<Rule>).delete(automation::delete::<Rule>))
         .route("/v1/rules/{rule_id}/enable", post(automation::enable::<Rule>))

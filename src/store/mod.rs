@@ -18,6 +18,7 @@ pub mod convert;
 pub mod criteria;
 pub mod db;
 pub mod finished;
+pub mod history;
 pub mod job;
 pub mod mapping;
 pub mod options;

@@ -65,6 +65,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/jobs/{job_id}/cancel", post(cancel))
         .route("/console/jobs/{job_id}/retry", post(retry))
         .route("/console/jobs/{job_id}/undo", get(undo_page).post(undo))
+        .route("/console/records/{module}/{id}/history", get(history_page))
         .route("/console/preview", get(preview_page).post(preview))
         .route("/console/automation", get(automation_page))
         .route("/console/rules/{id}/{switch}", post(switch::<Rule>))
@@ -87,6 +88,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/console/jobs/{job_id}/retry"),
     ("GET", "/console/jobs/{job_id}/undo"),
     ("POST", "/console/jobs/{job_id}/undo"),
+    ("GET", "/console/records/{module}/{id}/history"),
     ("GET", "/console/preview"),
     ("POST", "/console/preview"),
     ("GET", "/console/automation"),
@@ -518,6 +520,16 @@ async fn undo(State(s): State<AppState>, c: Console, Path(raw): Path<String>, Fo
     let of = job::UndoOf { job_id: converted.id, lead_ids: None };
     let created = s.enqueuer.undo(&of, c.gate.user_id(), Trigger::Manual).await?;
     Ok(see_other(&format!("/console/jobs/{}", created.id)))
+}
+
+/// A record's history: the conversions and undos of the jobs the viewer sees.
+async fn history_page(State(s): State<AppState>, c: Console, Path((module, id)): Path<(String, i64)>) -> Page {
+    c.gate.allow(Act::ListJobs, missing_job).await?;
+    let m = crate::record::Module::parse(&module)
+        .ok_or_else(|| Problem::Status(StatusCode::NOT_FOUND, format!("no module {module:?}")))?;
+    let reach = c.gate.reach().await?.users();
+    let events = crate::store::history::of(&s.pool, m, id, reach.as_deref()).await?;
+    Ok(pages::history(&c.viewer, m, id, &events).into_response())
 }
 
 // --- preview and create --------------------------------------------------

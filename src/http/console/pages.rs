@@ -287,8 +287,11 @@ fn record(action: &Option<String>, module: &str, id: Option<i64>, url: Option<&s
         @match (action, id, url) {
             (Some(a), Some(id), Some(url)) => {
                 (a) " " a.record href=(url.replace("{module}", module).replace("{id}", &id.to_string())) { "#" (id) }
+                " " a.history href={ "/console/records/" (module) "/" (id) "/history" } { "history" }
             },
-            (Some(a), Some(id), None) => { (a) " #" (id) },
+            (Some(a), Some(id), None) => {
+                (a) " #" (id) " " a.history href={ "/console/records/" (module) "/" (id) "/history" } { "history" }
+            },
             (Some(a), None, _) => { (a) },
             _ => { "–" },
         }
@@ -533,6 +536,42 @@ pub fn undo(viewer: &Viewer, p: &Progress, shown: Result<(String, Vec<String>), 
                     }
                 }
                 Err(why) => { p.error id="undo-error" { (why) } }
+            }
+        },
+    )
+}
+
+/// A record's history: each conversion and undo that created or changed it.
+pub fn history(
+    viewer: &Viewer,
+    module: crate::record::Module,
+    id: i64,
+    events: &[crate::store::history::Event],
+) -> Html {
+    layout(
+        &format!("History of {} {id}", module.as_str()),
+        Some(viewer),
+        false,
+        html! {
+            h1 { "History of " (module.as_str()) " #" (id) }
+            @if events.is_empty() {
+                p id="no-history" { "No conversion or undo of the jobs you can see touched it." }
+            } @else {
+                table.history {
+                    thead { tr { th { "When" } th { "What" } th { "Job" } th { "Lead" } th { "By" } th { "Fields (before → after)" } } }
+                    tbody {
+                        @for e in events {
+                            tr {
+                                td { (when(Some(e.at))) }
+                                td { (e.kind) ": " (format!("{:?}", e.what).to_lowercase()) }
+                                td { a href={ "/console/jobs/" (e.job_id) } { (short(e.job_id)) } }
+                                td { "#" (e.lead_id) }
+                                td { "user #" (e.by) @if let Some(a) = e.asked_by { " (asked by #" (a) ")" } }
+                                td { ul { @for c in &e.changes { li { code { (c.field) } ": " (c.before.to_string()) " → " (c.after.to_string()) } } } }
+                            }
+                        }
+                    }
+                }
             }
         },
     )
