@@ -334,14 +334,25 @@ async fn an_undo_is_refused_while_the_job_converts_and_takes_some_leads_only() {
     job::cancel(crm.pool(), pending.id).await.unwrap();
 
     let (job, _) = crm.convert_in_batches(w.rep, json!({}), &w.leads, 10).await;
+    // An enabled rule over every lead: the undo is not a change it acts on
+    // (it would convert the lead again at once).
+    let rule = leadconv::automation::rules::NewRule {
+        name: "all".into(),
+        criteria: json!({"all_leads": true}),
+        options: json!({}),
+        acting_user: w.rep,
+        enabled: true,
+    };
+    leadconv::automation::rules::create(crm.pool(), rule).await.unwrap();
     let (_, some) = undo_in_process(crm, job, Some(vec![w.leads[3]])).await;
+    assert_eq!(crm.count("SELECT count(*) FROM lead_changes").await, 0, "no rule fires on an undo");
     assert_eq!(some.iter().map(|r| r.lead_id).collect::<Vec<_>>(), vec![w.leads[3]]);
     assert_eq!(outcome(&some[0]), ("undone".into(), None));
     assert_eq!(crm.converted_leads().await, 3, "the others stay converted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers() {
+async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers_one_killed() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
     let seeded =
@@ -389,6 +400,16 @@ async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers() {
     let made: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(made["undo_of"], json!(converted));
     let undo: Uuid = made["job_id"].as_str().unwrap().parse().unwrap();
+    // A worker SIGKILLed in the middle of the undo, and another started:
+    // nothing lost, nothing taken back twice.
+    let mut workers = workers;
+    wait_for("the undo is under way", Duration::from_secs(120), || async {
+        job::get(crm.pool(), undo).await.unwrap().unwrap().converted_count >= 200
+    })
+    .await;
+    workers[0].start_kill().unwrap();
+    workers[0].wait().await.unwrap();
+    workers.push(leadconv_command(&crm.url(), broker.prefix(), &["worker", "--concurrency", "2"]).spawn().unwrap());
     wait_for("the undo finishes", Duration::from_secs(240), || finished(undo)).await;
     let u = job::get(crm.pool(), undo).await.unwrap().unwrap();
     let skipped: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(

@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// `--api-calls`, 10 calls per client.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub api_clients: u16,
+    /// After the run through RabbitMQ, take its job back (`leadconv undo`)
+    /// through the same queue with a fresh worker, and report the undo's
+    /// leads/s against the conversion's.
+    #[arg(long)]
+    pub undo: bool,
 }
 
 /// One run's figures.
@@ -375,6 +380,29 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         println!(
             "  (not counted above: each client's first call, on the serve process just started: p50 {:.0} ms, max {:.0} ms)",
             a.cold_p50, a.cold_max
+        );
+    }
+
+    if args.undo {
+        let t = Instant::now();
+        let out = base("undo").arg(job_id.to_string()).stdout(Stdio::piped()).output().await?;
+        anyhow::ensure!(out.status.success(), "undo failed: {}", String::from_utf8_lossy(&out.stderr));
+        let undo_id: Uuid = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+        let mut w = base("worker").args(["--concurrency", &args.workers.to_string(), "--exit-when-idle"]).spawn()?;
+        let status = w.wait().await?;
+        anyhow::ensure!(status.success(), "undo worker failed: {status}");
+        let undo_wall = t.elapsed();
+        job::rollup(pool, undo_id).await?;
+        let u = job::get(pool, undo_id).await?.expect("the undo job exists");
+        let undone = f64::from(u.converted_count);
+        let (rate, conv) = (undone / undo_wall.as_secs_f64(), done as f64 / wall.as_secs_f64());
+        println!(
+            "undo through RabbitMQ: {} of {} leads taken back ({} skipped, {} failed) in {undo_wall:.1?} = {rate:.0} leads/s = {:.0}% of the conversion's {conv:.0} leads/s",
+            u.converted_count,
+            u.total_count,
+            u.skipped_count,
+            u.failed_count,
+            100.0 * rate / conv
         );
     }
 
