@@ -643,6 +643,38 @@ async fn every_role_against_every_console_page_and_form() {
             .await;
         }
 
+        // Undo: its confirmation page (the dry run) and the form; history.
+        for (name, owner) in owners(o) {
+            let lead = w.lead(&format!("Console undo {role:?} {name}")).await;
+            let (converted, results) = w.crm.convert_all(owner, json!({}), &[lead]).await;
+            let (s, html) = page(&w, c, &format!("/console/jobs/{converted}/undo")).await;
+            assert_eq!(
+                s,
+                role.on_object(o, owner, role.writes(), StatusCode::OK),
+                "{role:?} opens the undo of {name}'s job"
+            );
+            if s == StatusCode::NOT_FOUND {
+                assert_eq!(
+                    html,
+                    page(&w, c, &format!("{missing_job}/undo")).await.1,
+                    "{role:?}: hidden reads as missing"
+                );
+            }
+            let expected = role.on_object(o, owner, role.writes(), StatusCode::SEE_OTHER);
+            cell(&w, &format!("{role:?} undoes {name}'s job in the console"), expected, || {
+                form(&w, &session, format!("/console/jobs/{converted}/undo"), vec![])
+            })
+            .await;
+            let contact = results[0].contact_id.unwrap();
+            let (s, html) = page(&w, c, &format!("/console/records/contact/{contact}/history")).await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(
+                html.contains(&converted.to_string()[..8]),
+                role.sees(o, owner),
+                "{role:?}: history of {name}'s contact"
+            );
+        }
+
         // Preview and create.
         let lead = w.lead("Console").await;
         let criteria = format!(r#"{{"ids": [{lead}]}}"#);

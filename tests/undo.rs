@@ -234,7 +234,27 @@ async fn an_undone_job_leaves_the_crm_as_it_was_but_the_opt_outs() {
 async fn later_work_is_kept_and_a_blocked_lead_goes_once_the_later_job_is_undone() {
     let w = world().await;
     let crm = &w.crm;
-    let (job, results) = crm.convert_in_batches(w.rep, with_deal(), &w.leads, 1).await;
+    // Two more leads: a person creates a deal on the account one of them
+    // made; a table of another system refers to the contact the other made.
+    let mut leads = w.leads.clone();
+    leads.push(
+        crm.lead(json!({"owner_id": w.rep, "last_name": "Müller", "email": "m@strasse.de", "company": "Straße GmbH"}))
+            .await,
+    );
+    leads.push(crm.lead(json!({"owner_id": w.rep, "last_name": "Παπαδόπουλος", "email": "p@ελλάς.gr"})).await);
+    let (job, results) = crm.convert_in_batches(w.rep, with_deal(), &leads, 1).await;
+    let strasse = results[4].account_id.unwrap();
+    let greek = results[5].contact_id.unwrap();
+    crm.insert(
+        "deals",
+        json!({"owner_id": w.rep, "account_id": strasse, "deal_name": "Mine", "closing_date": "2027-01-01", "stage": "Qualification"}),
+    )
+    .await;
+    sqlx::query("CREATE TABLE other_system (id serial PRIMARY KEY, contact_id bigint REFERENCES contacts (id))")
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO other_system (contact_id) VALUES ($1)").bind(greek).execute(crm.pool()).await.unwrap();
     let existing = results[0].contact_id.unwrap();
     let viet_contact = results[1].contact_id.unwrap();
     let viet_account = results[1].account_id.unwrap();
@@ -261,10 +281,14 @@ async fn later_work_is_kept_and_a_blocked_lead_goes_once_the_later_job_is_undone
             ("skipped".into(), Some("in_use".into())),
             ("undone".into(), None),
             ("skipped".into(), Some("in_use".into())),
+            ("skipped".into(), Some("in_use".into())),
+            ("skipped".into(), Some("in_use".into())),
         ]
     );
     assert!(undone[0].error_message.as_deref().unwrap().contains(&format!("contact {existing}")));
     assert!(undone[3].error_message.as_deref().unwrap().contains(&format!("contact {turkish_contact}")));
+    assert!(undone[4].error_message.as_deref().unwrap().contains(&format!("account {strasse}")), "{:?}", undone[4]);
+    assert!(undone[5].error_message.as_deref().unwrap().contains("other_system.contact_id"), "{:?}", undone[5]);
     // The dry run said exactly that, lead by lead.
     let said: Vec<(String, Option<String>)> = dry
         .iter()
@@ -297,6 +321,8 @@ async fn later_work_is_kept_and_a_blocked_lead_goes_once_the_later_job_is_undone
             ("skipped".into(), Some("changed_since".into())),
             ("undone".into(), None),
             ("skipped".into(), Some("already_undone".into())),
+            ("skipped".into(), Some("in_use".into())),
+            ("skipped".into(), Some("in_use".into())),
             ("skipped".into(), Some("in_use".into())),
         ]
     );
@@ -355,10 +381,11 @@ async fn an_undo_is_refused_while_the_job_converts_and_takes_some_leads_only() {
 async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers_one_killed() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let seeded =
-        leadconv_sample::seed(crm.pool(), &leadconv_sample::SeedSpec { leads: 1500, duplicates: 0.3, rng_seed: 11 })
-            .await
-            .unwrap();
+    // 1,500 in CI; LEADCONV_UNDO_LEADS=20000 for the full size.
+    let leads = std::env::var("LEADCONV_UNDO_LEADS").ok().and_then(|n| n.parse().ok()).unwrap_or(1500);
+    let seeded = leadconv_sample::seed(crm.pool(), &leadconv_sample::SeedSpec { leads, duplicates: 0.3, rng_seed: 11 })
+        .await
+        .unwrap();
     let before = dump(&crm).await;
     let workers: Vec<_> = (0..2)
         .map(|_| leadconv_command(&crm.url(), broker.prefix(), &["worker", "--concurrency", "2"]).spawn().unwrap())
@@ -386,7 +413,7 @@ async fn a_seeded_job_goes_and_comes_back_through_the_queue_with_two_workers_one
     };
     wait_for("the conversion finishes", Duration::from_secs(240), || finished(converted)).await;
     let j = job::get(crm.pool(), converted).await.unwrap().unwrap();
-    assert!(j.converted_count > 1000, "{j:?}");
+    assert!(f64::from(j.converted_count) > 0.6 * leads as f64, "{j:?}");
 
     // The dry run, then the undo through the queue.
     let out = run(vec!["undo".into(), converted.to_string(), "--dry-run".into()]).await.unwrap();

@@ -194,21 +194,33 @@ async fn later_of_same_job(
         ids.dedup();
         ids
     };
+    // The leads converted into those records first (indexed, usually
+    // none but this one), then which of them are pending here and later:
+    // by primary key, whatever the statistics of a job's results just
+    // inserted say.
+    let candidates: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM leads WHERE (converted_contact_id = ANY($1) OR converted_account_id = ANY($2)) AND id <> $3",
+    )
+    .bind(touched(Module::Contact))
+    .bind(touched(Module::Account))
+    .bind(lead_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
     sqlx::query_scalar(
         "SELECT r.lead_id FROM conversion_results r
-         JOIN conversion_journal mine ON mine.job_id = $2 AND mine.lead_id = $3
          JOIN conversion_journal j ON j.job_id = $2 AND j.lead_id = r.lead_id AND j.undone_at IS NULL
-         JOIN leads l ON l.id = r.lead_id
-         WHERE r.job_id = $1 AND r.outcome = 'pending' AND r.lead_id <> $3
+         JOIN conversion_journal mine ON mine.job_id = $2 AND mine.lead_id = $3
+         WHERE r.job_id = $1 AND r.lead_id = ANY($4) AND r.outcome = 'pending'
            AND (j.created_at, j.lead_id) > (mine.created_at, mine.lead_id)
-           AND (l.converted_contact_id = ANY($4) OR l.converted_account_id = ANY($5))
          ORDER BY r.lead_id",
     )
     .bind(job_id)
     .bind(of)
     .bind(lead_id)
-    .bind(touched(Module::Contact))
-    .bind(touched(Module::Account))
+    .bind(&candidates)
     .fetch_all(conn)
     .await
 }
