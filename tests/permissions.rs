@@ -405,6 +405,16 @@ async fn every_role_against_every_api_operation() {
                     w.call(role, Method::POST, format!("{missing_job}/undo?dry_run=true"), Some(json!({}))).await;
                 assert_eq!(absent, body, "{role:?}: undoing a hidden job reads as missing");
             }
+            // And the undo itself: made, or refused with nothing changed.
+            let expected = role.on_object(o, owner, role.writes(), StatusCode::ACCEPTED);
+            let path = format!("/v1/jobs/{converted}/undo");
+            let body = cell(&w, &format!("{role:?} undoes {name}'s job"), expected, || {
+                w.call(role, Method::POST, &path, Some(json!({})))
+            })
+            .await;
+            if expected == StatusCode::ACCEPTED {
+                assert_eq!(body["undo_of"], json!(converted));
+            }
             let contact = results[0].contact_id.unwrap();
             let expected = role.plain(true, StatusCode::OK);
             let body = cell(&w, &format!("{role:?} reads the history of {name}'s contact"), expected, || {

@@ -141,6 +141,32 @@ pub fn fill(module: Module, id: i64, row: &mut Record, values: &Record) -> Vec<F
     out
 }
 
+/// The field of a row: a column, or one key of its custom fields.
+pub fn get_field(row: &Record, field: &str) -> Value {
+    match field.strip_prefix(CUSTOM_PREFIX) {
+        Some(key) => record::custom_fields(row).get(key).cloned().unwrap_or(Value::Null),
+        None => row.get(field).cloned().unwrap_or(Value::Null),
+    }
+}
+
+/// Sets a column, or one key of the custom fields (null removes the key).
+pub fn set_field(row: &mut Record, field: &str, value: Value) {
+    match field.strip_prefix(CUSTOM_PREFIX) {
+        Some(key) => {
+            let mut custom = record::custom_fields(row);
+            if value.is_null() {
+                custom.remove(key);
+            } else {
+                custom.insert(key.to_owned(), value);
+            }
+            row.insert("custom_fields".into(), Value::Object(custom));
+        }
+        None => {
+            row.insert(field.to_owned(), value);
+        }
+    }
+}
+
 /// The tags a fill added: those of `after` that `before` lacked.
 pub fn tags_added(f: &Filled) -> Vec<String> {
     let list = |v: &Value| -> Vec<String> {

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::journal::{self, Entry, Filled, Related, CUSTOM_PREFIX};
+use crate::journal::{self, get_field, set_field, Entry, Filled, Related, CUSTOM_PREFIX};
 use crate::record::{self, Module, Record};
 
 /// A record or related row, as the undo names it: `contact 42`, `note 7`.
@@ -273,32 +273,6 @@ pub fn decide(lead_id: i64, entry: Option<&Entry>, now: &Now) -> UndoVerdict {
         t.lead.insert(k.to_owned(), entry.lead.before.get(k).cloned().unwrap_or(Value::Null));
     }
     UndoVerdict::Undo(Box::new(t))
-}
-
-/// The field of a row: a column, or one key of its custom fields.
-pub fn get_field(row: &Record, field: &str) -> Value {
-    match field.strip_prefix(CUSTOM_PREFIX) {
-        Some(key) => record::custom_fields(row).get(key).cloned().unwrap_or(Value::Null),
-        None => row.get(field).cloned().unwrap_or(Value::Null),
-    }
-}
-
-/// Sets a column, or one key of the custom fields (null removes the key).
-pub fn set_field(row: &mut Record, field: &str, value: Value) {
-    match field.strip_prefix(CUSTOM_PREFIX) {
-        Some(key) => {
-            let mut custom = record::custom_fields(row);
-            if value.is_null() {
-                custom.remove(key);
-            } else {
-                custom.insert(key.to_owned(), value);
-            }
-            row.insert("custom_fields".into(), Value::Object(custom));
-        }
-        None => {
-            row.insert(field.to_owned(), value);
-        }
-    }
 }
 
 fn field_name(field: &str) -> &str {

@@ -503,31 +503,13 @@ fn journal_records(
             let later: Vec<&Filled> =
                 entries.iter().flat_map(|e| &e.filled).filter(|f| f.module == *module && f.id == *id).collect();
             for f in later.into_iter().rev() {
-                put_back(&mut values, f);
+                // Put back from the last fill: the first one's "before" stays.
+                journal::set_field(&mut values, &f.field, f.before.clone());
             }
             entries[i].created.push(journal::Created { module: *module, id: *id, values });
         }
     }
     entries
-}
-
-/// Sets `f`'s field of `row` back to its value before `f` (fills of one
-/// record are put back from the last: the first's "before" stays).
-fn put_back(row: &mut Record, f: &Filled) {
-    match f.field.strip_prefix(journal::CUSTOM_PREFIX) {
-        Some(key) => {
-            let mut custom = crate::record::custom_fields(row);
-            if f.before.is_null() {
-                custom.remove(key);
-            } else {
-                custom.insert(key.to_owned(), f.before.clone());
-            }
-            row.insert("custom_fields".into(), Value::Object(custom));
-        }
-        None => {
-            row.insert(f.field.clone(), f.before.clone());
-        }
-    }
 }
 
 /// Related records to move (or copy): from which lead, to which parent.

@@ -598,7 +598,7 @@ impl Overlay {
         now.records.retain(|k, _| !self.deleted.contains(k));
         for (k, row) in now.records.iter_mut() {
             for (field, value) in self.restored.get(k).into_iter().flatten() {
-                undo::set_field(row, field, value.clone());
+                crate::journal::set_field(row, field, value.clone());
             }
         }
         for users in now.used_by.values_mut() {
