@@ -435,3 +435,56 @@ async fn a_retry_that_cannot_be_published_does_not_make_a_lead_poison() {
         .unwrap();
     assert_eq!(outcome, "converted", "not poison_message");
 }
+
+/// An undo job's leads are published the other way round, the highest lead
+/// id (the latest conversion) first, page after page past its watermark:
+/// taken back in that order, a lead rarely waits for one that merged into
+/// its records after it (SPEC §4a).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_job_publishes_its_latest_leads_first() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let mut leads = Vec::new();
+    for i in 0..5 {
+        leads.push(
+            crm.lead(json!({"owner_id": rep, "last_name": format!("Ünal {i}"), "email": format!("u{i}@example.com")}))
+                .await,
+        );
+    }
+    let converted = enqueue(&crm, &broker, json!({"ids": leads}), json!({}), rep, Trigger::Manual).await;
+    let (w, _stop) = start_worker(&crm, &broker, 2, true);
+    tokio::time::timeout(Duration::from_secs(60), w).await.unwrap().unwrap();
+    assert_eq!(job_status(&crm, converted).await.converted_count, 5);
+
+    let lease = producer::Lease::new(LEASE);
+    let of = job::UndoOf { job_id: converted, lead_ids: None };
+    let undo = job::create_undo(crm.pool(), &of, None, None, Trigger::Manual, Dispatch::Queue { lease }).await.unwrap();
+    // Pages of two: the watermark carries the order from page to page.
+    let sent = producer::publish_job(crm.pool(), &broker.channel, &broker.topology, undo.id, Lane::Bulk, &lease, 2)
+        .await
+        .unwrap();
+    assert_eq!(sent, 5);
+    let queue_name = broker.topology.work_queue(Lane::Bulk);
+    let mut got = Vec::new();
+    while let Some(m) =
+        broker.channel.basic_get(&queue_name, lapin::options::BasicGetOptions { no_ack: true }).await.unwrap()
+    {
+        let msg: LeadMessage = serde_json::from_slice(&m.delivery.data).unwrap();
+        assert_eq!(msg.job_id, undo.id);
+        got.push(msg.lead_id);
+    }
+    let mut expected = leads.clone();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(got, expected, "every lead once, the latest first");
+    assert!(job_status(&crm, undo.id).await.status == "scheduled");
+    assert_eq!(
+        crm.count(&format!(
+            "SELECT count(*) FROM conversion_jobs WHERE id = '{}' AND published_at IS NOT NULL",
+            undo.id
+        ))
+        .await,
+        1,
+        "published through its last page"
+    );
+}

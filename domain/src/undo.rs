@@ -275,6 +275,74 @@ pub fn decide(lead_id: i64, entry: Option<&Entry>, now: &Now) -> UndoVerdict {
     UndoVerdict::Undo(Box::new(t))
 }
 
+/// The leads of one undo decided one after another, the latest
+/// conversions first, as they are taken back: each sees what the earlier
+/// ones take back, laid over what was read before any of them was (the
+/// database, unchanged by a dry run, and by a batch until it commits).
+/// The undo's batches and its dry run decide through it, so the dry run
+/// is what the undo does.
+#[derive(Debug, Default)]
+pub struct Run {
+    /// Names of rows gone or detached (`contact 5`, `note 7`, `lead 3`):
+    /// deleted records, leads taken back, rows moved back to their lead,
+    /// copies deleted, contacts unlinked from an account.
+    gone: HashSet<String>,
+    deleted: HashSet<(Module, i64)>,
+    /// Fields set back, in the order they were.
+    restored: HashMap<(Module, i64), Vec<(String, Value)>>,
+    leads: HashSet<i64>,
+}
+
+impl Run {
+    /// Decides `lead_id` (see [`decide`]) on `now` as the earlier leads of
+    /// the run left it.
+    pub fn decide(&mut self, lead_id: i64, entry: Option<&Entry>, mut now: Now) -> UndoVerdict {
+        self.lay_over(&mut now);
+        let verdict = decide(lead_id, entry, &now);
+        if let UndoVerdict::Undo(t) = &verdict {
+            self.note(lead_id, t);
+        }
+        verdict
+    }
+
+    fn note(&mut self, lead_id: i64, t: &Takeback) {
+        self.leads.insert(lead_id);
+        self.gone.insert(Named { kind: "lead", id: lead_id }.to_string());
+        for (m, id) in &t.delete {
+            self.deleted.insert((*m, *id));
+            self.gone.insert(named(*m, *id).to_string());
+        }
+        for (kind, id) in &t.move_back {
+            self.gone.insert(named_row(*kind, *id).to_string());
+        }
+        for id in &t.delete_copies {
+            self.gone.insert(named_row(Related::Notes, *id).to_string());
+        }
+        for r in &t.restore {
+            if r.module == Module::Contact && r.field == "account_id" {
+                self.gone.insert(named(r.module, r.id).to_string());
+            }
+            self.restored.entry((r.module, r.id)).or_default().push((r.field.clone(), r.value.clone()));
+        }
+    }
+
+    fn lay_over(&self, now: &mut Now) {
+        now.records.retain(|k, _| !self.deleted.contains(k));
+        for (k, row) in now.records.iter_mut() {
+            for (field, value) in self.restored.get(k).into_iter().flatten() {
+                set_field(row, field, value.clone());
+            }
+        }
+        for users in now.used_by.values_mut() {
+            users.retain(|u| !self.gone.contains(u));
+        }
+        now.used_by.retain(|_, u| !u.is_empty());
+        for tags in now.later_tags.values_mut() {
+            tags.retain(|(lead, _)| !self.leads.contains(lead));
+        }
+    }
+}
+
 fn field_name(field: &str) -> &str {
     field.strip_prefix(CUSTOM_PREFIX).unwrap_or(field)
 }
@@ -549,5 +617,65 @@ mod tests {
         let mut n = now();
         n.lead = None;
         assert_eq!(skip(decide(1, Some(&entry()), &n)).0, ErrorCode::NotFound);
+    }
+
+    /// Lead 2, converted after lead 1, created contact 50 on lead 1's
+    /// account 20 and filled its phone: the world after both.
+    fn two_leads() -> (Entry, Now, Entry, Now) {
+        let second = Entry {
+            lead: LeadChange {
+                before: rec(json!({"lead_status": "New", "is_repeat": false, "converted_at": null,
+                                   "converted_account_id": null, "converted_contact_id": null, "converted_deal_id": null})),
+                after: rec(
+                    json!({"lead_status": "Converted", "is_repeat": false, "converted_at": "2026-12-06T08:01:00Z",
+                                  "converted_account_id": 20, "converted_contact_id": 50, "converted_deal_id": null}),
+                ),
+            },
+            created: vec![Created {
+                module: Module::Contact,
+                id: 50,
+                values: rec(json!({"id": 50, "last_name": "Ş", "account_id": 20})),
+            }],
+            filled: vec![Filled {
+                module: Module::Account,
+                id: 20,
+                field: "phone".into(),
+                before: Value::Null,
+                after: json!("+90 1"),
+            }],
+            ..Default::default()
+        };
+        let account = rec(json!({"id": 20, "account_name": "Acme", "custom_fields": {}, "phone": "+90 1"}));
+        let mut first_now = now();
+        first_now.records.insert((Module::Account, 20), account.clone());
+        first_now.used_by.insert((Module::Account, 20), vec!["contact 50".into(), "lead 2".into()]);
+        let mut second_now = Now {
+            lead: Some(rec(json!({"id": 2, "lead_status": "Converted", "is_repeat": false,
+                                  "converted_at": "2026-12-06T08:01:00Z", "converted_account_id": 20,
+                                  "converted_contact_id": 50, "converted_deal_id": null}))),
+            ..Default::default()
+        };
+        second_now.records.insert((Module::Account, 20), account);
+        second_now.records.insert((Module::Contact, 50), rec(json!({"id": 50, "last_name": "Ş", "account_id": 20})));
+        (entry(), first_now, second, second_now)
+    }
+
+    #[test]
+    fn a_run_sees_what_the_later_conversions_it_took_back_left() {
+        let (first, first_now, second, second_now) = two_leads();
+        // Alone, lead 1 finds its account used by lead 2 and changed.
+        assert_eq!(skip(decide(1, Some(&first), &first_now)), (ErrorCode::InUse, Some("account 20".into())));
+        let mut run = Run::default();
+        let t2 = takeback(run.decide(2, Some(&second), second_now.clone()));
+        assert_eq!(t2.delete, vec![(Module::Contact, 50)]);
+        let t1 = takeback(run.decide(1, Some(&first), first_now.clone()));
+        assert!(t1.delete.contains(&(Module::Account, 20)), "lead 2's contact and fill are gone: {t1:?}");
+
+        // Lead 2 kept (its status changed since): lead 1 stays too.
+        let mut kept = second_now;
+        kept.lead.as_mut().unwrap().insert("lead_status".into(), json!("Lost"));
+        let mut run = Run::default();
+        assert_eq!(skip(run.decide(2, Some(&second), kept)).0, ErrorCode::ChangedSince);
+        assert_eq!(skip(run.decide(1, Some(&first), first_now)), (ErrorCode::InUse, Some("account 20".into())));
     }
 }

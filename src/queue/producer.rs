@@ -3,7 +3,8 @@
 //! A job's `pending` result rows above its watermark `published_through`
 //! are its outbox. Whoever holds the job's publisher lease (the `enqueue`
 //! command that created it, or later any worker's sweeper once the lease has
-//! run out) publishes them in lead id order, in batches: every message of a
+//! run out) publishes them in lead id order (an undo's the other way
+//! round), in batches: every message of a
 //! batch is sent before any confirm is awaited (pipelined), and the
 //! watermark moves to the batch's last lead only once RabbitMQ confirmed all
 //! of it. A publisher killed half-way leaves the watermark at its last
@@ -109,25 +110,51 @@ pub async fn publish_job(
     let exchange = topology.convert_exchange();
     let key = Topology::routing_key(lane, None);
     let mut published = 0u64;
+    // An undo job's leads go out the other way round, the highest lead id
+    // first: the latest conversions (a job converts in lead order), taken
+    // back first, so a lead rarely waits for one that merged into its
+    // records after it (SPEC §4a). Its watermark is then the negated
+    // lowest lead published (0: none yet).
+    let undo =
+        sqlx::query_scalar!("SELECT undo_of IS NOT NULL AS \"undo!\" FROM conversion_jobs WHERE id = $1", job_id)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(false);
     loop {
-        // The next page above the watermark as it is now, and whether the
+        // The next page past the watermark as it is now, and whether the
         // lease is still ours (no row: another publisher holds it). Keyset
         // pages: memory stays at one batch whatever the job's size.
-        let Some(ids) = sqlx::query_scalar!(
-            r#"SELECT ARRAY(SELECT r.lead_id FROM conversion_results r
-                            WHERE r.job_id = j.id AND r.outcome = 'pending' AND r.lead_id > j.published_through
-                            ORDER BY r.lead_id LIMIT $3) AS "ids!"
-               FROM conversion_jobs j WHERE j.id = $1 AND j.publisher_token = $2"#,
-            job_id,
-            lease.token,
-            batch.max(1)
-        )
-        .fetch_optional(pool)
-        .await?
-        else {
+        let page = if undo {
+            sqlx::query_scalar!(
+                r#"SELECT ARRAY(SELECT r.lead_id FROM conversion_results r
+                                WHERE r.job_id = j.id AND r.outcome = 'pending'
+                                  AND r.lead_id < coalesce(-nullif(j.published_through, 0), 9223372036854775807)
+                                ORDER BY r.lead_id DESC LIMIT $3) AS "ids!"
+                   FROM conversion_jobs j WHERE j.id = $1 AND j.publisher_token = $2"#,
+                job_id,
+                lease.token,
+                batch.max(1)
+            )
+            .fetch_optional(pool)
+            .await?
+        } else {
+            sqlx::query_scalar!(
+                r#"SELECT ARRAY(SELECT r.lead_id FROM conversion_results r
+                                WHERE r.job_id = j.id AND r.outcome = 'pending' AND r.lead_id > j.published_through
+                                ORDER BY r.lead_id LIMIT $3) AS "ids!"
+                   FROM conversion_jobs j WHERE j.id = $1 AND j.publisher_token = $2"#,
+                job_id,
+                lease.token,
+                batch.max(1)
+            )
+            .fetch_optional(pool)
+            .await?
+        };
+        let Some(ids) = page else {
             return Err(PublishError::LeaseLost(job_id));
         };
         let Some(&last) = ids.last() else { break };
+        let mark = if undo { -last } else { last };
         let sent = async {
             let enqueued_at = Some(chrono::Utc::now());
             let mut confirms = Vec::with_capacity(ids.len());
@@ -167,13 +194,14 @@ pub async fn publish_job(
         // for a one-lead convert-now job).
         let last_page = (ids.len() as i64) < batch.max(1);
         let moved = sqlx::query!(
-            "UPDATE conversion_jobs SET published_through = greatest(published_through, $3),
+            "UPDATE conversion_jobs
+                SET published_through = CASE WHEN published_through = 0 THEN $3 ELSE greatest(published_through, $3) END,
                     publisher_lease_until = CASE WHEN $5 THEN NULL ELSE now() + make_interval(secs => $4) END,
                     published_at = CASE WHEN $5 THEN coalesce(published_at, now()) ELSE published_at END
              WHERE id = $1 AND publisher_token = $2",
             job_id,
             lease.token,
-            last,
+            mark,
             lease.length.as_secs_f64(),
             last_page
         )

@@ -236,7 +236,7 @@ pub(crate) async fn record(
 
 /// A deadlock, a serialization failure, or a lock or statement timeout:
 /// the transaction waited on others, the connection is fine.
-fn is_lock_wait(e: &sqlx::Error) -> bool {
+pub(crate) fn is_lock_wait(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03" | "57014")))
 }
 
