@@ -324,6 +324,9 @@ async fn later_of_same_job(
     Ok(out)
 }
 
+/// Something about records, for each lead of a batch.
+type PerLead<T> = HashMap<i64, HashMap<(Module, i64), T>>;
+
 /// A related row as read: id, parent module and id, title and body (notes).
 type RelatedRead = (i64, String, i64, Option<Json<Value>>, Option<Json<Value>>);
 
@@ -454,7 +457,7 @@ pub(crate) async fn read_batch(
     }
     // The latest conversions first (a lead that merged into another's
     // records before that one), leads without an entry last.
-    out.sort_by(|a, b| (b.at.is_some(), b.at, b.lead_id).cmp(&(a.at.is_some(), a.at, a.lead_id)));
+    out.sort_by_key(|r| std::cmp::Reverse((r.at.is_some(), r.at, r.lead_id)));
     Ok(out)
 }
 
@@ -466,8 +469,8 @@ pub(crate) async fn read_batch(
 async fn used_by(
     conn: &mut PgConnection,
     entries: &[(i64, &Entry, DateTime<Utc>)],
-) -> sqlx::Result<HashMap<i64, HashMap<(Module, i64), Vec<String>>>> {
-    let mut out: HashMap<i64, HashMap<(Module, i64), Vec<String>>> = HashMap::new();
+) -> sqlx::Result<PerLead<Vec<String>>> {
+    let mut out: PerLead<Vec<String>> = HashMap::new();
     let mut created: HashMap<Module, Vec<i64>> = HashMap::new();
     for (_, e, _) in entries {
         for c in &e.created {
@@ -585,8 +588,8 @@ fn quote_ident(name: &str) -> String {
 async fn later_tags(
     conn: &mut PgConnection,
     entries: &[(i64, &Entry, DateTime<Utc>)],
-) -> sqlx::Result<HashMap<i64, HashMap<(Module, i64), Vec<(i64, String)>>>> {
-    let mut out: HashMap<i64, HashMap<(Module, i64), Vec<(i64, String)>>> = HashMap::new();
+) -> sqlx::Result<PerLead<Vec<(i64, String)>>> {
+    let mut out: PerLead<Vec<(i64, String)>> = HashMap::new();
     for m in [Module::Contact, Module::Account, Module::Deal] {
         let mut ids: Vec<i64> = entries
             .iter()
