@@ -42,6 +42,13 @@ async fn stored(crm: &Crm, table: &str, id: i64) -> Record {
     r
 }
 
+/// A created record as the journal keeps it: its empty columns left out
+/// (a missing column reads as null).
+fn non_null(mut r: Record) -> Record {
+    r.retain(|_, v| !v.is_null());
+    r
+}
+
 #[tokio::test]
 async fn a_merge_journals_the_exact_values_before_and_what_it_wrote() {
     let crm = Crm::new().await;
@@ -126,8 +133,8 @@ async fn a_merge_journals_the_exact_values_before_and_what_it_wrote() {
     // Created: the account and the deal, exactly as stored.
     let made: Vec<(Module, i64)> = e.created.iter().map(|c| (c.module, c.id)).collect();
     assert_eq!(made, vec![(Module::Account, account), (Module::Deal, deal)]);
-    assert_eq!(e.created[0].values, stored(&crm, "accounts", account).await);
-    assert_eq!(e.created[1].values, stored(&crm, "deals", deal).await);
+    assert_eq!(e.created[0].values, non_null(stored(&crm, "accounts", account).await));
+    assert_eq!(e.created[1].values, non_null(stored(&crm, "deals", deal).await));
 
     // Moved from the lead, and the note copies made.
     let moved: Vec<(Related, i64, Module, i64)> =
@@ -183,7 +190,7 @@ async fn leads_of_one_batch_journal_against_what_the_earlier_ones_left() {
     assert!(journal(&crm, job, bad).await.is_none(), "a failed lead wrote nothing, its journal neither");
     // The first lead's account as it made it: without the second's fills.
     let created = e1.created.iter().find(|c| c.module == Module::Account).unwrap();
-    assert_eq!(created.values["website"], Value::Null);
+    assert_eq!(created.values.get("website"), None);
     assert_eq!(created.values["tags"], json!(["a"]));
     // The second's fills, against what the first left.
     let website = filled(&e2, Module::Account, "website");
@@ -196,7 +203,7 @@ async fn leads_of_one_batch_journal_against_what_the_earlier_ones_left() {
     for f in e2.filled.iter().filter(|f| f.module == Module::Account) {
         rebuilt.insert(f.field.clone(), f.after.clone());
     }
-    assert_eq!(rebuilt, stored(&crm, "accounts", account).await);
+    assert_eq!(rebuilt, non_null(stored(&crm, "accounts", account).await));
 
     // A lead converted again (a redelivered message) writes no second entry.
     let again = leadconv::store::convert::convert_lead(

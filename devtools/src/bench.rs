@@ -57,9 +57,22 @@ pub struct BenchArgs {
     pub api_calls: usize,
     /// Callers making those calls at once (each one call after another),
     /// as workflow rules firing together would. With none given by
-    /// `--api-calls`, 10 calls per client.
+    /// `--api-calls` or `--api-seconds`, 10 calls per client.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub api_clients: u16,
+    /// Skip the reference ceiling (`../shared/bench/pg-limit-set-based.sql`,
+    /// one `psql` loop per core).
+    #[arg(long)]
+    pub skip_reference: bool,
+    /// The reference ceiling's SQL: by default the copy vendored in
+    /// `devtools/reference/`; refused unless its SHA-256 is the reference's.
+    #[arg(long)]
+    pub reference_sql: Option<std::path::PathBuf>,
+    /// With `--api-clients`: each client calls one lead after another for
+    /// this many seconds (closed loop, each call on a lead of its own made
+    /// before the clock starts), instead of a fixed number of calls.
+    #[arg(long)]
+    pub api_seconds: Option<u64>,
     /// After the run through RabbitMQ, take its job back (`leadconv undo`)
     /// through the same queue with a fresh worker, and report the undo's
     /// leads/s against the conversion's.
@@ -88,6 +101,88 @@ pub struct RunReport {
 const DIRECT: &str = "direct to Postgres (baseline)";
 const CEILING: &str = "set-based in SQL alone (ceiling)";
 const QUEUE: &str = "enqueue → RabbitMQ → worker";
+const REFERENCE: &str = "reference ceiling (../shared/bench, psql loops)";
+
+/// SHA-256 of `../shared/bench/pg-limit-set-based.sql`: the bench runs the
+/// reference ceiling only unchanged.
+const REFERENCE_SHA256: &str = "ee4eeddd2dee394219e55071de41e5db9dbdd9a04b88e59a8f87956db8808369";
+
+/// One loop of the reference ceiling, as its README runs it: the file fed
+/// to one `psql` session again and again until a batch comes back empty.
+/// `ON_ERROR_STOP`: a failing statement ends the loop instead of spinning.
+const REFERENCE_LOOP: &str = r#"while cat "$F" && echo '\if :more \else \q \endif'; do :; done |
+    psql -q -X -At -v ON_ERROR_STOP=1 -d "$DB" -v job="$JOB" -v streams="$STREAMS" -v stream="$STREAM" >/dev/null"#;
+
+/// The reference ceiling (`devtools/reference/README.md`): the same seed as
+/// the queue run, the job snapshotted with no message published, then one
+/// `psql` loop per core, each over its share of the job's leads.
+/// The reference ceiling's SQL file (`--reference-sql`, or the vendored
+/// copy), refused unless it is the reference unchanged.
+fn reference_sql(args: &BenchArgs) -> anyhow::Result<std::path::PathBuf> {
+    use sha2::Digest;
+    let path = args
+        .reference_sql
+        .clone()
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/pg-limit-set-based.sql"));
+    let sql =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading the reference ceiling {}: {e}", path.display()))?;
+    let sum: String = sha2::Sha256::digest(&sql).iter().map(|b| format!("{b:02x}")).collect();
+    anyhow::ensure!(
+        sum == REFERENCE_SHA256,
+        "{} is not the reference ceiling (SHA-256 {sum}, expected {REFERENCE_SHA256}): pass \
+         ../shared/bench/pg-limit-set-based.sql unchanged with --reference-sql, or leave it out",
+        path.display()
+    );
+    Ok(path)
+}
+
+async fn reference(pool: &PgPool, url: &str, args: &BenchArgs, path: &std::path::Path) -> anyhow::Result<RunReport> {
+    let (seeded, criteria) = seed_run(pool, args, 2).await?;
+    let new = NewJob { criteria, options: options(), requested_by: seeded.acting_user, trigger: Trigger::Manual };
+    let checked = job::check(pool, new).await?;
+    let created = job::create(pool, &checked, Dispatch::InProcess).await?;
+    let streams = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let t = Instant::now();
+    let mut loops = Vec::with_capacity(streams);
+    for stream in 0..streams {
+        loops.push(
+            Command::new("bash")
+                .args(["-c", REFERENCE_LOOP])
+                .env("F", path)
+                .env("DB", url)
+                .env("JOB", created.id.to_string())
+                .env("STREAMS", streams.to_string())
+                .env("STREAM", stream.to_string())
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("starting bash for the reference ceiling: {e}"))?,
+        );
+    }
+    for mut l in loops {
+        let status = l.wait().await?;
+        anyhow::ensure!(status.success(), "a reference ceiling loop (psql) failed: {status}");
+    }
+    let wall = t.elapsed();
+    job::rollup(pool, created.id).await?;
+    let done: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending'")
+            .bind(created.id)
+            .fetch_one(pool)
+            .await?;
+    println!("reference ceiling ({streams} psql loops): {done} of {} leads in {wall:.1?}", created.total_count);
+    Ok(RunReport {
+        name: REFERENCE,
+        leads: done as u64,
+        wall,
+        p50_ms: None,
+        p99_ms: None,
+        e2e_p50_ms: None,
+        e2e_p99_ms: None,
+        peak_rss: vec![],
+        made: made(pool).await?,
+    })
+}
 
 async fn made(pool: &PgPool) -> sqlx::Result<(i64, i64, i64, i64)> {
     sqlx::query_as(
@@ -160,15 +255,18 @@ async fn fresh_database(database_url: &str, run: &str, args: &BenchArgs) -> anyh
 
 pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
     println!(
-        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; databases {}, {}, {}",
+        "leadconv bench: {} leads per run, {:.0}% duplicates, {} conversions in flight; databases {}, {}, {}, {}",
         args.leads,
         args.duplicates * 100.0,
         args.workers,
         bench_url(database_url, "direct")?,
         bench_url(database_url, "ceiling")?,
+        bench_url(database_url, "reference")?,
         bench_url(database_url, "queue")?,
     );
 
+    // Checked before anything runs: a changed reference is no reference.
+    let reference_path = if args.skip_reference { None } else { Some(reference_sql(args)?) };
     let mut reports = Vec::new();
     if !args.skip_direct {
         let (_, pool) = fresh_database(database_url, "direct", args).await?;
@@ -178,6 +276,11 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
     if !args.skip_ceiling {
         let (_, pool) = fresh_database(database_url, "ceiling", args).await?;
         reports.push(ceiling(&pool, args).await?);
+        pool.close().await;
+    }
+    if let Some(path) = &reference_path {
+        let (url, pool) = fresh_database(database_url, "reference", args).await?;
+        reports.push(reference(&pool, &url, args, path).await?);
         pool.close().await;
     }
     let (url, pool) = fresh_database(database_url, "queue", args).await?;
@@ -206,7 +309,7 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
     }
     let find = |name: &str| reports.iter().find(|r| r.name == name);
     println!();
-    for other in [DIRECT, CEILING] {
+    for other in [DIRECT, CEILING, REFERENCE] {
         if let (Some(queue), Some(o)) = (find(QUEUE), find(other)) {
             println!(
                 "through RabbitMQ / {other}: {:.0} / {:.0} leads/s = {:.0}%",
@@ -341,10 +444,16 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     let producer_done = t.elapsed();
     println!("enqueue: job {job_id} published in {producer_done:.1?}");
 
-    let calls =
-        if args.api_calls == 0 && args.api_clients > 1 { usize::from(args.api_clients) * 10 } else { args.api_calls };
+    let calls = match args.api_seconds {
+        // Closed loop for a duration: leads enough for 40 calls a second
+        // per client (a client that runs out stops, and says so).
+        Some(secs) => usize::from(args.api_clients) * usize::try_from(secs * 40).unwrap_or(usize::MAX),
+        None if args.api_calls == 0 && args.api_clients > 1 => usize::from(args.api_clients) * 10,
+        None => args.api_calls,
+    };
     let api = if calls > 0 {
-        Some(convert_calls(pool, base("serve"), seeded.acting_user, calls, args.api_clients, job_id).await?)
+        let deadline = args.api_seconds.map(Duration::from_secs);
+        Some(convert_calls(pool, base("serve"), seeded.acting_user, calls, args.api_clients, job_id, deadline).await?)
     } else {
         None
     };
@@ -374,8 +483,19 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     println!("through RabbitMQ: {done} of {} leads in {wall:.1?}", job.total_count);
     if let Some(a) = api {
         println!(
-            "one-lead convert endpoint during the bulk job: {} calls by {} concurrent clients, {} answered 200 with the result; latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; bulk job pending when they ended: {}",
-            a.calls, args.api_clients, a.ok, a.p50, a.p99, a.max, a.bulk_pending_after
+            "one-lead convert endpoint during the bulk job: {} calls by {} concurrent clients{}, {} answered 200 with the result; latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; bulk job pending when they ended: {}",
+            a.calls,
+            args.api_clients,
+            args.api_seconds.map_or(String::new(), |s| format!(
+                " calling back to back for {s} s ({:.0} calls/s{})",
+                a.calls as f64 / s as f64,
+                if a.ran_out { "; some clients ran out of leads before the end" } else { "" }
+            )),
+            a.ok,
+            a.p50,
+            a.p99,
+            a.max,
+            a.bulk_pending_after
         );
         println!(
             "  (not counted above: each client's first call, on the serve process just started: p50 {:.0} ms, max {:.0} ms)",
@@ -468,10 +588,14 @@ struct ApiFigures {
     cold_p50: f64,
     cold_max: f64,
     bulk_pending_after: i32,
+    /// A closed-loop client used up its leads before the deadline.
+    ran_out: bool,
 }
 
-/// Times `calls` sequential one-lead conversions through the API while the
-/// bulk job `bulk` is being worked on.
+/// Times one-lead conversions through the API while the bulk job `bulk` is
+/// being worked on: `clients` callers at once, each one call after another,
+/// on leads of their own; `calls` of them in all, or, with `duration`, as
+/// many as they make in that time (closed loop).
 async fn convert_calls(
     pool: &PgPool,
     mut serve: Command,
@@ -479,6 +603,7 @@ async fn convert_calls(
     calls: usize,
     clients: u16,
     bulk: Uuid,
+    duration: Option<Duration>,
 ) -> anyhow::Result<ApiFigures> {
     // Wait until the bulk job is really under way.
     loop {
@@ -496,20 +621,19 @@ async fn convert_calls(
     // One more lead per client: its first call, made on a serve that has
     // just started, is reported apart (see below).
     let clients = usize::from(clients.max(1));
-    let mut leads = Vec::with_capacity(calls + clients);
-    for i in 0..calls + clients {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO leads (owner_id, last_name, email, company) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(acting)
-        .bind(format!("Urgent {i}"))
-        .bind(format!("urgent{i}.{}@example.net", Uuid::new_v4().simple()))
-        .bind(format!("Urgent Co {i}"))
-        .fetch_one(pool)
-        .await?;
-        leads.push(id);
-    }
+    // Leads outside the bulk job (made after its snapshot), in one statement.
+    let leads: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO leads (owner_id, last_name, email, company)
+         SELECT $1, 'Urgent ' || i, 'urgent' || i || '.' || $3 || '@example.net', 'Urgent Co ' || i
+         FROM generate_series(1, $2::int) AS i ORDER BY i RETURNING id",
+    )
+    .bind(acting)
+    .bind(i32::try_from(calls + clients)?)
+    .bind(Uuid::new_v4().simple().to_string())
+    .fetch_all(pool)
+    .await?;
     let http = reqwest::Client::new();
+    let deadline = duration.map(|d| Instant::now() + d);
     // Each client calls one lead after another; the clients run at once.
     let per_client = leads.len().div_ceil(clients);
     let runs = leads.chunks(per_client.max(1)).map(|mine| {
@@ -517,7 +641,13 @@ async fn convert_calls(
         let mine = mine.to_vec();
         async move {
             let mut out = Vec::with_capacity(mine.len());
-            for id in mine {
+            let mut ran_out = true;
+            for (i, id) in mine.into_iter().enumerate() {
+                // The first (cold) call always; then until the deadline.
+                if i > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                    ran_out = false;
+                    break;
+                }
                 let t = Instant::now();
                 let resp = http
                     .post(format!("{base}/v1/leads/{id}/convert"))
@@ -527,7 +657,7 @@ async fn convert_calls(
                     .await?;
                 out.push((resp.status() == reqwest::StatusCode::OK, t.elapsed().as_secs_f64() * 1000.0));
             }
-            anyhow::Ok(out)
+            anyhow::Ok((out, ran_out && deadline.is_some()))
         }
     });
     // A client's first call meets a serve process that has just started
@@ -535,8 +665,9 @@ async fn convert_calls(
     // those are the cold figures, and the rest the steady state a workflow
     // caller of a running serve sees.
     let (mut took, mut cold) = (Vec::with_capacity(calls), Vec::with_capacity(clients));
-    let mut ok = 0;
-    for client in futures::future::try_join_all(runs).await? {
+    let (mut ok, mut ran_out) = (0, false);
+    for (client, out) in futures::future::try_join_all(runs).await? {
+        ran_out |= out;
         for (i, (answered, ms)) in client.into_iter().enumerate() {
             if i == 0 {
                 cold.push(ms);
@@ -561,5 +692,6 @@ async fn convert_calls(
         cold_p50: cold.get(cold.len() / 2).copied().unwrap_or(0.0),
         cold_max: cold.last().copied().unwrap_or(0.0),
         bulk_pending_after,
+        ran_out,
     })
 }

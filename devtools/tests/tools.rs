@@ -12,10 +12,12 @@ fn text(b: &[u8]) -> String {
 }
 
 /// `leadconv-dev bench` (the command BENCHMARKS.md is made with) runs the
-/// three conversions for real, each in a fresh database of its own: direct,
-/// set-based (the ceiling), and through the real `enqueue` and `worker`
-/// processes; it prints their figures and ratios, and the ceiling makes the
-/// very records the queue run makes. One conversion (batch) in flight:
+/// four conversions for real, each in a fresh database of its own: direct,
+/// set-based (its own ceiling), the reference ceiling of `../shared/bench`
+/// (vendored, checked by checksum, `psql` loops), and through the real
+/// `enqueue` and `worker` processes, with convert-now callers in a closed
+/// loop for a duration; it prints their figures and ratios, and its
+/// ceiling makes the very records the queue run makes. One conversion (batch) in flight:
 /// concurrent batches convert leads in another order than the ceiling's
 /// single pass, and a lead without e-mail that is matched by name within
 /// its account merges or not depending on which lead of the account came
@@ -24,7 +26,7 @@ fn text(b: &[u8]) -> String {
 async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_their_ratios() {
     let crm = Crm::new().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv-dev"))
-        .args(["bench", "--leads", "300", "--workers", "1"])
+        .args(["bench", "--leads", "300", "--workers", "1", "--api-clients", "2", "--api-seconds", "2"])
         .env("LEADCONV_BIN", leadconv_bin())
         .env("DATABASE_URL", crm.url())
         .env("AMQP_URL", amqp_url())
@@ -40,7 +42,14 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
     assert!(stdout.contains("| enqueue → RabbitMQ → worker | 300 |"), "{stdout}");
     assert!(stdout.contains("set-based: 300 of 300 leads in"), "{stdout}");
     assert!(stdout.contains("| set-based in SQL alone (ceiling) | 300 |"), "{stdout}");
-    for of in ["direct to Postgres (baseline)", "set-based in SQL alone (ceiling)"] {
+    assert!(stdout.contains("psql loops): 300 of 300 leads in"), "{stdout}");
+    assert!(stdout.contains("| reference ceiling (../shared/bench, psql loops) | 300 |"), "{stdout}");
+    assert!(stdout.contains("2 concurrent clients calling back to back for 2 s"), "{stdout}");
+    for of in [
+        "direct to Postgres (baseline)",
+        "set-based in SQL alone (ceiling)",
+        "reference ceiling (../shared/bench, psql loops)",
+    ] {
         let ratio = stdout
             .lines()
             .find(|l| l.starts_with(&format!("through RabbitMQ / {of}: ")))
@@ -72,10 +81,44 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
     pool.close().await;
 
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.unwrap();
-    for run in ["direct", "ceiling", "queue"] {
+    for run in ["direct", "ceiling", "reference", "queue"] {
         let name = format!("{}_bench_{run}", crm.url().rsplit('/').next().unwrap());
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
     }
+}
+
+/// The bench runs the reference ceiling only unchanged: a copy with one
+/// byte changed is refused by its checksum, before anything is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_refuses_a_changed_reference_ceiling() {
+    let crm = Crm::new().await;
+    let dir = std::env::temp_dir().join(format!("leadconv_ref_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let changed = dir.join("pg-limit-set-based.sql");
+    let original =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/reference/pg-limit-set-based.sql")).unwrap();
+    std::fs::write(&changed, original.replace("LIMIT 1000", "LIMIT 2000")).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv-dev"))
+        .args(["bench", "--leads", "10", "--skip-direct", "--skip-ceiling", "--reference-sql"])
+        .arg(&changed)
+        .env("LEADCONV_BIN", leadconv_bin())
+        .env("DATABASE_URL", crm.url())
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not the reference ceiling (SHA-256"), "{stderr}");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.unwrap();
+    let name = format!("{}_bench_%", crm.url().rsplit('/').next().unwrap());
+    let made: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE $1")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(made, 0, "nothing run before the check");
 }
 
 /// `leadconv-dev demo` (the README's first command) creates its database,

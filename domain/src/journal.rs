@@ -47,7 +47,8 @@ pub struct LeadChange {
 pub struct Created {
     pub module: Module,
     pub id: i64,
-    /// Every writable column as stored (`created_at`/`updated_at` left out).
+    /// Every writable column as stored, but those left null (a missing
+    /// column reads as null) and `created_at`/`updated_at`.
     pub values: Record,
 }
 

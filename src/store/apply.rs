@@ -506,6 +506,10 @@ fn journal_records(
                 // Put back from the last fill: the first one's "before" stays.
                 journal::set_field(&mut values, &f.field, f.before.clone());
             }
+            // Empty columns are left out: a column missing from the entry
+            // reads as null wherever it is compared or shown, and a created
+            // record's row is mostly empty columns (a fifth of the journal).
+            values.retain(|_, v| !v.is_null());
             entries[i].created.push(journal::Created { module: *module, id: *id, values });
         }
     }
