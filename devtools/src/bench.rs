@@ -101,6 +101,7 @@ pub struct RunReport {
 const DIRECT: &str = "direct to Postgres (baseline)";
 const CEILING: &str = "set-based in SQL alone (ceiling)";
 const QUEUE: &str = "enqueue → RabbitMQ → worker";
+const QUEUE_ALONE: &str = "enqueue → RabbitMQ → worker, no convert-now callers";
 const REFERENCE: &str = "reference ceiling (../shared/bench, psql loops)";
 
 /// SHA-256 of `../shared/bench/pg-limit-set-based.sql`: the bench runs the
@@ -283,6 +284,16 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
         reports.push(reference(&pool, &url, args, path).await?);
         pool.close().await;
     }
+    if args.api_seconds.is_some() {
+        // The bulk job's rate without callers, in the same run: what the
+        // callers may take from it is measured against this.
+        let alone = BenchArgs { api_calls: 0, api_clients: 1, api_seconds: None, undo: false, ..args.clone() };
+        let (url, pool) = fresh_database(database_url, "queue", args).await?;
+        let mut r = through_queue(&pool, &url, amqp_url, &alone).await?;
+        r.name = QUEUE_ALONE;
+        reports.push(r);
+        pool.close().await;
+    }
     let (url, pool) = fresh_database(database_url, "queue", args).await?;
     reports.push(through_queue(&pool, &url, amqp_url, args).await?);
     pool.close().await;
@@ -318,6 +329,14 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
                 100.0 * queue.per_sec() / o.per_sec()
             );
         }
+    }
+    if let (Some(with), Some(alone)) = (find(QUEUE), find(QUEUE_ALONE)) {
+        println!(
+            "bulk job with convert-now callers / without: {:.0} / {:.0} leads/s = {:.0}%",
+            with.per_sec(),
+            alone.per_sec(),
+            100.0 * with.per_sec() / alone.per_sec()
+        );
     }
     for r in &reports {
         println!(

@@ -45,6 +45,9 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
     assert!(stdout.contains("psql loops): 300 of 300 leads in"), "{stdout}");
     assert!(stdout.contains("| reference ceiling (../shared/bench, psql loops) | 300 |"), "{stdout}");
     assert!(stdout.contains("2 concurrent clients calling back to back for 2 s"), "{stdout}");
+    // The bulk job alone too, in the same run, and what the callers cost it.
+    assert!(stdout.contains("| enqueue → RabbitMQ → worker, no convert-now callers | 300 |"), "{stdout}");
+    assert!(stdout.contains("bulk job with convert-now callers / without: "), "{stdout}");
     for of in [
         "direct to Postgres (baseline)",
         "set-based in SQL alone (ceiling)",
@@ -66,18 +69,27 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
         "the same work: {stdout}"
     );
 
-    // The queue run's job is in its own database, completed, every lead
-    // converted once, each result stamped with its message's publication.
+    // The queue run's bulk job is in its own database, completed, every lead
+    // converted once, each result stamped with its message's publication;
+    // every convert-now call made a one-lead workflow job beside it.
     let queue_db = format!("{}_bench_queue", crm.url());
     let pool = sqlx::PgPool::connect(&queue_db).await.unwrap();
     let (status, converted, stamped): (String, i64, i64) = sqlx::query_as(
         "SELECT j.status, count(*) FILTER (WHERE r.outcome = 'converted'), count(r.enqueued_at)
-         FROM conversion_job_progress j JOIN conversion_results r ON r.job_id = j.id GROUP BY j.status",
+         FROM conversion_job_progress j JOIN conversion_results r ON r.job_id = j.id
+         WHERE j.trigger <> 'workflow' GROUP BY j.status",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!((status.as_str(), converted, stamped), ("completed", 300, 300));
+    let calls: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversion_job_progress WHERE trigger = 'workflow' AND status = 'completed'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(calls >= 4, "two clients calling for 2 s: {calls} calls");
     pool.close().await;
 
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.unwrap();
