@@ -18,7 +18,8 @@ pub struct Services {
     )]
     pub database_url: String,
 
-    /// RabbitMQ carrying the lead messages.
+    /// RabbitMQ carrying the lead messages; a cluster's nodes as a
+    /// comma-separated list (same user, password and vhost).
     #[arg(
         long,
         env = "AMQP_URL",

@@ -74,10 +74,10 @@ impl Doctor {
         }
 
         let topology = s.topology();
-        match queue::connect(&s.amqp_url).await {
+        match queue::connect_to(&s.amqp_url).await {
             Err(e) => r.line(Mark::Fail, format!("{e:#}"))?,
-            Ok(conn) => {
-                r.line(Mark::Ok, format!("{} reachable", queue::describe(&s.amqp_url)))?;
+            Ok((conn, node)) => {
+                r.line(Mark::Ok, format!("{} reachable; connected to {node}", queue::describe(&s.amqp_url)))?;
                 for (name, _) in topology.queues() {
                     // A passive declare of a missing queue closes its channel.
                     let state = match conn.create_channel().await {

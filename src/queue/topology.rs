@@ -242,21 +242,130 @@ fn int_header(props: &BasicProperties, name: &str) -> Option<u32> {
 /// How long reaching RabbitMQ may take before it is reported unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where an AMQP URL points, for messages: host, port and vhost, never the
-/// password.
+/// The addresses of one RabbitMQ cluster that `AMQP_URL` names: one URL,
+/// or several separated by commas (as the RabbitMQ Java and Python clients
+/// take them), all with the same credentials, vhost, scheme and options,
+/// differing only in host and port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Brokers {
+    /// Each address as given, parsed.
+    addresses: Vec<(String, lapin::uri::AMQPUri)>,
+}
+
+impl Brokers {
+    /// Parses `AMQP_URL`; the error names the address at fault and the fix,
+    /// never a password.
+    pub fn parse(list: &str) -> Result<Brokers, String> {
+        let mut addresses: Vec<(String, lapin::uri::AMQPUri)> = Vec::new();
+        for (i, raw) in list.split(',').map(str::trim).enumerate() {
+            let n = i + 1;
+            if raw.is_empty() {
+                return Err(format!(
+                    "AMQP_URL: address {n} is empty; separate the cluster's addresses with single commas"
+                ));
+            }
+            let uri = raw.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+                format!("AMQP_URL: address {n} is not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost")
+            })?;
+            if let Some((_, first)) = addresses.first() {
+                let differs = if first.authority.userinfo != uri.authority.userinfo {
+                    Some("user or password")
+                } else if first.vhost != uri.vhost {
+                    Some("vhost")
+                } else if first.scheme != uri.scheme {
+                    Some("scheme (amqp or amqps)")
+                } else if first.query != uri.query {
+                    Some("options")
+                } else {
+                    None
+                };
+                if let Some(what) = differs {
+                    return Err(format!(
+                        "AMQP_URL: address {n} ({}:{}) has another {what} than address 1; the addresses of one \
+                         cluster share them and differ only in host and port",
+                        uri.authority.host, uri.authority.port
+                    ));
+                }
+            }
+            addresses.push((raw.to_owned(), uri));
+        }
+        Ok(Brokers { addresses })
+    }
+
+    /// `host:port` of each address.
+    pub fn nodes(&self) -> Vec<String> {
+        self.addresses.iter().map(|(_, u)| format!("{}:{}", u.authority.host, u.authority.port)).collect()
+    }
+
+    /// Where it points, for messages: hosts, ports and vhost, never the
+    /// password.
+    pub fn describe(&self) -> String {
+        let vhost = self.addresses.first().map_or("/", |(_, u)| u.vhost.as_str());
+        format!("RabbitMQ at {} (vhost {vhost:?})", self.nodes().join(", "))
+    }
+}
+
+/// Where an AMQP URL (or list of them) points, for messages: hosts, ports
+/// and vhost, never the password.
 pub fn describe(url: &str) -> String {
-    match url.parse::<lapin::uri::AMQPUri>() {
-        Ok(uri) => format!("RabbitMQ at {}:{} (vhost {:?})", uri.authority.host, uri.authority.port, uri.vhost),
+    match Brokers::parse(url) {
+        Ok(b) => b.describe(),
         Err(_) => "RabbitMQ (AMQP_URL is not an amqp:// URL)".into(),
     }
 }
 
+/// The address this process tries first next time: a random one at
+/// start, so that the processes of a deployment spread over the cluster's
+/// nodes; after a connection, the one after it, so that a process whose
+/// node was lost reconnects to another.
+static START: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
+    std::sync::LazyLock::new(|| std::sync::atomic::AtomicUsize::new(rand::random::<u16>().into()));
+
 /// Connects to RabbitMQ, bounded by [`CONNECT_TIMEOUT`]; a failure names the
 /// broker's host and port and what to check.
 pub async fn connect(url: &str) -> anyhow::Result<lapin::Connection> {
-    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-        anyhow::bail!("AMQP_URL is not an AMQP URL ({e}); expected amqp://user:password@host:5672/vhost");
+    Ok(connect_to(url).await?.0)
+}
+
+/// [`connect`], also saying which node (`host:port`) answered: with
+/// several addresses, each is tried in turn from this process's next start
+/// (see [`START`]) until one answers.
+pub async fn connect_to(url: &str) -> anyhow::Result<(lapin::Connection, String)> {
+    let brokers = Brokers::parse(url).map_err(|e| anyhow::anyhow!(e))?;
+    let n = brokers.addresses.len();
+    let start = START.load(std::sync::atomic::Ordering::Relaxed) % n;
+    let mut failures = Vec::new();
+    for k in 0..n {
+        let i = (start + k) % n;
+        let (raw, uri) = &brokers.addresses[i];
+        let node = format!("{}:{}", uri.authority.host, uri.authority.port);
+        match connect_one(raw).await {
+            Ok(conn) => {
+                START.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+                if n > 1 {
+                    tracing::info!(node = %node, "connected to RabbitMQ node {node}");
+                }
+                return Ok((conn, node));
+            }
+            Err((reason, hint)) => {
+                if n > 1 {
+                    tracing::warn!(node = %node, reason = %reason, "RabbitMQ node unreachable; trying the next address");
+                }
+                failures.push((node, reason, hint));
+            }
+        }
     }
+    let hint = failures.last().map_or("", |f| f.2);
+    let reasons: Vec<String> = if n == 1 {
+        failures.into_iter().map(|(_, reason, _)| reason).collect()
+    } else {
+        failures.into_iter().map(|(node, reason, _)| format!("{node} {reason}")).collect()
+    };
+    Err(anyhow::anyhow!("cannot reach {}: {}; {hint}", brokers.describe(), reasons.join(", ")))
+}
+
+/// One address: the connection, or why not and what to check.
+async fn connect_one(url: &str) -> Result<lapin::Connection, (String, &'static str)> {
     let props = lapin::ConnectionProperties::default().with_connection_name("leadconv".into());
     match tokio::time::timeout(CONNECT_TIMEOUT, lapin::Connection::connect(url, props)).await {
         Ok(Ok(conn)) => Ok(conn),
@@ -269,12 +378,45 @@ pub async fn connect(url: &str) -> anyhow::Result<lapin::Connection> {
                 lapin::Error::ProtocolError(_) => "check the user, password and vhost in AMQP_URL",
                 _ => "check that it runs and that AMQP_URL names the right host and port",
             };
-            Err(anyhow::anyhow!("cannot reach {}: {reason}; {hint}", describe(url)))
+            Err((reason, hint))
         }
-        Err(_) => Err(anyhow::anyhow!(
-            "cannot reach {}: no answer within {}s; check that it runs and that AMQP_URL names the right host and port",
-            describe(url),
-            CONNECT_TIMEOUT.as_secs()
+        Err(_) => Err((
+            format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            "check that it runs and that AMQP_URL names the right host and port",
         )),
+    }
+}
+
+#[cfg(test)]
+mod broker_list_tests {
+    use super::Brokers;
+
+    #[test]
+    fn a_list_of_one_clusters_addresses_parses_and_names_its_nodes() {
+        let b = Brokers::parse(
+            "amqp://u:secret@rabbit-0:5672/crm, amqp://u:secret@rabbit-1:5673/crm,amqp://u:secret@rabbit-2/crm",
+        )
+        .unwrap();
+        assert_eq!(b.nodes(), ["rabbit-0:5672", "rabbit-1:5673", "rabbit-2:5672"]);
+        assert_eq!(b.describe(), "RabbitMQ at rabbit-0:5672, rabbit-1:5673, rabbit-2:5672 (vhost \"crm\")");
+        assert!(!b.describe().contains("secret"));
+        assert_eq!(Brokers::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap().nodes(), ["127.0.0.1:5672"]);
+    }
+
+    #[test]
+    fn addresses_of_different_clusters_or_malformed_ones_are_refused_by_position() {
+        let refused = |list: &str| Brokers::parse(list).unwrap_err();
+        let e = refused("amqp://u:p@a/crm,amqp://u:p@b/other");
+        assert!(e.contains("address 2 (b:5672) has another vhost"), "{e}");
+        let e = refused("amqp://u:p@a/crm,amqp://v:secret@b/crm");
+        assert!(e.contains("address 2") && e.contains("user or password") && !e.contains("secret"), "{e}");
+        let e = refused("amqp://u:p@a/crm,amqps://u:p@b/crm");
+        assert!(e.contains("scheme"), "{e}");
+        let e = refused("amqp://u:p@a/crm,,amqp://u:p@b/crm");
+        assert!(e.contains("address 2 is empty"), "{e}");
+        let e = refused("amqp://u:p@a/crm,http://b");
+        assert!(e.contains("address 2 is not an AMQP URL"), "{e}");
+        // The reported case: a list read as one URL whose vhost is the rest.
+        assert!(Brokers::parse("amqp://guest:guest@h1:5672/%2f,amqp://guest:guest@h2:5672/%2f").is_ok());
     }
 }
