@@ -474,6 +474,32 @@ async fn readyz_refuses_a_database_whose_lower_is_ascii_only() {
     assert!(problem.contains("LC_CTYPE") && problem.contains("C.UTF-8"), "{body}");
 }
 
+// Issue 23: a Postgres that cannot take writes (a standby behind the old
+// primary's address after a failover, or read only by default) is not
+// ready, and says why.
+#[tokio::test]
+async fn readyz_refuses_a_read_only_database() {
+    let crm = Crm::new().await;
+    let name = crm.url().rsplit('/').next().unwrap().to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let broker = TestBroker::new().await;
+    let server = serve(&crm.db, &broker).await;
+    let r = reqwest::get(format!("{}/readyz", server.base)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((&body["postgres"], &body["rabbitmq"]), (&json!(false), &json!(true)), "{body}");
+    let problem = body["postgres_problem"].as_str().unwrap_or("");
+    assert!(problem.contains("read only") && problem.contains("writable primary"), "{body}");
+    sqlx::query(&format!("ALTER DATABASE \"{name}\" RESET default_transaction_read_only"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
 // Issue 12: the workflow lane carries only what rules and convert-now put
 // there; an API caller cannot name `workflow` (or `schedule`) and put a
 // thousand leads in front of a one-lead conversion.

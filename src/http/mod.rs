@@ -163,9 +163,11 @@ async fn note_route(req: Request, next: axum::middleware::Next) -> Response {
 }
 
 async fn readyz(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
-    // Ready only on a database that matches correctly and has this
-    // binary's schema: on an unmigrated one every API call would fail.
+    // Ready only on a writable database that matches correctly and has
+    // this binary's schema: on a standby or an unmigrated one every
+    // conversion would fail.
     let checked = async {
+        crate::store::db::require_writable(&s.pool).await?;
         crate::store::db::check_matching_locale(&s.pool).await?;
         crate::store::db::require_schema(&s.pool).await
     };

@@ -211,6 +211,25 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a Postgres that cannot take writes: a standby (after a
+/// failover, the old primary's address may lead to one) or a session
+/// that is read only by default. Every conversion would fail there.
+pub async fn require_writable(pool: &PgPool) -> anyhow::Result<()> {
+    let (standby, read_only, name): (bool, bool, String) = sqlx::query_as(
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', current_database()::text",
+    )
+    .fetch_one(pool)
+    .await?;
+    if standby || read_only {
+        let why = if standby { "a standby in recovery" } else { "read only (default_transaction_read_only)" };
+        anyhow::bail!(
+            "Postgres database {name:?} is {why}: leadconv writes every conversion there; point DATABASE_URL at the \
+             writable primary (after a failover, the endpoint that follows it)"
+        );
+    }
+    Ok(())
+}
+
 /// Refuses a database where `lower()` folds only ASCII (`LC_CTYPE` `C` or
 /// `POSIX`) or that is not UTF-8: there "ŁÓDŹ" and "łódź", "İPEK" and "ipek"
 /// are different, so matching silently creates duplicates of Polish,
