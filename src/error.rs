@@ -61,9 +61,22 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
                 // idle_session_timeout, and the whole connection-exception class.
                 Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "25P03" | "57P05")
             ) || db.code().is_some_and(|c| c.starts_with("08"))
+                || read_only(db.code().as_deref())
         }
         _ => false,
     }
+}
+
+/// read_only_sql_transaction: the connection leads to a Postgres that takes
+/// no writes (a standby after a failover moved the primary). Worth retrying
+/// on another connection: the pool checks its connections for a while and
+/// drops those (see [`crate::store::db::read_only_seen`]).
+fn read_only(code: Option<&str>) -> bool {
+    let seen = code == Some("25006");
+    if seen {
+        crate::store::db::read_only_seen();
+    }
+    seen
 }
 
 /// Integrity errors (class 23) mean this lead's data breaks a rule of the

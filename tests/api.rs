@@ -494,10 +494,16 @@ async fn readyz_refuses_a_read_only_database() {
     assert_eq!((&body["postgres"], &body["rabbitmq"]), (&json!(false), &json!(true)), "{body}");
     let problem = body["postgres_problem"].as_str().unwrap_or("");
     assert!(problem.contains("read only") && problem.contains("writable primary"), "{body}");
+    // Writable again (the endpoint reaches a primary): the pool drops its
+    // read-only connections and serve is ready without a restart.
     sqlx::query(&format!("ALTER DATABASE \"{name}\" RESET default_transaction_read_only"))
         .execute(&mut admin)
         .await
         .unwrap();
+    wait_for("/readyz is 200 again", Duration::from_secs(30), || async {
+        reqwest::get(format!("{}/readyz", server.base)).await.unwrap().status() == StatusCode::OK
+    })
+    .await;
 }
 
 // Issue 12: the workflow lane carries only what rules and convert-now put

@@ -109,7 +109,44 @@ pub async fn connect_warm(url: &str, connections: u32, warm: u32, limits: Option
         .max_connections(connections.max(1))
         .min_connections(warm.min(connections))
         .acquire_timeout(Duration::from_secs(10))
+        .before_acquire(|conn, _| Box::pin(async move { Ok(!read_only_lately() || writable(conn).await) }))
         .connect_lazy_with(options))
+}
+
+/// How long after a write refused as read only (25006) the pool checks each
+/// connection before handing it out.
+const READ_ONLY_WATCH: Duration = Duration::from_secs(30);
+
+/// When a write was last refused as read only, in ms since the Unix epoch.
+static READ_ONLY_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A write was refused because the server is read only: after a failover
+/// the pool's connections may still lead to the old primary, now a standby
+/// (or through an endpoint that has not moved yet). For [`READ_ONLY_WATCH`]
+/// each pooled connection is checked before use and dropped when it leads
+/// to a server that takes no writes, so the pool opens new ones (through
+/// the moved endpoint, to the new primary) instead of failing on the same
+/// connections again and again.
+pub fn read_only_seen() {
+    READ_ONLY_AT.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn read_only_lately() -> bool {
+    let at = READ_ONLY_AT.load(std::sync::atomic::Ordering::Relaxed);
+    at != 0 && now_ms().saturating_sub(at) < READ_ONLY_WATCH.as_millis() as u64
+}
+
+/// Whether `conn` leads to a server that takes writes; a connection that
+/// cannot even answer is not worth keeping either.
+async fn writable(conn: &mut sqlx::PgConnection) -> bool {
+    sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'")
+        .fetch_one(conn)
+        .await
+        .unwrap_or(false)
 }
 
 /// [`connect`], then refuses a database whose schema is not the one this
@@ -221,6 +258,9 @@ pub async fn require_writable(pool: &PgPool) -> anyhow::Result<()> {
     .fetch_one(pool)
     .await?;
     if standby || read_only {
+        // The pool's connections may outlive a failover: have them checked
+        // and the read-only ones dropped, so the next look reconnects.
+        read_only_seen();
         let why = if standby { "a standby in recovery" } else { "read only (default_transaction_read_only)" };
         anyhow::bail!(
             "Postgres database {name:?} is {why}: leadconv writes every conversion there; point DATABASE_URL at the \
