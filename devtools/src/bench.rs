@@ -172,17 +172,7 @@ async fn reference(pool: &PgPool, url: &str, args: &BenchArgs, path: &std::path:
             .fetch_one(pool)
             .await?;
     println!("reference ceiling ({streams} psql loops): {done} of {} leads in {wall:.1?}", created.total_count);
-    Ok(RunReport {
-        name: REFERENCE,
-        leads: done as u64,
-        wall,
-        p50_ms: None,
-        p99_ms: None,
-        e2e_p50_ms: None,
-        e2e_p99_ms: None,
-        peak_rss: vec![],
-        made: made(pool).await?,
-    })
+    RunReport::set_based(REFERENCE, done as u64, wall, pool).await
 }
 
 async fn made(pool: &PgPool) -> sqlx::Result<(i64, i64, i64, i64)> {
@@ -211,20 +201,25 @@ async fn ceiling(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
     let wall = t.elapsed();
     job::rollup(pool, created.id).await?;
     println!("set-based: {done} of {} leads in {wall:.1?}", created.total_count);
-    Ok(RunReport {
-        name: CEILING,
-        leads: done,
-        wall,
-        p50_ms: None,
-        p99_ms: None,
-        e2e_p50_ms: None,
-        e2e_p99_ms: None,
-        peak_rss: vec![],
-        made: made(pool).await?,
-    })
+    RunReport::set_based(CEILING, done, wall, pool).await
 }
 
 impl RunReport {
+    /// A run in SQL alone: no per-lead latencies, no process of ours.
+    async fn set_based(name: &'static str, leads: u64, wall: Duration, pool: &PgPool) -> anyhow::Result<RunReport> {
+        Ok(RunReport {
+            name,
+            leads,
+            wall,
+            p50_ms: None,
+            p99_ms: None,
+            e2e_p50_ms: None,
+            e2e_p99_ms: None,
+            peak_rss: vec![],
+            made: made(pool).await?,
+        })
+    }
+
     pub fn per_sec(&self) -> f64 {
         self.leads as f64 / self.wall.as_secs_f64().max(1e-9)
     }
