@@ -488,3 +488,46 @@ async fn an_undo_job_publishes_its_latest_leads_first() {
         "published through its last page"
     );
 }
+
+/// A lead left pending with its message gone (with asynchronous
+/// replication, a primary that crashes can lose a commit whose message was
+/// acknowledged): once no queue holds a message and the job recorded
+/// nothing for a while, its pending leads are published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leads_pending_with_no_message_anywhere_are_published_again() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let mut leads = Vec::new();
+    for i in 0..3 {
+        leads.push(
+            crm.lead(json!({"owner_id": rep, "last_name": format!("Øberg {i}"), "email": format!("o{i}@example.no")}))
+                .await,
+        );
+    }
+    let job_id = enqueue(&crm, &broker, json!({"ids": leads}), json!({}), rep, Trigger::Manual).await;
+    // The messages are gone, and the job was published a while ago.
+    let queue_name = broker.topology.work_queue(Lane::Bulk);
+    broker.channel.queue_purge(&queue_name, lapin::options::QueuePurgeOptions::default()).await.unwrap();
+    sqlx::query("UPDATE conversion_jobs SET published_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(job_id)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+
+    let mut cfg = worker::WorkerConfig::new(common::broker::amqp_url(), broker.topology.clone());
+    cfg.tick = Duration::from_millis(100);
+    cfg.stranded_after = Duration::from_secs(2);
+    let stop = CancellationToken::new();
+    let (pool, token) = (crm.pool().clone(), stop.clone());
+    let w = tokio::spawn(async move { worker::run(pool, cfg, token).await.expect("worker runs") });
+    wait_for("the stranded leads are converted", Duration::from_secs(60), || async {
+        job::get(crm.pool(), job_id).await.unwrap().unwrap().is_finished()
+    })
+    .await;
+    stop.cancel();
+    w.await.unwrap();
+    job::rollup(crm.pool(), job_id).await.unwrap();
+    let j = job_status(&crm, job_id).await;
+    assert_eq!((j.status.to_string().as_str(), j.converted_count), ("completed", 3));
+}

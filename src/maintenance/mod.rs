@@ -25,8 +25,12 @@ pub async fn round(
     topology: &Topology,
     lease: &producer::Lease,
     retention_keep: Option<Duration>,
+    stranded_after: Duration,
 ) {
     sweep_outbox(pool, ch, topology, lease).await;
+    if let Err(e) = republish_stranded(pool, ch, topology, lease, stranded_after).await {
+        tracing::warn!(error = %e, "looking for stranded leads failed; will try again");
+    }
     if let Some(keep) = retention_keep {
         if let Err(e) = retention(pool, keep).await {
             tracing::warn!(error = %e, "retention failed; will try again");
@@ -53,6 +57,59 @@ pub async fn sweep_outbox(pool: &PgPool, ch: &Channel, topology: &Topology, leas
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
     }
+}
+
+/// See [`republish_stranded`]: ten minutes, twice the longest a batch can
+/// hold a message (statement timeout aside, its lock and idle timeouts are
+/// seconds).
+pub const STRANDED_AFTER: Duration = Duration::from_secs(600);
+
+/// Leads left pending with no message anywhere, published again. A message
+/// is acknowledged only after its lead's commit, but with asynchronous
+/// replication a primary that crashes can lose a commit it had confirmed:
+/// the lead stays `pending` with its message gone, and the outbox (leads
+/// never published) does not cover it. So: when no queue of this
+/// installation holds a message, a published job that still has pending
+/// leads and recorded none of them for `after` has its outbox rewound and
+/// published again (a message sent twice converts nothing twice). One job
+/// per round; the lease keeps other workers off it meanwhile.
+pub async fn republish_stranded(
+    pool: &PgPool,
+    ch: &Channel,
+    topology: &Topology,
+    lease: &producer::Lease,
+    after: Duration,
+) -> anyhow::Result<()> {
+    use crate::queue::{Lane, RETRY_DELAYS};
+    let mut queues = vec![topology.work_queue(Lane::Workflow), topology.work_queue(Lane::Bulk)];
+    queues.extend((0..RETRY_DELAYS.len()).map(|l| topology.retry_queue(l)));
+    for q in queues {
+        if topology.depth(ch, &q).await? > 0 {
+            return Ok(());
+        }
+    }
+    let stranded: Option<(Uuid, i64)> = sqlx::query_as(
+        "SELECT j.id, (SELECT count(*) FROM conversion_results r WHERE r.job_id = j.id AND r.outcome = 'pending')
+         FROM conversion_jobs j
+         WHERE j.status IN ('scheduled', 'in_progress') AND j.published_at < now() - make_interval(secs => $1)
+           AND (j.publisher_lease_until IS NULL OR j.publisher_lease_until < now())
+           AND EXISTS (SELECT 1 FROM conversion_results r WHERE r.job_id = j.id AND r.outcome = 'pending')
+           AND NOT EXISTS (SELECT 1 FROM conversion_results r
+                           WHERE r.job_id = j.id AND r.finished_at > now() - make_interval(secs => $1))
+         ORDER BY j.created_at LIMIT 1",
+    )
+    .bind(after.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    let Some((job_id, pending)) = stranded else { return Ok(()) };
+    tracing::warn!(
+        %job_id,
+        pending,
+        "leads pending with no message in any queue and none recorded for {after:?}; publishing them again"
+    );
+    let trigger = job::rewind_outbox(pool, job_id, lease).await?;
+    producer::publish_job(pool, ch, topology, job_id, Lane::for_trigger(trigger), lease, producer::BATCH).await?;
+    Ok(())
 }
 
 /// Moves counter shards into their jobs' rows. Jobs are taken with SKIP

@@ -63,6 +63,10 @@ pub struct WorkerConfig {
     pub retention: Option<Duration>,
     /// How long a stopping worker waits for its conversions in flight.
     pub drain: Duration,
+    /// A published job's pending leads are published again when no queue
+    /// holds a message and none of its leads was recorded for this long
+    /// (see [`crate::maintenance::republish_stranded`]).
+    pub stranded_after: Duration,
 }
 
 impl WorkerConfig {
@@ -79,6 +83,7 @@ impl WorkerConfig {
             tick: Duration::from_millis(500),
             retention: None,
             drain: Duration::from_secs(90),
+            stranded_after: crate::maintenance::STRANDED_AFTER,
         }
     }
 }
@@ -273,7 +278,10 @@ async fn session(
                     if keep.is_some() {
                         retention_due = Instant::now() + crate::maintenance::RETENTION_EVERY;
                     }
-                    sweeper = Some(tokio::spawn(async move { crate::maintenance::round(&pool, &ch, &topology, &lease, keep).await }));
+                    let stranded = cfg.stranded_after;
+                    sweeper = Some(tokio::spawn(async move {
+                        crate::maintenance::round(&pool, &ch, &topology, &lease, keep, stranded).await
+                    }));
                 }
                 seen_since_tick = false;
             }
