@@ -35,6 +35,24 @@ pub struct Entry {
     pub copies: Vec<NoteCopy>,
 }
 
+impl Entry {
+    /// The records this entry created or filled, as `module:id`, each once:
+    /// what a record's history looks its conversions up by (stored beside
+    /// the entry and indexed, so the lookup never parses entries).
+    pub fn records(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .created
+            .iter()
+            .map(|c| (c.module, c.id))
+            .chain(self.filled.iter().map(|f| (f.module, f.id)))
+            .map(|(m, id)| format!("{}:{id}", m.as_str()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+}
+
 /// The lead's fields a conversion sets (SPEC §3.12), before and after.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LeadChange {
@@ -256,6 +274,23 @@ mod tests {
 
     fn rec(v: Value) -> Record {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn an_entry_names_each_record_it_created_or_filled_once() {
+        let mut row = rec(json!({"id": 7, "phone": null, "city": null}));
+        let mut filled = fill(Module::Account, 7, &mut row, &rec(json!({"phone": "1"})));
+        filled.extend(fill(Module::Account, 7, &mut row, &rec(json!({"city": "Hà Nội"}))));
+        let entry = Entry {
+            created: vec![
+                Created { module: Module::Contact, id: 12, values: Record::new() },
+                Created { module: Module::Deal, id: 3, values: Record::new() },
+            ],
+            filled,
+            ..Default::default()
+        };
+        assert_eq!(entry.records(), ["account:7", "contact:12", "deal:3"]);
+        assert!(Entry::default().records().is_empty());
     }
 
     #[test]

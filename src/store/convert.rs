@@ -392,18 +392,27 @@ async fn write_journal<'a>(
     if leads.is_empty() {
         return Ok(());
     }
-    let entries: Vec<sqlx::types::Json<&crate::journal::Entry>> = entries.map(sqlx::types::Json).collect();
+    // Each entry as JSON text, and the records it touched as one
+    // `{module:id,…}` array literal each (an array of arrays of different
+    // lengths cannot be bound).
+    let (mut texts, mut records) = (Vec::with_capacity(leads.len()), Vec::with_capacity(leads.len()));
+    for entry in entries {
+        texts.push(serde_json::to_string(entry).expect("a journal entry serialises"));
+        records.push(format!("{{{}}}", entry.records().join(",")));
+    }
     sqlx::query(
         // clock_timestamp(), not now(): a batch that waited on another's
         // locks started before it committed, yet converted after it; the
         // undo's dry run takes the latest conversions back first.
-        "INSERT INTO conversion_journal (job_id, lead_id, entry, created_at)
-         SELECT $1, lead_id, entry, clock_timestamp() FROM unnest($2::bigint[], $3::jsonb[]) WITH ORDINALITY
-             AS v(lead_id, entry, ord) ORDER BY ord",
+        "INSERT INTO conversion_journal (job_id, lead_id, entry, records, created_at)
+         SELECT $1, lead_id, entry::json, records::text[], clock_timestamp()
+         FROM unnest($2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY AS v(lead_id, entry, records, ord)
+         ORDER BY ord",
     )
     .bind(job_id)
     .bind(leads)
-    .bind(entries)
+    .bind(texts)
+    .bind(records)
     .execute(conn)
     .await?;
     Ok(())

@@ -59,7 +59,7 @@ pub async fn of(pool: &PgPool, module: Module, id: i64, reach: Option<&[i64]>) -
         .await?
     } else {
         sqlx::query_as(&format!(
-            "SELECT {COLUMNS} WHERE leadconv_journal_records(j.entry) @> ARRAY[$1]
+            "SELECT {COLUMNS} WHERE j.records @> ARRAY[$1]
                AND ($2::bigint[] IS NULL OR c.requested_by = ANY($2))
              ORDER BY j.created_at, j.job_id"
         ))
