@@ -196,8 +196,8 @@ pub fn plan_line(p: &Plan) -> String {
                     _ => format!("new {what}"),
                 }
             };
-            let mut parts = vec![target(&c.contact, "contact")];
-            if c.contact.email_opt_out_applied {
+            let mut parts = vec![c.contact.as_ref().map_or("no contact".into(), |t| target(t, "contact"))];
+            if c.contact.as_ref().is_some_and(|t| t.email_opt_out_applied) {
                 parts.push("e-mail opt-out set".into());
             }
             parts.push(c.account.as_ref().map_or("no account".into(), |a| target(a, "account")));
@@ -223,7 +223,7 @@ pub struct PlanSummary(BTreeMap<String, u64>);
 impl PlanSummary {
     pub fn add(&mut self, p: &Plan) {
         let key = match &p.verdict {
-            Verdict::Convert(c) if c.contact.action == Action::Merged => "merge".to_owned(),
+            Verdict::Convert(c) if c.contact.as_ref().is_some_and(|t| t.action == Action::Merged) => "merge".to_owned(),
             Verdict::Convert(_) => "create".to_owned(),
             Verdict::Skipped { code, .. } => format!("skip {code}"),
             Verdict::Failed { code, .. } => format!("fail {code}"),

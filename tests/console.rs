@@ -318,3 +318,27 @@ async fn a_sign_in_from_another_site_and_a_stale_cookie_are_refused() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(r.headers()[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
 }
+
+// Issue 24: the new-job form names the options choosing which records a
+// lead becomes, and its preview shows a lead converted without a contact.
+#[tokio::test]
+async fn the_new_job_form_offers_the_choice_of_records_and_previews_it() {
+    let c = Console::new().await;
+    let (_, cookie) = c.sign_in(&[]).await;
+    let (status, html) = c.page("/console/preview", &cookie).await;
+    assert_eq!(status, StatusCode::OK);
+    let help = &html[html.find(r#"id="options-help""#).expect("the options are explained")..];
+    assert!(help.contains("create_contact") && help.contains("create_account"), "{help}");
+
+    let lead = c.crm.lead(json!({"owner_id": c.user, "last_name": "Yılmaz", "company": "Şirket A.Ş."})).await;
+    let csrf = c.csrf(&cookie).await;
+    let form = [
+        ("csrf", csrf),
+        ("criteria", json!({"ids": [lead]}).to_string()),
+        ("options", json!({"create_contact": false}).to_string()),
+    ];
+    let r = c.http.post(c.url("/console/preview")).header(COOKIE, cookie.as_str()).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("no contact; new account"), "the plan names what is made: {html}");
+}

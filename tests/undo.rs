@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::broker::{wait_for, TestBroker};
 use common::*;
-use leadconv::store::convert::{ConvertError, Item, LeadResult};
+use leadconv::store::convert::LeadResult;
 use leadconv::store::job::{self, Dispatch, Trigger, UndoOf};
 use leadconv::store::types::Outcome;
 use leadconv::undo::UndoVerdict;
@@ -54,50 +54,6 @@ fn same(before: &BTreeMap<String, Vec<Value>>, after: &BTreeMap<String, Vec<Valu
         }
         assert_eq!(now.len(), rows.len(), "{table}: rows added or missing");
     }
-}
-
-/// Takes back job `of` in this process, as workers do: lead by lead, a
-/// lead waiting for another of the same job tried again after the others.
-async fn undo_in_process(crm: &Crm, of: Uuid, leads: Option<Vec<i64>>) -> (Uuid, Vec<LeadResult>) {
-    let undo = job::create_undo(
-        crm.pool(),
-        &UndoOf { job_id: of, lead_ids: leads },
-        None,
-        None,
-        Trigger::Manual,
-        Dispatch::InProcess,
-    )
-    .await
-    .expect("an undo job");
-    let settings = job::settings(crm.pool(), &undo).await.unwrap();
-    let mut todo: Vec<i64> =
-        sqlx::query_scalar("SELECT lead_id FROM conversion_results WHERE job_id = $1 ORDER BY lead_id")
-            .bind(undo.id)
-            .fetch_all(crm.pool())
-            .await
-            .unwrap();
-    let mut done = Vec::new();
-    for _round in 0..20 {
-        if todo.is_empty() {
-            break;
-        }
-        let items: Vec<Item> =
-            todo.iter().map(|&lead_id| Item { lead_id, enqueued_at: None, earlier_attempts: 0 }).collect();
-        let results = leadconv::store::undo::undo_batch(crm.pool(), undo.id, of, &settings, &items).await.unwrap();
-        let mut again = Vec::new();
-        for (lead, r) in todo.iter().zip(results) {
-            match r {
-                Ok(r) => done.push(r),
-                Err(ConvertError::Waits(_)) => again.push(*lead),
-                Err(e) => panic!("lead {lead}: {e}"),
-            }
-        }
-        todo = again;
-    }
-    assert!(todo.is_empty(), "leads {todo:?} still wait");
-    job::rollup(crm.pool(), undo.id).await.unwrap();
-    done.sort_by_key(|r| r.lead_id);
-    (undo.id, done)
 }
 
 fn outcome(r: &LeadResult) -> (String, Option<String>) {
@@ -191,7 +147,7 @@ async fn an_undone_job_leaves_the_crm_as_it_was_but_the_opt_outs() {
     // The dry run says what the undo then does, lead by lead.
     let planned = leadconv::store::undo::dry_run(w.crm.pool(), &UndoOf { job_id: job, lead_ids: None }).await.unwrap();
     assert!(planned.iter().all(|(_, v)| matches!(v, UndoVerdict::Undo(_))), "{planned:#?}");
-    let (undo, undone) = undo_in_process(&w.crm, job, None).await;
+    let (undo, undone) = w.crm.undo(job, None).await;
     assert!(undone.iter().all(|r| r.outcome == Outcome::Undone), "{undone:#?}");
     assert!(undone[0].error_message.as_deref().unwrap_or("").contains("opt-out"), "the result says the opt-out stays");
 
@@ -212,7 +168,7 @@ async fn an_undone_job_leaves_the_crm_as_it_was_but_the_opt_outs() {
     assert_eq!((u.undo_of, u.converted_count, u.total_count), (Some(job), 4, 4));
 
     // Undoing again is a no-op; the leads convert again.
-    let (_, twice) = undo_in_process(&w.crm, job, None).await;
+    let (_, twice) = w.crm.undo(job, None).await;
     assert!(twice.iter().all(|r| outcome(r) == ("skipped".into(), Some("already_undone".into()))), "{twice:#?}");
     let mut again = dump(&w.crm).await;
     for c in again.get_mut("contacts").unwrap() {
@@ -224,9 +180,9 @@ async fn an_undone_job_leaves_the_crm_as_it_was_but_the_opt_outs() {
     let (job2, results) = w.crm.convert_in_batches(w.rep, with_deal(), &w.leads, 10).await;
     assert!(results.iter().all(|r| r.outcome == Outcome::Converted), "undone leads convert again");
     // The first job's leads are now marked by the second: its undo skips them.
-    let (_, stale) = undo_in_process(&w.crm, job, None).await;
+    let (_, stale) = w.crm.undo(job, None).await;
     assert!(stale.iter().all(|r| outcome(r) == ("skipped".into(), Some("already_undone".into()))), "{stale:#?}");
-    let (_, second) = undo_in_process(&w.crm, job2, None).await;
+    let (_, second) = w.crm.undo(job2, None).await;
     assert!(second.iter().all(|r| r.outcome == Outcome::Undone));
 }
 
@@ -272,7 +228,7 @@ async fn later_work_is_kept_and_a_blocked_lead_goes_once_the_later_job_is_undone
     assert_eq!(r2[0].contact_id, Some(viet_contact), "the later lead merged into the first job's contact");
 
     let dry = leadconv::store::undo::dry_run(crm.pool(), &UndoOf { job_id: job, lead_ids: None }).await.unwrap();
-    let (_, undone) = undo_in_process(crm, job, None).await;
+    let (_, undone) = crm.undo(job, None).await;
     let got: Vec<(String, Option<String>)> = undone.iter().map(outcome).collect();
     assert_eq!(
         got,
@@ -311,9 +267,9 @@ async fn later_work_is_kept_and_a_blocked_lead_goes_once_the_later_job_is_undone
 
     // Undo the later job, then the first again: the blocked lead goes; the
     // others stay skipped, their records untouched.
-    let (_, u2) = undo_in_process(crm, job2, None).await;
+    let (_, u2) = crm.undo(job2, None).await;
     assert_eq!(outcome(&u2[0]), ("undone".into(), None));
-    let (_, again) = undo_in_process(crm, job, None).await;
+    let (_, again) = crm.undo(job, None).await;
     let got: Vec<(String, Option<String>)> = again.iter().map(outcome).collect();
     assert_eq!(
         got,
@@ -370,7 +326,7 @@ async fn an_undo_is_refused_while_the_job_converts_and_takes_some_leads_only() {
         enabled: true,
     };
     leadconv::automation::rules::create(crm.pool(), rule).await.unwrap();
-    let (_, some) = undo_in_process(crm, job, Some(vec![w.leads[3]])).await;
+    let (_, some) = crm.undo(job, Some(vec![w.leads[3]])).await;
     assert_eq!(crm.count("SELECT count(*) FROM lead_changes").await, 0, "no rule fires on an undo");
     assert_eq!(some.iter().map(|r| r.lead_id).collect::<Vec<_>>(), vec![w.leads[3]]);
     assert_eq!(outcome(&some[0]), ("undone".into(), None));
@@ -639,7 +595,7 @@ async fn a_records_history_shows_its_conversions_and_undos() {
     let (job, results) = crm.convert_in_batches(w.rep, with_deal(), &w.leads, 10).await;
     let existing = results[0].contact_id.unwrap();
     let created = results[1].contact_id.unwrap();
-    let (undo, _) = undo_in_process(crm, job, Some(vec![w.leads[1], w.leads[2]])).await;
+    let (undo, _) = crm.undo(job, Some(vec![w.leads[1], w.leads[2]])).await;
     let events =
         leadconv::store::history::of(crm.pool(), leadconv::record::Module::Contact, existing, None).await.unwrap();
     assert_eq!(events.len(), 1);

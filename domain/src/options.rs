@@ -28,6 +28,12 @@ pub struct ConversionOptions {
     pub move_attachments_to: Option<Module>,
     #[serde(default)]
     pub carry_over_tags: Option<bool>,
+    /// Which records a lead becomes (seed 001: a contact, an account, a
+    /// deal, or any non-empty combination); both default to true.
+    #[serde(default)]
+    pub create_contact: Option<bool>,
+    #[serde(default)]
+    pub create_account: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -77,6 +83,10 @@ pub struct Settings {
     pub deal: Option<DealSettings>,
     pub attachments_to: Module,
     pub carry_over_tags: bool,
+    /// Whether the lead becomes a contact and an account (SPEC §4
+    /// options); a deal is `deal`.
+    pub create_contact: bool,
+    pub create_account: bool,
     pub fields: FieldMapping,
 }
 
@@ -170,8 +180,29 @@ impl Settings {
             (_, false) => None,
         };
 
+        let (create_contact, create_account) =
+            (options.create_contact.unwrap_or(true), options.create_account.unwrap_or(true));
+        if !create_contact && !create_account && deal.is_none() {
+            return Err(Refusal::new(
+                ErrorCode::InvalidOption,
+                "options",
+                "create_contact, create_account and create_deal are all false: a conversion makes at least one \
+                 of a contact, an account or a deal; set one of them to true",
+            ));
+        }
         let attachments_to = options.move_attachments_to.unwrap_or(Module::Contact);
+        let not_made = |what: &str, option: &str| {
+            Err(Refusal::new(
+                ErrorCode::InvalidOption,
+                "move_attachments_to",
+                format!("attachments cannot move to the {what}: {option} is false; name a record the job makes"),
+            ))
+        };
         match attachments_to {
+            Module::Contact if options.move_attachments_to.is_some() && !create_contact => {
+                return not_made("contact", "create_contact")
+            }
+            Module::Account if !create_account => return not_made("account", "create_account"),
             Module::Lead => {
                 return Err(Refusal::new(
                     ErrorCode::InvalidOption,
@@ -195,6 +226,8 @@ impl Settings {
             deal,
             attachments_to,
             carry_over_tags: options.carry_over_tags.unwrap_or(true),
+            create_contact,
+            create_account,
             fields,
         })
     }

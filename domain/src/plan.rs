@@ -164,8 +164,10 @@ pub struct DealPlan {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Conversion {
-    pub contact: Target,
-    /// `None`: no company and nothing matched, so no account.
+    /// `None`: the job makes no contact (`create_contact: false`).
+    pub contact: Option<Target>,
+    /// `None`: no company and nothing matched, or the job makes no account
+    /// (`create_account: false`).
     pub account: Option<Target>,
     pub deal: Option<DealPlan>,
     /// Set the contact's account (a new contact, or a writable matched one
@@ -215,7 +217,7 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
     }
     // 12. The contact's one mandatory field, checked before anything is
     // written (the database would refuse it with a message of its own).
-    if record::text(lead, "last_name").is_none() {
+    if settings.create_contact && record::text(lead, "last_name").is_none() {
         return Verdict::Failed {
             code: ErrorCode::MissingMandatoryField,
             message: format!(
@@ -227,8 +229,10 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
     let acting = settings.acting_user;
 
     // 7. Hierarchy block: a subordinate may not convert their superior's
-    // lead into someone's existing contact.
-    if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), &facts.contact_by_email) {
+    // lead into someone's existing contact (without a contact there is no
+    // merge into one).
+    let dup = facts.contact_by_email.as_ref().filter(|_| settings.create_contact);
+    if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), dup) {
         if owner != acting && facts.is_above(owner, acting) {
             return Verdict::Failed {
                 code: ErrorCode::BlockedByHierarchy,
@@ -251,15 +255,20 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
 
     // 3–4. Contact: unique field, then e-mail, then (no e-mail) the name
     // within the matched account; else a new one.
-    let matched_contact = facts
-        .contact_by_unique
-        .as_ref()
-        .map(|(f, c)| (MatchRule::UniqueField(f.clone()), c))
-        .or_else(|| facts.contact_by_email.as_ref().map(|c| (MatchRule::Email, c)))
-        .or_else(|| facts.contact_by_name.as_ref().map(|c| (MatchRule::Name, c)));
+    let matched_contact = if !settings.create_contact {
+        None
+    } else {
+        facts
+            .contact_by_unique
+            .as_ref()
+            .map(|(f, c)| (MatchRule::UniqueField(f.clone()), c))
+            .or_else(|| facts.contact_by_email.as_ref().map(|c| (MatchRule::Email, c)))
+            .or_else(|| facts.contact_by_name.as_ref().map(|c| (MatchRule::Name, c)))
+    };
     let contact_values = fields.values_for(lead, Module::Contact);
     let existing_contact = matched_contact.as_ref().map(|(_, c)| *c);
     let contact = match matched_contact {
+        _ if !settings.create_contact => None,
         Some((rule, existing)) => {
             let mut t = merge_target(Action::Merged, rule, existing, &contact_values, &lead_tags, may_write(existing));
             // 4. An opt-out is never lost, not even in a read-only merge.
@@ -269,9 +278,9 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
                 t.values.insert("email_opt_out".into(), true.into());
                 t.email_opt_out_applied = true;
             }
-            t
+            Some(t)
         }
-        None => create_target(contact_values, owner, &lead_tags),
+        None => Some(create_target(contact_values, owner, &lead_tags)),
     };
 
     // 3, 5. Account. The matched contact's own account stands, so that a
@@ -284,6 +293,7 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
         .and_then(|aid| facts.contact_accounts.iter().find(|a| record::id(a, "id") == Some(aid)));
     let same = |a: &Record, b: Option<&Record>| b.is_some_and(|b| record::id(a, "id") == record::id(b, "id"));
     let matched_account = match contact_account {
+        _ if !settings.create_account => None,
         Some(a) => {
             let rule = match &facts.account_by_unique {
                 Some((f, u)) if same(a, Some(u)) => MatchRule::UniqueField(f.clone()),
@@ -315,21 +325,50 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
         Some((rule, existing)) => {
             Some(merge_target(Action::Matched, rule, existing, &account_values, &lead_tags, may_write(existing)))
         }
+        None if !settings.create_account => None,
         None if account_values.contains_key("account_name") => Some(create_target(account_values, owner, &lead_tags)),
+        // An account is what this lead becomes (no contact), and nothing
+        // names it: nothing is written.
+        None if !settings.create_contact => {
+            return Verdict::Failed {
+                code: ErrorCode::MissingMandatoryField,
+                message: format!(
+                    "lead {} has an empty company, which names the account the job makes (create_contact is \
+                     false) and no account matched: fill in the company or convert it with a contact",
+                    facts.lead_id
+                ),
+            }
+        }
         None => None,
     };
     // 5. The contact is linked to the account when it has none yet: a new
     // contact, or a matched one (also read-only: the link is the
     // conversion's, not a fill of the contact's data).
-    let link_contact_to_account =
-        account.is_some() && existing_contact.is_none_or(|c| record::id(c, "account_id").is_none());
-    let merged = contact.action == Action::Merged || account.as_ref().is_some_and(|a| a.action == Action::Matched);
+    let link_contact_to_account = contact.is_some()
+        && account.is_some()
+        && existing_contact.is_none_or(|c| record::id(c, "account_id").is_none());
+    let merged = contact.as_ref().is_some_and(|c| c.action == Action::Merged)
+        || account.as_ref().is_some_and(|a| a.action == Action::Matched);
+    // The repeat marks (seed 002) look at the contact and account the lead
+    // is known by even when the job makes none: the existing contact with
+    // its e-mail, the existing account named by its company.
+    let known_contact = if settings.create_contact {
+        existing_contact
+    } else {
+        facts.contact_by_email.as_ref().filter(|c| is_existing(c))
+    };
+    let known_account_id = if settings.create_account {
+        matched_account_id
+    } else {
+        facts.account_by_company.as_ref().filter(|a| is_existing(a)).and_then(|a| record::id(a, "id"))
+    };
+    let seen_before = merged || known_contact.is_some() || known_account_id.is_some();
 
     // 8. Deal, with the repeat marks of seed 002.
     let deal = settings.deal.as_ref().map(|d| {
         let won_before =
-            existing_contact.and_then(|c| record::id(c, "id")).is_some_and(|id| facts.won_contacts.contains(&id))
-                || matched_account_id.is_some_and(|id| facts.won_accounts.contains(&id));
+            known_contact.and_then(|c| record::id(c, "id")).is_some_and(|id| facts.won_contacts.contains(&id))
+                || known_account_id.is_some_and(|id| facts.won_accounts.contains(&id));
         let deal_name = d.name.render(lead);
         let closing_date = d.closing_date.resolve(today);
         let mut values = fields.values_for(lead, Module::Deal);
@@ -347,7 +386,7 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
             values.insert("campaign_source".into(), c.clone().into());
         }
         values.insert("is_repeat".into(), won_before.into());
-        values.insert("is_repeat_inquiry".into(), (!won_before && merged).into());
+        values.insert("is_repeat_inquiry".into(), (!won_before && seen_before).into());
         set_owner_and_tags(&mut values, owner, &lead_tags);
         DealPlan {
             deal_name,
@@ -356,26 +395,33 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
             pipeline: d.pipeline.clone(),
             amount: d.amount.clone(),
             is_repeat: won_before,
-            is_repeat_inquiry: !won_before && merged,
+            is_repeat_inquiry: !won_before && seen_before,
             values,
         }
     });
 
-    // 11. Related records.
+    // 11. Related records, among the records this lead has: a target it
+    // does not have gives way to the contact, else the deal, else the
+    // account (with the options checked, one of them exists).
+    let has = |m: Module| match m {
+        Module::Contact => contact.is_some(),
+        Module::Account => account.is_some(),
+        Module::Deal => deal.is_some(),
+        Module::Lead => false,
+    };
+    let to = |preferred: Module| {
+        [preferred, Module::Contact, Module::Deal, Module::Account]
+            .into_iter()
+            .find(|&m| has(m))
+            .expect("a conversion makes a contact, an account or a deal")
+    };
     let (notes_to, note_copies_to) = if deal.is_some() {
-        let mut copies = vec![Module::Contact];
-        if account.is_some() {
-            copies.push(Module::Account);
-        }
-        (Module::Deal, copies)
+        (Module::Deal, [Module::Contact, Module::Account].into_iter().filter(|&m| has(m)).collect())
     } else {
-        (Module::Contact, Vec::new())
+        (to(Module::Contact), Vec::new())
     };
-    let attachments_to = match settings.attachments_to {
-        Module::Account if account.is_none() => Module::Contact,
-        m => m,
-    };
-    let activities_to = if deal.is_some() { Module::Deal } else { Module::Contact };
+    let attachments_to = to(settings.attachments_to);
+    let activities_to = to(if deal.is_some() { Module::Deal } else { Module::Contact });
 
     Verdict::Convert(Box::new(Conversion {
         contact,
@@ -383,12 +429,18 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
         deal,
         link_contact_to_account,
         // 12. A lead marked repeat by hand (seed 002) stays so.
-        lead_is_repeat: merged || lead.get("is_repeat") == Some(&Value::Bool(true)),
+        lead_is_repeat: seen_before || lead.get("is_repeat") == Some(&Value::Bool(true)),
         notes_to,
         note_copies_to,
         attachments_to,
         activities_to,
     }))
+}
+
+/// A record that existed before the run (not one an earlier lead of a dry
+/// run creates).
+fn is_existing(r: &Record) -> bool {
+    record::id(r, "id").is_some_and(|id| id > 0)
 }
 
 /// "contact 42", or for a dry run "the contact lead 7 creates".

@@ -204,7 +204,7 @@ impl Run {
         self.note_account(facts, c, lead_id);
         self.note_contact(facts, c, lead_id, account_id);
         if c.deal.is_some() && self.deals_are_won {
-            self.won_contacts.insert(raw_id(&c.contact, lead_id));
+            self.won_contacts.extend(c.contact.as_ref().map(|t| raw_id(t, lead_id)));
             self.won_accounts.extend(account_id);
         }
     }
@@ -228,7 +228,7 @@ impl Run {
     }
 
     fn note_contact(&mut self, facts: &Facts, c: &Conversion, lead_id: i64, account_id: Option<i64>) {
-        let t = &c.contact;
+        let Some(t) = &c.contact else { return };
         let id = raw_id(t, lead_id);
         let lead_keys = &facts.keys;
         let (mut record, mut keys) = match t.action {

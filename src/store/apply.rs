@@ -17,7 +17,8 @@ use crate::record::{Module, Record};
 /// The ids a conversion ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Converted {
-    pub contact_id: i64,
+    /// `None`: the job makes no contact.
+    pub contact_id: Option<i64>,
     pub account_id: Option<i64>,
     pub deal_id: Option<i64>,
 }
@@ -241,7 +242,7 @@ pub async fn apply_batch(
     let count = |f: fn(&Conversion) -> bool| conversions.iter().filter(|(_, c)| f(c)).count() as i32;
     let (n_accounts, n_contacts, n_deals) = (
         count(|c| c.account.as_ref().is_some_and(|a| a.action == Action::Created)),
-        count(|c| c.contact.action == Action::Created),
+        count(|c| c.contact.as_ref().is_some_and(|t| t.action == Action::Created)),
         count(|c| c.deal.is_some()),
     );
     let (accounts, contacts, deals): (Vec<i64>, Vec<i64>, Vec<i64>) = sqlx::query_as(
@@ -290,26 +291,30 @@ pub async fn apply_batch(
             }
             None => None,
         };
-        let mut values = c.contact.values.clone();
-        if let (Some(aid), true) = (account_id, c.link_contact_to_account) {
-            values.insert("account_id".into(), aid.into());
-        }
-        let contact_id = if c.contact.action == Action::Created {
-            let id = contacts.next().expect("an id per new contact");
-            created_contact.insert(lead_id, id);
-            contact_rows.create(Module::Contact, id, &values);
-            made.push((Module::Contact, id, new_row(Module::Contact, id, &values)));
-            id
-        } else {
-            let id = resolve(&c.contact, &created_contact);
-            contact_rows.fill(Module::Contact, id, &values);
-            filled.push((Module::Contact, id, values));
-            id
-        };
+        let contact_id = c.contact.as_ref().map(|contact| {
+            let mut values = contact.values.clone();
+            if let (Some(aid), true) = (account_id, c.link_contact_to_account) {
+                values.insert("account_id".into(), aid.into());
+            }
+            if contact.action == Action::Created {
+                let id = contacts.next().expect("an id per new contact");
+                created_contact.insert(lead_id, id);
+                contact_rows.create(Module::Contact, id, &values);
+                made.push((Module::Contact, id, new_row(Module::Contact, id, &values)));
+                id
+            } else {
+                let id = resolve(contact, &created_contact);
+                contact_rows.fill(Module::Contact, id, &values);
+                filled.push((Module::Contact, id, values));
+                id
+            }
+        });
         let deal_id = c.deal.as_ref().map(|d| {
             let id = deals.next().expect("an id per new deal");
             let mut values = d.values.clone();
-            values.insert("contact_id".into(), contact_id.into());
+            if let Some(cid) = contact_id {
+                values.insert("contact_id".into(), cid.into());
+            }
             if let Some(aid) = account_id {
                 values.insert("account_id".into(), aid.into());
             }
@@ -332,7 +337,7 @@ pub async fn apply_batch(
     let parent = |ids: &Converted, lead_id: i64, m: Module| match m {
         Module::Deal => ids.deal_id,
         Module::Account => ids.account_id,
-        Module::Contact => Some(ids.contact_id),
+        Module::Contact => ids.contact_id,
         Module::Lead => Some(lead_id),
     };
     let mut copies = Related::default();
@@ -346,10 +351,9 @@ pub async fn apply_batch(
         for (related, to) in
             [(&mut notes, c.notes_to), (&mut attachments, c.attachments_to), (&mut activities, c.activities_to)]
         {
-            match parent(ids, lead_id, to) {
-                Some(pid) => related.push(lead_id, to, pid),
-                None => related.push(lead_id, Module::Contact, ids.contact_id),
-            }
+            // The plan names a record this lead has (SPEC §3.11).
+            let pid = parent(ids, lead_id, to).expect("related records go to a record the lead has");
+            related.push(lead_id, to, pid);
         }
     }
     let index: HashMap<i64, usize> = conversions.iter().enumerate().map(|(i, (lead, _))| (*lead, i)).collect();

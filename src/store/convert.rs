@@ -438,9 +438,10 @@ impl Finish {
         let Verdict::Convert(c) = &plan.verdict else { unreachable!("only a conversion has ids") };
         Finish {
             outcome: Outcome::Converted,
-            contact_action: Some(match c.contact.action {
-                Action::Created => ContactAction::Created,
-                Action::Merged | Action::Matched => ContactAction::Merged,
+            contact_action: Some(match c.contact.as_ref().map(|t| t.action) {
+                None => ContactAction::None,
+                Some(Action::Created) => ContactAction::Created,
+                Some(Action::Merged | Action::Matched) => ContactAction::Merged,
             }),
             account_action: Some(match c.account.as_ref().map(|a| a.action) {
                 None => AccountAction::None,
@@ -450,9 +451,9 @@ impl Finish {
             deal_action: Some(if c.deal.is_some() { DealAction::Created } else { DealAction::None }),
             ids,
             is_repeat: Some(c.lead_is_repeat),
-            email_opt_out_applied: Some(c.contact.email_opt_out_applied),
+            email_opt_out_applied: Some(c.contact.as_ref().is_some_and(|t| t.email_opt_out_applied)),
             error: None,
-            merged: c.contact.action == Action::Merged,
+            merged: c.contact.as_ref().is_some_and(|t| t.action == Action::Merged),
             note: None,
         }
     }
@@ -563,7 +564,7 @@ pub(crate) async fn finish(
         .bind(col(&|f| f.contact_action.map(|a| a.as_str())))
         .bind(col(&|f| f.account_action.map(|a| a.as_str())))
         .bind(col(&|f| f.deal_action.map(|a| a.as_str())))
-        .bind(id(&|f| (f.ids.contact_id != 0).then_some(f.ids.contact_id)))
+        .bind(id(&|f| f.ids.contact_id))
         .bind(id(&|f| f.ids.account_id))
         .bind(id(&|f| f.ids.deal_id))
         .bind(done.iter().map(|d| d.finish.is_repeat).collect::<Vec<_>>())

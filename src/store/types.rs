@@ -104,6 +104,7 @@ text_enum!(
     ContactAction {
         Created => "created",
         Merged => "merged",
+        None => "none",
     }
 );
 

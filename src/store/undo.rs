@@ -165,7 +165,7 @@ async fn try_batch(
                     let entry = read.entry.as_ref().expect("an undo has a journal entry");
                     let id = |k: &str| entry.lead.after.get(k).and_then(Value::as_i64);
                     let ids = Converted {
-                        contact_id: id("converted_contact_id").unwrap_or(0),
+                        contact_id: id("converted_contact_id"),
                         account_id: id("converted_account_id"),
                         deal_id: id("converted_deal_id"),
                     };

@@ -300,6 +300,53 @@ impl Crm {
         plans
     }
 
+    /// Takes back job `of` (its leads `leads`, or all) in this process, as
+    /// workers do: lead by lead, a lead waiting for another of the same job
+    /// tried again after the others. Returns the undo job and its results.
+    pub async fn undo(&self, of: Uuid, leads: Option<Vec<i64>>) -> (Uuid, Vec<LeadResult>) {
+        use leadconv::store::convert::{ConvertError, Item};
+        use leadconv::store::job::{Dispatch, UndoOf};
+        let undo = job::create_undo(
+            self.pool(),
+            &UndoOf { job_id: of, lead_ids: leads },
+            None,
+            None,
+            Trigger::Manual,
+            Dispatch::InProcess,
+        )
+        .await
+        .expect("an undo job");
+        let settings = job::settings(self.pool(), &undo).await.unwrap();
+        let mut todo: Vec<i64> =
+            sqlx::query_scalar("SELECT lead_id FROM conversion_results WHERE job_id = $1 ORDER BY lead_id")
+                .bind(undo.id)
+                .fetch_all(self.pool())
+                .await
+                .unwrap();
+        let mut done = Vec::new();
+        for _round in 0..20 {
+            if todo.is_empty() {
+                break;
+            }
+            let items: Vec<Item> =
+                todo.iter().map(|&lead_id| Item { lead_id, enqueued_at: None, earlier_attempts: 0 }).collect();
+            let results = leadconv::store::undo::undo_batch(self.pool(), undo.id, of, &settings, &items).await.unwrap();
+            let mut again = Vec::new();
+            for (lead, r) in todo.iter().zip(results) {
+                match r {
+                    Ok(r) => done.push(r),
+                    Err(ConvertError::Waits(_)) => again.push(*lead),
+                    Err(e) => panic!("lead {lead}: {e}"),
+                }
+            }
+            todo = again;
+        }
+        assert!(todo.is_empty(), "leads {todo:?} still wait");
+        job::rollup(self.pool(), undo.id).await.unwrap();
+        done.sort_by_key(|r| r.lead_id);
+        (undo.id, done)
+    }
+
     /// Converts one lead in a job of its own.
     pub async fn convert(&self, acting: i64, options: Value, lead: i64) -> LeadResult {
         self.convert_all(acting, options, &[lead]).await.1.remove(0)

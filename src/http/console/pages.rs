@@ -429,6 +429,14 @@ pub fn preview(viewer: &Viewer, form: &JobForm, error: Option<&str>, shown: Opti
                 (csrf(&viewer.session))
                 label.block { "Criteria" textarea name="criteria" id="criteria" rows="6" { (form.criteria) } }
                 label.block { "Options" textarea name="options" id="options" rows="6" { (form.options) } }
+                p.hint id="options-help" {
+                    "Options (every key optional): "
+                    code { "create_contact" } " and " code { "create_account" } " (default true; with "
+                    code { "create_deal" } ", any non-empty combination of records), "
+                    code { "deal" } " (name, closing_date, stage, pipeline, amount, contact_role, campaign_source), "
+                    code { "owner_id" } ", " code { "move_attachments_to" } " (contact, account, deal), "
+                    code { "carry_over_tags" } "."
+                }
                 button type="submit" id="preview" { "Preview" }
             }
             @if let Some(p) = shown {
