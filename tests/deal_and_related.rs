@@ -55,15 +55,6 @@ async fn account_of(crm: &Crm, r: &LeadResult) -> Record {
     crm.row("accounts", r.account_id.unwrap_or_else(|| panic!("no account: {r:?}"))).await.unwrap()
 }
 
-/// Where a note, attachment or activity hangs.
-async fn parent_of(crm: &Crm, table: &str, id: i64) -> (String, i64) {
-    sqlx::query_as(&format!("SELECT parent_module, parent_id FROM {table} WHERE id = $1"))
-        .bind(id)
-        .fetch_one(crm.pool())
-        .await
-        .unwrap()
-}
-
 /// Asks for a job with `options`: it must be refused, and no job (nor any
 /// result row) may exist afterwards.
 async fn refused(crm: &Crm, acting: i64, options: Value) -> Refusal {
@@ -745,13 +736,13 @@ async fn with_a_deal_notes_move_to_it_and_are_copied_to_contact_and_account() {
 
     let r = crm.convert(rep, with_deal(), lead).await;
     let (deal, contact, account) = (r.deal_id.unwrap(), r.contact_id.unwrap(), r.account_id.unwrap());
-    assert_eq!(parent_of(&crm, "notes", n1).await, ("deal".into(), deal), "the note itself moved");
-    assert_eq!(parent_of(&crm, "notes", n2).await, ("deal".into(), deal));
+    assert_eq!(crm.parent_of("notes", n1).await, ("deal".into(), deal), "the note itself moved");
+    assert_eq!(crm.parent_of("notes", n2).await, ("deal".into(), deal));
     let both = vec![("Call".to_owned(), "Call body".to_owned()), ("Visit".to_owned(), "Visit body".to_owned())];
     assert_eq!(notes_on(&crm, "contact", contact).await, both, "copies on the contact");
     assert_eq!(notes_on(&crm, "account", account).await, both, "copies on the account");
     assert_eq!(notes_on(&crm, "lead", lead).await, vec![], "nothing left on the lead");
-    assert_eq!(parent_of(&crm, "notes", untouched).await, ("lead".into(), bystander), "other leads' notes stay");
+    assert_eq!(crm.parent_of("notes", untouched).await, ("lead".into(), bystander), "other leads' notes stay");
     assert_eq!(crm.count("SELECT count(*) FROM notes").await, 3 + 4);
 }
 
@@ -765,8 +756,8 @@ async fn without_a_deal_notes_move_to_the_contact_only() {
     let n2 = note(&crm, lead, "Visit").await;
     let r = crm.convert(rep, json!({}), lead).await;
     let contact = r.contact_id.unwrap();
-    assert_eq!(parent_of(&crm, "notes", n1).await, ("contact".into(), contact));
-    assert_eq!(parent_of(&crm, "notes", n2).await, ("contact".into(), contact));
+    assert_eq!(crm.parent_of("notes", n1).await, ("contact".into(), contact));
+    assert_eq!(crm.parent_of("notes", n2).await, ("contact".into(), contact));
     assert_eq!(notes_on(&crm, "account", r.account_id.unwrap()).await, vec![], "no copies on the account");
     assert_eq!(crm.count("SELECT count(*) FROM notes").await, 2, "moved, not copied");
 }
@@ -791,19 +782,19 @@ async fn attachments_move_where_the_job_says_contact_by_default() {
     let lead = crm.lead(new_lead("Default")).await;
     let file = attachment(&crm, lead, "default.pdf").await;
     let r = crm.convert(rep, with_deal(), lead).await;
-    assert_eq!(parent_of(&crm, "attachments", file).await, ("contact".into(), r.contact_id.unwrap()));
+    assert_eq!(crm.parent_of("attachments", file).await, ("contact".into(), r.contact_id.unwrap()));
 
     let lead = crm.lead(new_lead("ToAccount")).await;
     let file = attachment(&crm, lead, "account.pdf").await;
     let r = crm.convert(rep, json!({"move_attachments_to": "account"}), lead).await;
-    assert_eq!(parent_of(&crm, "attachments", file).await, ("account".into(), r.account_id.unwrap()));
+    assert_eq!(crm.parent_of("attachments", file).await, ("account".into(), r.account_id.unwrap()));
 
     let lead = crm.lead(new_lead("ToDeal")).await;
     let file = attachment(&crm, lead, "deal.pdf").await;
     let mut options = with_deal();
     merge(&mut options, json!({"move_attachments_to": "deal"}));
     let r = crm.convert(rep, options, lead).await;
-    assert_eq!(parent_of(&crm, "attachments", file).await, ("deal".into(), r.deal_id.unwrap()));
+    assert_eq!(crm.parent_of("attachments", file).await, ("deal".into(), r.deal_id.unwrap()));
 
     assert_eq!(crm.count("SELECT count(*) FROM attachments").await, 3, "moved, never copied");
 }
@@ -822,12 +813,12 @@ async fn activities_move_to_the_deal_or_else_the_contact() {
     let with = crm.lead(json!({"owner_id": rep, "last_name": "Nowak", "company": "Acme"})).await;
     let a1 = crm.insert("activities", activity(with, "Follow up")).await;
     let r = crm.convert(rep, with_deal(), with).await;
-    assert_eq!(parent_of(&crm, "activities", a1).await, ("deal".into(), r.deal_id.unwrap()));
+    assert_eq!(crm.parent_of("activities", a1).await, ("deal".into(), r.deal_id.unwrap()));
 
     let without = crm.lead(json!({"owner_id": rep, "last_name": "Kowalski", "company": "Globex"})).await;
     let a2 = crm.insert("activities", activity(without, "Demo")).await;
     let r = crm.convert(rep, json!({}), without).await;
-    assert_eq!(parent_of(&crm, "activities", a2).await, ("contact".into(), r.contact_id.unwrap()));
+    assert_eq!(crm.parent_of("activities", a2).await, ("contact".into(), r.contact_id.unwrap()));
 }
 
 // SPEC §3.11: tags are carried to the created account, contact and deal,
@@ -1050,10 +1041,10 @@ async fn a_failure_half_way_rolls_back_the_whole_conversion() {
     assert_eq!(crm.count("SELECT count(*) FROM accounts").await, 0, "the account insert was rolled back");
     assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 0, "the contact insert was rolled back");
     assert_eq!(crm.count("SELECT count(*) FROM deals").await, 0);
-    assert_eq!(parent_of(&crm, "notes", n).await, ("lead".into(), lead));
+    assert_eq!(crm.parent_of("notes", n).await, ("lead".into(), lead));
     assert_eq!(crm.count("SELECT count(*) FROM notes").await, 1, "no copies");
-    assert_eq!(parent_of(&crm, "attachments", a).await, ("lead".into(), lead));
-    assert_eq!(parent_of(&crm, "activities", act).await, ("lead".into(), lead));
+    assert_eq!(crm.parent_of("attachments", a).await, ("lead".into(), lead));
+    assert_eq!(crm.parent_of("activities", act).await, ("lead".into(), lead));
     let l = crm.row("leads", lead).await.unwrap();
     assert_eq!(l["converted_at"], Value::Null);
     assert_eq!(l["converted_contact_id"], Value::Null);
@@ -1146,7 +1137,7 @@ async fn dry_run_reports_the_plan_and_writes_nothing() {
 
     assert_eq!(crm.count(counts).await, before, "no row added anywhere");
     assert_eq!(crm.row("contacts", contact).await, contact_before, "the matched contact is not filled");
-    assert_eq!(parent_of(&crm, "notes", n).await, ("lead".into(), merging));
+    assert_eq!(crm.parent_of("notes", n).await, ("lead".into(), merging));
     for lead in [merging, fresh, by_company, blocked] {
         let l = crm.row("leads", lead).await.unwrap();
         assert_eq!(l["converted_at"], Value::Null, "lead {lead}");

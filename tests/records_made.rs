@@ -17,14 +17,6 @@ use leadconv::Error;
 use leadconv::ErrorCode;
 use serde_json::{json, Value};
 
-async fn parent_of(crm: &Crm, table: &str, id: i64) -> (String, i64) {
-    sqlx::query_as(&format!("SELECT parent_module, parent_id FROM {table} WHERE id = $1"))
-        .bind(id)
-        .fetch_one(crm.pool())
-        .await
-        .unwrap()
-}
-
 fn options(contact: bool, account: bool, deal: bool) -> Value {
     json!({"create_contact": contact, "create_account": account, "create_deal": deal,
            "deal": {"closing_date": "2026-12-31", "stage": "Qualification"}})
@@ -168,7 +160,7 @@ async fn each_combination_makes_merges_and_moves_only_among_the_records_it_makes
         };
         let (c, a, d) = (fresh.contact_id, fresh.account_id, fresh.deal_id);
         let note_to = first(&[("deal", d), ("contact", c), ("account", a)]);
-        assert_eq!(parent_of(crm, "notes", s.copy_source).await, note_to, "{what}: the note");
+        assert_eq!(crm.parent_of("notes", s.copy_source).await, note_to, "{what}: the note");
         let copies: Vec<(String, i64)> =
             sqlx::query_as("SELECT parent_module, parent_id FROM notes WHERE title = 'Visit' AND id <> $1 ORDER BY 1")
                 .bind(s.copy_source)
@@ -182,16 +174,16 @@ async fn each_combination_makes_merges_and_moves_only_among_the_records_it_makes
         }
         assert_eq!(copies, want, "{what}: note copies on the records made");
         assert_eq!(
-            parent_of(crm, "attachments", s.file).await,
+            crm.parent_of("attachments", s.file).await,
             first(&[("contact", c), ("deal", d), ("account", a)]),
             "{what}: the attachment"
         );
         assert_eq!(
-            parent_of(crm, "activities", s.call).await,
+            crm.parent_of("activities", s.call).await,
             first(&[("deal", d), ("contact", c), ("account", a)]),
             "{what}: the activity"
         );
-        assert_ne!(parent_of(crm, "notes", s.note).await.0, "lead", "{what}: the merging lead's note moved");
+        assert_ne!(crm.parent_of("notes", s.note).await.0, "lead", "{what}: the merging lead's note moved");
 
         // And the undo takes it back exactly.
         let (_, undone) = crm.undo(job, None).await;
@@ -199,7 +191,7 @@ async fn each_combination_makes_merges_and_moves_only_among_the_records_it_makes
         assert_eq!(crm.count("SELECT count(*) FROM contacts").await, contacts_before, "{what}");
         assert_eq!(crm.count("SELECT count(*) FROM accounts").await, accounts_before, "{what}");
         assert_eq!(crm.count("SELECT count(*) FROM deals").await, 0, "{what}");
-        assert_eq!(parent_of(crm, "attachments", s.file).await, ("lead".into(), s.fresh), "{what}");
+        assert_eq!(crm.parent_of("attachments", s.file).await, ("lead".into(), s.fresh), "{what}");
         let contact_after = without_updated_at(crm.row("contacts", s.existing_contact).await.unwrap());
         let account_after = without_updated_at(crm.row("accounts", s.existing_account).await.unwrap());
         assert_eq!(contact_after, contact_before, "{what}: the merged contact as it was");

@@ -231,6 +231,15 @@ impl Crm {
             .map(|j| j.0)
     }
 
+    /// Where a note, attachment or activity hangs: its parent module and id.
+    pub async fn parent_of(&self, table: &str, id: i64) -> (String, i64) {
+        sqlx::query_as(&format!("SELECT parent_module, parent_id FROM {table} WHERE id = $1"))
+            .bind(id)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(self.pool()).await.unwrap()
     }
