@@ -10,7 +10,7 @@ pub use leadconv_domain::error::{ErrorCode, Refusal};
 pub fn answer(code: ErrorCode) -> (u16, u8) {
     use ErrorCode::*;
     let http = match code {
-        JobNotFound | NotFound | RuleNotFound | ScheduleNotFound => 404,
+        JobNotFound | NotFound | RuleNotFound | ScheduleNotFound | RecordNotFound => 404,
         RequesterCannotConvert => 403,
         JobFinished | AlreadyConverted | DuplicateName | NothingToRetry | JobInProgress | NothingToUndo => 409,
         _ => 422,

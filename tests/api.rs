@@ -351,6 +351,133 @@ async fn convert_one_lead_now() {
     w.await.unwrap().unwrap();
 }
 
+/// Convert-now of `lead` with `body`, waiting up to 20 s for the result.
+async fn convert_now(api: &Api, lead: i64, mut body: Value) -> (StatusCode, Value) {
+    body["timeout_ms"] = json!(20000);
+    api.post(&format!("/v1/leads/{lead}/convert"), body).await
+}
+
+// Issue 24 (seed 000, Salesforce's convertLead): convert-now into the
+// account and contact the caller names, merged as rules 4–6 say instead of
+// matching; each refusal with its status and code, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_now_into_the_records_the_caller_names() {
+    let api = Api::new().await;
+    let crm = &api.crm;
+    let boss = crm.user("Boss", json!({})).await;
+    sqlx::query("UPDATE users SET manager_id = $1 WHERE id = $2")
+        .bind(boss)
+        .bind(api.rep)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    let mut cfg = leadconv::queue::worker::WorkerConfig::new(amqp_url(), api.broker.topology.clone());
+    cfg.tick = Duration::from_millis(100);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w = tokio::spawn(leadconv::queue::worker::run(crm.pool().clone(), cfg, stop.clone()));
+    let lead = |email: &str, company: &str| {
+        crm.lead(json!({"owner_id": api.rep, "first_name": "Zoë", "last_name": "Çelik", "email": email,
+                        "company": company, "phone": "+90 1", "website": "celik.tr"}))
+    };
+    // Records the lead would never match: other e-mail, other company.
+    let account = crm.account(json!({"owner_id": api.rep, "account_name": "Named Ltd"})).await;
+    let contact = crm
+        .contact(json!({"owner_id": api.rep, "account_id": account, "last_name": "Named", "email": "n@named.tr"}))
+        .await;
+    let lonely = crm.contact(json!({"owner_id": api.rep, "last_name": "Lonely", "email": "lonely@x.tr"})).await;
+    let bosses = crm.account(json!({"owner_id": boss, "account_name": "Boss GmbH"})).await;
+    let other = crm.account(json!({"owner_id": api.rep, "account_name": "Other"})).await;
+    let elsewhere =
+        crm.contact(json!({"owner_id": api.rep, "account_id": other, "last_name": "Else", "email": "else@x.tr"})).await;
+
+    // Into a named account and contact.
+    let l1 = lead("l1@firma.tr", "Firma 1").await;
+    let (s, r) = convert_now(&api, l1, json!({"account_id": account, "contact_id": contact})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (
+            r["contact_action"].as_str(),
+            r["contact_id"].as_i64(),
+            r["account_action"].as_str(),
+            r["account_id"].as_i64()
+        ),
+        (Some("merged"), Some(contact), Some("matched"), Some(account)),
+        "{r}"
+    );
+    let named = crm.row("contacts", contact).await.unwrap();
+    assert_eq!(
+        (named["phone"].as_str(), named["email"].as_str()),
+        (Some("+90 1"), Some("n@named.tr")),
+        "filled, not overwritten"
+    );
+    assert_eq!(crm.row("accounts", account).await.unwrap()["website"], "celik.tr", "the account filled too");
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, 3, "no contact made");
+
+    // A named contact only: its own account stands; one without an account
+    // is linked to the account the company decides.
+    let l2 = lead("l2@firma.tr", "Other").await;
+    let (s, r) = convert_now(&api, l2, json!({"contact_id": lonely})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!((r["contact_id"].as_i64(), r["account_id"].as_i64()), (Some(lonely), Some(other)), "{r}");
+    assert_eq!(crm.row("contacts", lonely).await.unwrap()["account_id"].as_i64(), Some(other), "linked");
+
+    // A named account only, of a superior: merged read-only; the contact
+    // is matched by e-mail as usual (none here: a new one, in that account).
+    let l3 = lead("l3@firma.tr", "Firma 3").await;
+    let (s, r) = convert_now(&api, l3, json!({"account_id": bosses})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!((r["account_action"].as_str(), r["account_id"].as_i64()), (Some("matched"), Some(bosses)), "{r}");
+    assert!(crm.row("accounts", bosses).await.unwrap()["website"].is_null(), "a superior's account is read-only");
+    let made = crm.row("contacts", r["contact_id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(made["account_id"].as_i64(), Some(bosses));
+
+    // Rule 7 looks at the named contact: a superior's lead is not merged
+    // into it by a subordinate.
+    let bosses_lead = crm.lead(json!({"owner_id": boss, "last_name": "Patron", "email": "p@x.tr"})).await;
+    let (s, r) = convert_now(&api, bosses_lead, json!({"contact_id": contact})).await;
+    assert_eq!(
+        (s, r["outcome"].as_str(), r["error_code"].as_str()),
+        (StatusCode::OK, Some("failed"), Some("blocked_by_hierarchy")),
+        "{r}"
+    );
+
+    // Refusals: nothing created, nothing converted.
+    let l4 = lead("else@x.tr", "Firma 4").await;
+    let jobs = api.jobs().await;
+    for (body, status, want) in [
+        (json!({"contact_id": 999_999}), StatusCode::NOT_FOUND, "record_not_found"),
+        (json!({"account_id": 999_999}), StatusCode::NOT_FOUND, "record_not_found"),
+        (
+            json!({"account_id": account, "contact_id": elsewhere}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "contact_in_other_account",
+        ),
+        // The lead's e-mail matches a contact of another account.
+        (json!({"account_id": account}), StatusCode::UNPROCESSABLE_ENTITY, "contact_in_other_account"),
+        (
+            json!({"contact_id": lonely, "options": {"create_contact": false}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_option",
+        ),
+        (
+            json!({"account_id": account, "options": {"create_account": false}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_option",
+        ),
+    ] {
+        let (s, v) = convert_now(&api, l4, body.clone()).await;
+        assert_eq!((s, code(&v)), (status, want), "{body}: {v}");
+    }
+    assert_eq!(api.jobs().await, jobs, "no job made by a refused call");
+    assert!(crm.row("leads", l4).await.unwrap()["converted_at"].is_null());
+    // A bulk job may not name records.
+    let (s, v) =
+        api.post("/v1/jobs", json!({"criteria": {"all_leads": true}, "options": {"contact_id": contact}})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_option"), "{v}");
+    stop.cancel();
+    w.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn the_openapi_document_matches_the_routes() {
     let api = Api::new().await;

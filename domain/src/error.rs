@@ -52,6 +52,11 @@ pub enum ErrorCode {
     JobInProgress,
     /// An undo of a job none of whose leads (of those asked for) were converted.
     NothingToUndo,
+    // Records named for a conversion (SPEC §4: `account_id`, `contact_id`).
+    /// The contact or account named to convert into does not exist.
+    RecordNotFound,
+    /// A contact of another account than the one named (or matched).
+    ContactInOtherAccount,
 }
 
 impl ErrorCode {
@@ -92,6 +97,8 @@ impl ErrorCode {
             ErrorCode::NoJournal => "no_journal",
             ErrorCode::JobInProgress => "job_in_progress",
             ErrorCode::NothingToUndo => "nothing_to_undo",
+            ErrorCode::RecordNotFound => "record_not_found",
+            ErrorCode::ContactInOtherAccount => "contact_in_other_account",
         }
     }
 
@@ -141,6 +148,11 @@ impl ErrorCode {
             ErrorCode::NoJournal => "the lead was converted before leadconv kept a journal: there is nothing to take back from",
             ErrorCode::JobInProgress => "the job is still converting: cancel it, or wait for it to finish, then undo it",
             ErrorCode::NothingToUndo => "none of the job's leads (of those named) was converted by it",
+            ErrorCode::RecordNotFound => "the contact or account named to convert into does not exist",
+            ErrorCode::ContactInOtherAccount => {
+                "the contact belongs to another account than the one named: a contact never sits in one company \
+                 while its deal points to another"
+            }
         }
     }
 }

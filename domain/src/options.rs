@@ -34,6 +34,13 @@ pub struct ConversionOptions {
     pub create_contact: Option<bool>,
     #[serde(default)]
     pub create_account: Option<bool>,
+    /// A one-lead conversion (convert-now) may name the existing contact
+    /// and account to convert into, instead of matching (Zoho's convert
+    /// page, Salesforce's `convertLead`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -87,6 +94,9 @@ pub struct Settings {
     /// options); a deal is `deal`.
     pub create_contact: bool,
     pub create_account: bool,
+    /// The existing contact and account named to convert into.
+    pub into_contact: Option<i64>,
+    pub into_account: Option<i64>,
     pub fields: FieldMapping,
 }
 
@@ -122,7 +132,43 @@ impl ConversionOptions {
     }
 }
 
+/// What the CRM holds of the records a conversion names (read by the
+/// caller): for the named contact, `Some(its account)`, `None` when there
+/// is no such contact; whether the named account exists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NamedFacts {
+    pub contact: Option<Option<i64>>,
+    pub account_exists: bool,
+}
+
 impl Settings {
+    /// Checks the records `self` names to convert into against `named`,
+    /// before the job is created: each must exist, and a named contact
+    /// that belongs to an account must belong to the named one.
+    pub fn check_named(&self, named: NamedFacts) -> Result<(), Refusal> {
+        if let Some(id) = self.into_contact {
+            let Some(account) = named.contact else {
+                return Err(Refusal::new(ErrorCode::RecordNotFound, "contact_id", format!("no contact {id}")));
+            };
+            if let (Some(in_account), Some(named_account)) = (account, self.into_account) {
+                if in_account != named_account {
+                    return Err(Refusal::new(
+                        ErrorCode::ContactInOtherAccount,
+                        "contact_id",
+                        format!(
+                            "contact {id} belongs to account {in_account}, not to account {named_account}: name \
+                             its own account, or another contact"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let (Some(id), false) = (self.into_account, named.account_exists) {
+            return Err(Refusal::new(ErrorCode::RecordNotFound, "account_id", format!("no account {id}")));
+        }
+        Ok(())
+    }
+
     /// Checks `options` for a job requested by `requested_by`, against what
     /// the CRM says (`facts`). The first problem found is the refusal.
     pub fn check(options: &ConversionOptions, requested_by: i64, facts: OptionFacts) -> Result<Settings, Refusal> {
@@ -190,6 +236,18 @@ impl Settings {
                  of a contact, an account or a deal; set one of them to true",
             ));
         }
+        for (named, made, field, option) in [
+            (options.contact_id, create_contact, "contact_id", "create_contact"),
+            (options.account_id, create_account, "account_id", "create_account"),
+        ] {
+            if let (Some(id), false) = (named, made) {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidOption,
+                    field,
+                    format!("{field} {id} names a record to convert into, and {option} is false: drop one of them"),
+                ));
+            }
+        }
         let attachments_to = options.move_attachments_to.unwrap_or(Module::Contact);
         let not_made = |what: &str, option: &str| {
             Err(Refusal::new(
@@ -228,6 +286,8 @@ impl Settings {
             carry_over_tags: options.carry_over_tags.unwrap_or(true),
             create_contact,
             create_account,
+            into_contact: options.contact_id,
+            into_account: options.account_id,
             fields,
         })
     }
@@ -285,5 +345,54 @@ impl Settings {
             campaign_source: d.campaign_source.clone().filter(|s| !s.trim().is_empty()),
             stage_is_won,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(contact: Option<i64>, account: Option<i64>) -> Settings {
+        let options = ConversionOptions { contact_id: contact, account_id: account, ..Default::default() };
+        let facts = OptionFacts { requester: Some((true, true)), ..Default::default() };
+        Settings::check(&options, 1, facts).expect("valid options")
+    }
+
+    #[test]
+    fn named_records_must_exist_and_a_named_contact_sit_in_the_named_account() {
+        let named = |contact, account_exists| NamedFacts { contact, account_exists };
+        let code = |r: Result<(), Refusal>| r.map_err(|e| (e.code, e.field));
+        assert_eq!(code(settings(Some(5), Some(9)).check_named(named(Some(Some(9)), true))), Ok(()));
+        assert_eq!(code(settings(Some(5), Some(9)).check_named(named(Some(None), true))), Ok(()), "linked later");
+        assert_eq!(
+            code(settings(Some(5), Some(9)).check_named(named(Some(Some(8)), true))),
+            Err((ErrorCode::ContactInOtherAccount, "contact_id".into()))
+        );
+        assert_eq!(
+            code(settings(Some(5), None).check_named(named(None, false))),
+            Err((ErrorCode::RecordNotFound, "contact_id".into()))
+        );
+        assert_eq!(
+            code(settings(None, Some(9)).check_named(named(None, false))),
+            Err((ErrorCode::RecordNotFound, "account_id".into()))
+        );
+    }
+
+    #[test]
+    fn a_named_record_the_job_does_not_make_is_refused() {
+        let facts = || OptionFacts { requester: Some((true, true)), ..Default::default() };
+        let options = ConversionOptions {
+            contact_id: Some(5),
+            create_contact: Some(false),
+            create_account: Some(true),
+            ..Default::default()
+        };
+        let r = Settings::check(&options, 1, facts()).unwrap_err();
+        assert_eq!((r.code, r.field.as_str()), (ErrorCode::InvalidOption, "contact_id"));
+        let options = ConversionOptions { account_id: Some(9), create_account: Some(false), ..Default::default() };
+        let r = Settings::check(&options, 1, facts()).unwrap_err();
+        assert_eq!((r.code, r.field.as_str()), (ErrorCode::InvalidOption, "account_id"));
+        let none = ConversionOptions { create_contact: Some(false), create_account: Some(false), ..Default::default() };
+        assert_eq!(Settings::check(&none, 1, facts()).unwrap_err().field, "options");
     }
 }

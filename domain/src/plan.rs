@@ -39,6 +39,11 @@ pub struct Facts {
     pub account_by_unique: Option<(String, Record)>,
     /// The oldest account named like the lead's company.
     pub account_by_company: Option<Record>,
+    /// The contact and account the conversion names (`contact_id`,
+    /// `account_id`), as they are; `None` when none is named or the named
+    /// one no longer exists.
+    pub named_contact: Option<Record>,
+    pub named_account: Option<Record>,
     /// Accounts the candidate contacts belong to.
     pub contact_accounts: Vec<Record>,
     /// The keys of every contact above, by id, normalised by Postgres.
@@ -85,6 +90,7 @@ impl Facts {
             .map(|(_, c)| c)
             .chain(self.contact_by_email.iter())
             .chain(self.contact_by_name.iter())
+            .chain(self.named_contact.iter())
     }
 
     /// Every account the rules may pick.
@@ -93,6 +99,7 @@ impl Facts {
             .iter()
             .map(|(_, a)| a)
             .chain(self.account_by_company.iter())
+            .chain(self.named_account.iter())
             .chain(self.contact_accounts.iter())
     }
 }
@@ -115,6 +122,8 @@ pub enum MatchRule {
     /// name: linked, never filled.
     ContactAccount,
     Company,
+    /// The record the conversion names (`contact_id`, `account_id`).
+    Named,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -228,10 +237,25 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
     }
     let acting = settings.acting_user;
 
+    // Records named to convert into: checked when the job was created, and
+    // again here, as they are now.
+    for (named, found, what) in [
+        (settings.into_contact, &facts.named_contact, "contact"),
+        (settings.into_account, &facts.named_account, "account"),
+    ] {
+        if let (Some(id), None) = (named, found) {
+            return Verdict::Failed {
+                code: ErrorCode::RecordNotFound,
+                message: format!("{what} {id}, named to convert lead {} into, no longer exists", facts.lead_id),
+            };
+        }
+    }
+
     // 7. Hierarchy block: a subordinate may not convert their superior's
     // lead into someone's existing contact (without a contact there is no
     // merge into one).
-    let dup = facts.contact_by_email.as_ref().filter(|_| settings.create_contact);
+    // A named contact is the one merged into, so it is the duplicate.
+    let dup = facts.named_contact.as_ref().or(facts.contact_by_email.as_ref()).filter(|_| settings.create_contact);
     if let (Some(owner), Some(dup)) = (record::id(lead, "owner_id"), dup) {
         if owner != acting && facts.is_above(owner, acting) {
             return Verdict::Failed {
@@ -257,6 +281,8 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
     // within the matched account; else a new one.
     let matched_contact = if !settings.create_contact {
         None
+    } else if let Some(named) = &facts.named_contact {
+        Some((MatchRule::Named, named))
     } else {
         facts
             .contact_by_unique
@@ -292,27 +318,44 @@ fn verdict(facts: &Facts, settings: &Settings, today: NaiveDate) -> Verdict {
         .and_then(|c| record::id(c, "account_id"))
         .and_then(|aid| facts.contact_accounts.iter().find(|a| record::id(a, "id") == Some(aid)));
     let same = |a: &Record, b: Option<&Record>| b.is_some_and(|b| record::id(a, "id") == record::id(b, "id"));
-    let matched_account = match contact_account {
+    let matched_account = match (contact_account, &facts.named_account) {
         _ if !settings.create_account => None,
-        Some(a) => {
-            let rule = match &facts.account_by_unique {
-                Some((f, u)) if same(a, Some(u)) => MatchRule::UniqueField(f.clone()),
-                _ if same(a, facts.account_by_company.as_ref())
-                    || (facts.keys.company.is_some()
-                        && record::id(a, "id").and_then(|id| facts.account_names.get(&id))
-                            == facts.keys.company.as_ref()) =>
-                {
-                    MatchRule::Company
-                }
-                _ => MatchRule::ContactAccount,
+        // A contact never sits in one company while its deal points to
+        // another: the named account and the contact's own must agree.
+        (Some(own), Some(named)) if record::id(own, "id") != record::id(named, "id") => {
+            return Verdict::Failed {
+                code: ErrorCode::ContactInOtherAccount,
+                message: format!(
+                    "{} belongs to account {}, not to account {} named to convert lead {} into",
+                    describe_contact(existing_contact.expect("a contact's account")),
+                    record::id(own, "id").unwrap_or_default(),
+                    record::id(named, "id").unwrap_or_default(),
+                    facts.lead_id
+                ),
             };
-            Some((rule, a))
         }
-        None => facts
-            .account_by_unique
-            .as_ref()
-            .map(|(f, a)| (MatchRule::UniqueField(f.clone()), a))
-            .or_else(|| facts.account_by_company.as_ref().map(|a| (MatchRule::Company, a))),
+        (_, Some(named)) => Some((MatchRule::Named, named)),
+        (contact_account, None) => match contact_account {
+            Some(a) => {
+                let rule = match &facts.account_by_unique {
+                    Some((f, u)) if same(a, Some(u)) => MatchRule::UniqueField(f.clone()),
+                    _ if same(a, facts.account_by_company.as_ref())
+                        || (facts.keys.company.is_some()
+                            && record::id(a, "id").and_then(|id| facts.account_names.get(&id))
+                                == facts.keys.company.as_ref()) =>
+                    {
+                        MatchRule::Company
+                    }
+                    _ => MatchRule::ContactAccount,
+                };
+                Some((rule, a))
+            }
+            None => facts
+                .account_by_unique
+                .as_ref()
+                .map(|(f, a)| (MatchRule::UniqueField(f.clone()), a))
+                .or_else(|| facts.account_by_company.as_ref().map(|a| (MatchRule::Company, a))),
+        },
     };
     let account_values = fields.values_for(lead, Module::Account);
     let matched_account_id = matched_account.as_ref().and_then(|(_, a)| record::id(a, "id"));

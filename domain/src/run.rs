@@ -139,6 +139,8 @@ impl Run {
             Some(company) => self.pick_account(facts.account_by_company.take(), |a| a.name.as_ref() == Some(company)),
             None => None,
         };
+        facts.named_contact = facts.named_contact.take().map(|c| self.contact_now(c));
+        facts.named_account = facts.named_account.take().map(|a| self.account_now(a));
         let db_by_name = facts.contact_by_name.take();
         let account_id = facts
             .account_by_unique

@@ -17,6 +17,8 @@ use leadconv_domain::access::Act;
 use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, NewJob, Trigger};
 use crate::store::types::{JobStatus, Outcome};
+use crate::{ErrorCode, Refusal};
+use leadconv_domain::plan::Verdict;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,6 +247,12 @@ pub async fn cancel(
 pub struct ConvertLead {
     #[serde(default)]
     options: Option<Value>,
+    /// The existing account and contact to convert into, instead of
+    /// matching (SPEC §4): merged into as rules 4 and 5 say.
+    #[serde(default)]
+    account_id: Option<i64>,
+    #[serde(default)]
+    contact_id: Option<i64>,
     /// How long to wait for the commit before answering 202 (default 5000,
     /// at most 60000).
     #[serde(default)]
@@ -263,12 +271,13 @@ pub async fn convert_lead(
     let user = caller.user_id();
     let lead_id = parse_i64(&raw, "lead_id")?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(5000).min(60_000));
-    let new = NewJob {
-        criteria: json!({"ids": [lead_id]}),
-        options: b.options.unwrap_or_else(|| json!({})),
-        requested_by: user,
-        trigger: Trigger::Workflow,
-    };
+    let mut options = b.options.unwrap_or_else(|| json!({}));
+    for (key, named) in [("account_id", b.account_id), ("contact_id", b.contact_id)] {
+        if let (Some(id), Some(o)) = (named, options.as_object_mut()) {
+            o.insert(key.into(), id.into());
+        }
+    }
+    let new = NewJob { criteria: json!({"ids": [lead_id]}), options, requested_by: user, trigger: Trigger::Workflow };
     // Both only read: asked at once, they cost the caller one wait.
     let (converted, checked) = tokio::join!(convert::lead_converted_at(&s.pool, lead_id), job::check(&s.pool, new));
     match converted? {
@@ -286,6 +295,27 @@ pub async fn convert_lead(
         Some(None) => {}
     }
     let checked = checked?;
+    if checked.settings.into_contact.is_some() || checked.settings.into_account.is_some() {
+        // A named record the lead cannot go into (a matched contact of
+        // another account than the one named) refuses the call, as the
+        // named records' existence did: planned now, nothing written.
+        let mut refusal = None;
+        convert::dry_run(&s.pool, &checked.settings, &checked.criteria, |p| {
+            if let Verdict::Failed {
+                code: code @ (ErrorCode::ContactInOtherAccount | ErrorCode::RecordNotFound),
+                message,
+            } = p.verdict
+            {
+                let field = if code == ErrorCode::ContactInOtherAccount { "contact_id" } else { "account_id" };
+                refusal = Some(Refusal::new(code, field, message));
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(r) = refusal {
+            return Err(crate::Error::from(r).into());
+        }
+    }
     let created = s.enqueuer.create(&checked).await?;
     // Published beside the wait: the answer needs the message at the
     // worker, not the publisher's bookkeeping after the broker's confirm.

@@ -84,6 +84,21 @@ pub async fn check(pool: &PgPool, new: NewJob) -> Result<Checked, crate::Error> 
     let mut conn = pool.acquire().await?;
     let settings = crate::store::options::prepare(&mut conn, &options, new.requested_by).await?;
     let criteria = Criteria::parse(&new.criteria, &settings.fields.defs)?;
+    if settings.into_contact.is_some() || settings.into_account.is_some() {
+        // Records named to convert into are one lead's (convert-now).
+        let one_lead = new.criteria.get("ids").and_then(Value::as_array).is_some_and(|ids| ids.len() == 1);
+        if !one_lead {
+            let field = if settings.into_contact.is_some() { "contact_id" } else { "account_id" };
+            return Err(Refusal::new(
+                ErrorCode::InvalidOption,
+                field,
+                "names a record to convert into, which only a conversion of one lead may: convert-now, or \
+                 criteria {\"ids\": [LEAD_ID]}",
+            )
+            .into());
+        }
+        settings.check_named(crate::store::options::named(&mut conn, &settings).await?)?;
+    }
     Ok(Checked { new, criteria, settings })
 }
 

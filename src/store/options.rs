@@ -45,3 +45,26 @@ pub async fn prepare(
     let facts = OptionFacts { requester, owner_active, fields, pipeline_stages };
     Ok(Settings::check(options, requested_by, facts)?)
 }
+
+/// What the CRM holds of the records `settings` names to convert into.
+pub async fn named(conn: &mut PgConnection, settings: &Settings) -> sqlx::Result<NamedFacts> {
+    let contact = match settings.into_contact {
+        Some(id) => {
+            sqlx::query_scalar::<_, Option<i64>>("SELECT account_id FROM contacts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+        None => None,
+    };
+    let account_exists = match settings.into_account {
+        Some(id) => {
+            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?
+        }
+        None => false,
+    };
+    Ok(NamedFacts { contact, account_exists })
+}

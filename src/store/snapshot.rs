@@ -293,7 +293,20 @@ async fn look_up(
         facts.contact_by_name = None;
         facts.account_by_unique = None;
         facts.account_by_company = None;
+        facts.named_contact = None;
+        facts.named_account = None;
         facts.contact_accounts.clear();
+    }
+    // The records a (one-lead) conversion names to convert into.
+    if let Some(id) = settings.into_contact {
+        let rows: Vec<ContactRow> = by_id(conn, "contacts c", CONTACT, vec![id], Locking::None).await?;
+        let named = rows.into_iter().next().map(|row| note_contact(contact_keys, row));
+        open.iter().for_each(|&i| all[i].named_contact.clone_from(&named));
+    }
+    if let Some(id) = settings.into_account {
+        let rows: Vec<AccountRow> = by_id(conn, "accounts a", ACCOUNT, vec![id], Locking::None).await?;
+        let named = rows.into_iter().next().map(|row| note_account(account_names, row));
+        open.iter().for_each(|&i| all[i].named_account.clone_from(&named));
     }
     let emails: Vec<&str> = open.iter().filter_map(|&i| all[i].keys.email.as_deref()).collect();
     let mut by_email: HashMap<String, Record> = HashMap::new();
@@ -405,12 +418,14 @@ async fn lock_and_read_again(
         facts.contact_by_unique = facts.contact_by_unique.take().and_then(|(f, c)| Some((f, now(&fresh, &c)?)));
         facts.contact_by_email = facts.contact_by_email.take().and_then(|c| now(&fresh, &c));
         facts.contact_by_name = facts.contact_by_name.take().and_then(|c| now(&fresh, &c));
+        facts.named_contact = facts.named_contact.take().and_then(|c| now(&fresh, &c));
     }
     let accounts = read_accounts(conn, all, open, Locking::ForUpdate, account_names).await?;
     for &i in open {
         let facts = &mut all[i];
         facts.account_by_unique = facts.account_by_unique.take().and_then(|(f, a)| Some((f, now(&accounts, &a)?)));
         facts.account_by_company = facts.account_by_company.take().and_then(|a| now(&accounts, &a));
+        facts.named_account = facts.named_account.take().and_then(|a| now(&accounts, &a));
     }
     Ok(accounts)
 }
