@@ -11,7 +11,7 @@ pub fn answer(code: ErrorCode) -> (u16, u8) {
     use ErrorCode::*;
     let http = match code {
         JobNotFound | NotFound | RuleNotFound | ScheduleNotFound | RecordNotFound => 404,
-        RequesterCannotConvert => 403,
+        RequesterCannotConvert | AdminOnly => 403,
         JobFinished | AlreadyConverted | DuplicateName | NothingToRetry | JobInProgress | NothingToUndo => 409,
         _ => 422,
     };

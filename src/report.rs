@@ -49,8 +49,13 @@ impl Progress {
         let j = &self.job;
         let rate = self.rate_per_sec.map_or("-".into(), |r| format!("{r:.1}/s"));
         let eta = self.eta_secs.map_or("-".into(), |e| format!("{e:.0}s"));
+        let made = if j.custom_fields_created.is_empty() {
+            String::new()
+        } else {
+            format!("; contact custom fields made: {}", j.custom_fields_created.join(", "))
+        };
         format!(
-            "job {} {} ({}): total {}, converted {} (merged {}), skipped {}, failed {}, pending {}; rate {rate}, eta {eta}",
+            "job {} {} ({}): total {}, converted {} (merged {}), skipped {}, failed {}, pending {}; rate {rate}, eta {eta}{made}",
             j.id, j.status, j.trigger, j.total_count, j.converted_count, j.merged_count, j.skipped_count, j.failed_count, self.pending_count
         )
     }
@@ -322,4 +327,29 @@ pub fn undo_summary(verdicts: &[(i64, crate::undo::UndoVerdict)]) -> String {
         s.push_str(&format!(" ({})", by.join(", ")));
     }
     s
+}
+
+/// The lead custom fields no mapping carries, which a dry run lists either
+/// way (`unmapped_custom_fields`, seed 001): an admin sees what would stay
+/// behind, or what `"create"` would make.
+pub fn unmapped_fields(settings: &crate::store::options::Settings) -> Vec<String> {
+    settings.fields.unmapped_lead_fields().into_iter().map(|d| d.api_name.clone()).collect()
+}
+
+/// [`unmapped_fields`] as a line for people; `None` when every lead custom
+/// field is carried.
+pub fn unmapped_line(settings: &crate::store::options::Settings) -> Option<String> {
+    let fields = unmapped_fields(settings);
+    if fields.is_empty() {
+        return None;
+    }
+    let what = match settings.unmapped_custom_fields {
+        crate::store::options::UnmappedCustomFields::Create => {
+            "the job makes a contact custom field and a mapping for each"
+        }
+        crate::store::options::UnmappedCustomFields::KeepOnLead => {
+            "their values stay on the lead; unmapped_custom_fields \"create\" carries them"
+        }
+    };
+    Some(format!("lead custom fields no mapping carries ({what}): {}", fields.join(", ")))
 }

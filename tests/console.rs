@@ -320,7 +320,8 @@ async fn a_sign_in_from_another_site_and_a_stale_cookie_are_refused() {
 }
 
 // Issue 24: the new-job form names the options choosing which records a
-// lead becomes, and its preview shows a lead converted without a contact.
+// lead becomes and what happens to unmapped custom fields; its preview shows
+// a lead converted without a contact and lists the unmapped fields.
 #[tokio::test]
 async fn the_new_job_form_offers_the_choice_of_records_and_previews_it() {
     let c = Console::new().await;
@@ -330,6 +331,13 @@ async fn the_new_job_form_offers_the_choice_of_records_and_previews_it() {
     let help = &html[html.find(r#"id="options-help""#).expect("the options are explained")..];
     assert!(help.contains("create_contact") && help.contains("create_account"), "{help}");
 
+    assert!(help.contains("unmapped_custom_fields"), "{help}");
+    sqlx::query(
+        "INSERT INTO custom_field_defs (module, api_name, data_type, max_length) VALUES ('lead', 'bolge', 'text', 30)",
+    )
+    .execute(c.crm.pool())
+    .await
+    .unwrap();
     let lead = c.crm.lead(json!({"owner_id": c.user, "last_name": "Yılmaz", "company": "Şirket A.Ş."})).await;
     let csrf = c.csrf(&cookie).await;
     let form = [
@@ -341,4 +349,6 @@ async fn the_new_job_form_offers_the_choice_of_records_and_previews_it() {
     assert_eq!(r.status(), StatusCode::OK);
     let html = r.text().await.unwrap();
     assert!(html.contains("no contact; new account"), "the plan names what is made: {html}");
+    let unmapped = &html[html.find(r#"id="preview-unmapped""#).expect("the unmapped fields are listed")..];
+    assert!(unmapped.contains("bolge"), "{unmapped}");
 }

@@ -57,6 +57,8 @@ pub enum ErrorCode {
     RecordNotFound,
     /// A contact of another account than the one named (or matched).
     ContactInOtherAccount,
+    /// An option only an admin's job may use (it changes the CRM's schema).
+    AdminOnly,
 }
 
 impl ErrorCode {
@@ -99,6 +101,7 @@ impl ErrorCode {
             ErrorCode::NothingToUndo => "nothing_to_undo",
             ErrorCode::RecordNotFound => "record_not_found",
             ErrorCode::ContactInOtherAccount => "contact_in_other_account",
+            ErrorCode::AdminOnly => "admin_only",
         }
     }
 
@@ -149,6 +152,7 @@ impl ErrorCode {
             ErrorCode::JobInProgress => "the job is still converting: cancel it, or wait for it to finish, then undo it",
             ErrorCode::NothingToUndo => "none of the job's leads (of those named) was converted by it",
             ErrorCode::RecordNotFound => "the contact or account named to convert into does not exist",
+            ErrorCode::AdminOnly => "only an admin's job may use this option: it changes the CRM's schema",
             ErrorCode::ContactInOtherAccount => {
                 "the contact belongs to another account than the one named: a contact never sits in one company \
                  while its deal points to another"

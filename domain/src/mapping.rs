@@ -89,6 +89,22 @@ pub struct FieldMapping {
     pub defs: Vec<CustomFieldDef>,
 }
 
+/// A contact custom field (and its mapping) that
+/// [`FieldMapping::contact_fields_to_create`] makes for an unmapped lead
+/// field; `exists`: the contact field is there already, only the mapping
+/// is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewContactField {
+    pub api_name: String,
+    pub data_type: String,
+    pub max_length: Option<i32>,
+    pub exists: bool,
+}
+
+fn length(l: Option<i32>) -> String {
+    l.map(|l| format!(" {l}")).unwrap_or_default()
+}
+
 /// A unique target field with the lead field that feeds it: how the unique
 /// field matching rule (SPEC §3.3.1) finds an existing record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +129,60 @@ impl FieldMapping {
             })
             .map(|m| UniqueKey { lead_field: m.lead_field.clone(), target_field: m.target_field.clone() })
             .collect()
+    }
+
+    /// The lead custom fields that no `conversion_mappings` row carries:
+    /// their values stay on the lead (what `unmapped_custom_fields` is
+    /// about; a dry run lists them).
+    pub fn unmapped_lead_fields(&self) -> Vec<&CustomFieldDef> {
+        self.defs
+            .iter()
+            .filter(|d| d.module == "lead" && !self.custom.iter().any(|m| m.lead_field == d.api_name))
+            .collect()
+    }
+
+    /// What `unmapped_custom_fields: "create"` makes (seed 001): for each
+    /// unmapped lead field, a contact custom field of the same name, data
+    /// type and length (not unique), and a mapping into it. A contact field
+    /// of that name that exists is mapped into when a mapping may join them
+    /// (same type; text into text as long or longer), else the job is
+    /// refused, naming the field.
+    pub fn contact_fields_to_create(&self) -> Result<Vec<NewContactField>, crate::error::Refusal> {
+        let mut out = Vec::new();
+        for lead in self.unmapped_lead_fields() {
+            let existing = self.defs.iter().find(|d| d.module == "contact" && d.api_name == lead.api_name);
+            if let Some(c) = existing {
+                let fits = c.data_type == lead.data_type
+                    && (c.data_type != "text"
+                        || match (lead.max_length, c.max_length) {
+                            (_, None) => true,
+                            (Some(l), Some(c)) => c >= l,
+                            (None, Some(_)) => false,
+                        });
+                if !fits {
+                    return Err(crate::error::Refusal::new(
+                        crate::error::ErrorCode::InvalidMapping,
+                        "unmapped_custom_fields",
+                        format!(
+                            "lead field {name} ({}{}) cannot be carried into the contact field {name} that exists \
+                             ({}{}): map it by hand, or rename one of them",
+                            lead.data_type,
+                            length(lead.max_length),
+                            c.data_type,
+                            length(c.max_length),
+                            name = lead.api_name,
+                        ),
+                    ));
+                }
+            }
+            out.push(NewContactField {
+                api_name: lead.api_name.clone(),
+                data_type: lead.data_type.clone(),
+                max_length: lead.max_length,
+                exists: existing.is_some(),
+            });
+        }
+        Ok(out)
     }
 
     /// The values a lead gives a new record of `module`: standard fields by
@@ -142,5 +212,53 @@ impl FieldMapping {
             out.insert("custom_fields".into(), Value::Object(custom));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(module: &str, api_name: &str, data_type: &str, max_length: Option<i32>) -> CustomFieldDef {
+        CustomFieldDef {
+            module: module.into(),
+            api_name: api_name.into(),
+            data_type: data_type.into(),
+            max_length,
+            is_unique: false,
+        }
+    }
+
+    #[test]
+    fn unmapped_lead_fields_get_a_contact_field_of_their_type_or_refuse_a_clash() {
+        let mut fields = FieldMapping {
+            custom: vec![CustomMapping {
+                lead_field: "region".into(),
+                target_module: "account".into(),
+                target_field: "region".into(),
+            }],
+            defs: vec![
+                def("lead", "region", "text", Some(20)),
+                def("lead", "budget", "number", None),
+                def("lead", "note", "text", Some(80)),
+                def("contact", "note", "text", Some(200)),
+            ],
+        };
+        let names: Vec<&str> = fields.unmapped_lead_fields().iter().map(|d| d.api_name.as_str()).collect();
+        assert_eq!(names, ["budget", "note"], "a mapped field is not listed");
+        let made = fields.contact_fields_to_create().unwrap();
+        assert_eq!(
+            made[0],
+            NewContactField { api_name: "budget".into(), data_type: "number".into(), max_length: None, exists: false }
+        );
+        assert!(made[1].exists, "a contact field of the same name and a fitting type is mapped into");
+
+        fields.defs.push(def("contact", "budget", "text", Some(10)));
+        let r = fields.contact_fields_to_create().unwrap_err();
+        assert_eq!(r.field, "unmapped_custom_fields");
+        assert!(r.message.contains("budget") && r.message.contains("number"), "{}", r.message);
+        fields.defs.pop();
+        fields.defs[3].max_length = Some(40);
+        assert!(fields.contact_fields_to_create().is_err(), "text into shorter text is refused");
     }
 }

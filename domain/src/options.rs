@@ -41,6 +41,21 @@ pub struct ConversionOptions {
     pub contact_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_id: Option<i64>,
+    /// What happens to a lead custom field no mapping carries (seed 001).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmapped_custom_fields: Option<UnmappedCustomFields>,
+}
+
+/// `unmapped_custom_fields`: a lead custom field that no
+/// `conversion_mappings` row carries stays on the lead (the default), or
+/// gets a contact custom field of the same type and length and a mapping,
+/// made once when the job is created, so its values are not left behind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmappedCustomFields {
+    #[default]
+    KeepOnLead,
+    Create,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -97,6 +112,7 @@ pub struct Settings {
     /// The existing contact and account named to convert into.
     pub into_contact: Option<i64>,
     pub into_account: Option<i64>,
+    pub unmapped_custom_fields: UnmappedCustomFields,
     pub fields: FieldMapping,
 }
 
@@ -167,6 +183,30 @@ impl Settings {
             return Err(Refusal::new(ErrorCode::RecordNotFound, "account_id", format!("no account {id}")));
         }
         Ok(())
+    }
+
+    /// The contact custom fields and mappings this job makes when it is
+    /// created (`unmapped_custom_fields: "create"`; none otherwise). It
+    /// changes the CRM's schema, so only an admin's job may ask for it.
+    pub fn custom_fields_to_create(
+        &self,
+        requester_is_admin: bool,
+    ) -> Result<Vec<crate::mapping::NewContactField>, Refusal> {
+        if self.unmapped_custom_fields != UnmappedCustomFields::Create {
+            return Ok(Vec::new());
+        }
+        if !requester_is_admin {
+            return Err(Refusal::new(
+                ErrorCode::AdminOnly,
+                "unmapped_custom_fields",
+                format!(
+                    "\"create\" adds custom fields to the CRM's contacts, which only an admin may; user {} is not \
+                     one: ask an admin, or leave unmapped_custom_fields at \"keep_on_lead\"",
+                    self.acting_user
+                ),
+            ));
+        }
+        self.fields.contact_fields_to_create()
     }
 
     /// Checks `options` for a job requested by `requested_by`, against what
@@ -248,6 +288,15 @@ impl Settings {
                 ));
             }
         }
+        let unmapped_custom_fields = options.unmapped_custom_fields.unwrap_or_default();
+        if unmapped_custom_fields == UnmappedCustomFields::Create && !create_contact {
+            return Err(Refusal::new(
+                ErrorCode::InvalidOption,
+                "unmapped_custom_fields",
+                "\"create\" makes contact custom fields, and create_contact is false: set create_contact to true \
+                 or unmapped_custom_fields to \"keep_on_lead\"",
+            ));
+        }
         let attachments_to = options.move_attachments_to.unwrap_or(Module::Contact);
         let not_made = |what: &str, option: &str| {
             Err(Refusal::new(
@@ -288,6 +337,7 @@ impl Settings {
             create_account,
             into_contact: options.contact_id,
             into_account: options.account_id,
+            unmapped_custom_fields,
             fields,
         })
     }

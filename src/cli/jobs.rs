@@ -75,6 +75,9 @@ impl Enqueue {
             out.flush()?;
             if !json {
                 say(format!("{n} leads would be processed: {summary}"))?;
+                if let Some(line) = report::unmapped_line(&checked.settings) {
+                    say(line)?;
+                }
             }
             return Ok(());
         }

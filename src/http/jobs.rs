@@ -66,9 +66,8 @@ pub async fn create(
             Ok(())
         })
         .await?;
-        return Ok(Json(
-            json!({"dry_run": true, "total_count": total, "summary": summary.to_string(), "plans": plans}),
-        )
+        return Ok(Json(json!({"dry_run": true, "total_count": total, "summary": summary.to_string(), "plans": plans,
+                   "unmapped_custom_fields": crate::report::unmapped_fields(&checked.settings)}))
         .into_response());
     }
     let created = s.enqueuer.submit(&checked).await?;

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::{ErrorCode, Refusal};
 use crate::store::criteria::Criteria;
-use crate::store::options::{ConversionOptions, Settings};
+use crate::store::options::{ConversionOptions, Settings, UnmappedCustomFields};
 use crate::store::types::Outcome;
 
 pub use crate::store::types::{JobStatus, Trigger};
@@ -47,6 +47,9 @@ pub struct Job {
     pub undo_of: Option<Uuid>,
     /// How many of this job's conversions were taken back since.
     pub undone_count: i32,
+    /// The contact custom fields (and their mappings) this job made when it
+    /// was created (`unmapped_custom_fields: "create"`).
+    pub custom_fields_created: Vec<String>,
 }
 
 impl Job {
@@ -84,6 +87,11 @@ pub async fn check(pool: &PgPool, new: NewJob) -> Result<Checked, crate::Error> 
     let mut conn = pool.acquire().await?;
     let settings = crate::store::options::prepare(&mut conn, &options, new.requested_by).await?;
     let criteria = Criteria::parse(&new.criteria, &settings.fields.defs)?;
+    let requester_is_admin: bool = sqlx::query_scalar("SELECT is_admin FROM users WHERE id = $1")
+        .bind(new.requested_by)
+        .fetch_one(&mut *conn)
+        .await?;
+    settings.custom_fields_to_create(requester_is_admin)?;
     if settings.into_contact.is_some() || settings.into_account.is_some() {
         // Records named to convert into are one lead's (convert-now).
         let one_lead = new.criteria.get("ids").and_then(Value::as_array).is_some_and(|ids| ids.len() == 1);
@@ -182,8 +190,46 @@ pub enum Dispatch {
 /// through this process, and a one-lead convert-now job costs one round
 /// trip).
 pub async fn create(pool: &PgPool, checked: &Checked, dispatch: Dispatch) -> Result<Job, crate::Error> {
-    let mut conn = pool.acquire().await?;
-    create_in(&mut conn, checked, dispatch).await
+    // One transaction: the custom fields a job makes exist only with it.
+    let mut tx = pool.begin().await?;
+    let job = create_in(&mut tx, checked, dispatch).await?;
+    tx.commit().await?;
+    Ok(job)
+}
+
+/// Makes the contact custom fields and mappings of
+/// `unmapped_custom_fields: "create"` (seed 001), once: concurrent jobs
+/// take turns (a transaction-scoped lock), each looks at the mapping as it
+/// is then, and what exists already is left alone. Returns the fields this
+/// job made. Runs in the caller's transaction, with the job's row.
+async fn make_custom_fields(tx: &mut sqlx::PgConnection) -> Result<Vec<String>, crate::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('leadconv:unmapped_custom_fields'))").execute(&mut *tx).await?;
+    let fields = crate::store::mapping::load(&mut *tx).await?;
+    let new = fields.contact_fields_to_create()?;
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = new.iter().map(|f| f.api_name.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO custom_field_defs (module, api_name, data_type, max_length)
+         SELECT 'contact', n, t, l FROM unnest($1::text[], $2::text[], $3::int[]) AS v(n, t, l)
+         ON CONFLICT (module, api_name) DO NOTHING",
+    )
+    .bind(&names)
+    .bind(new.iter().map(|f| f.data_type.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|f| f.max_length).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    // The mapping trigger judges each mapping as any writer's.
+    let made: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO conversion_mappings (lead_field, target_module, target_field)
+         SELECT n, 'contact', n FROM unnest($1::text[]) AS n
+         ON CONFLICT DO NOTHING RETURNING lead_field",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(made)
 }
 
 /// [`create`] inside the caller's transaction, for callers whose own
@@ -203,13 +249,18 @@ pub async fn create_in(
     // The snapshot's rows are inserted first and the job row, which counts
     // them, last: the foreign key is checked at the end of the statement.
     // A job matching nothing is complete at once, with nothing to publish.
+    let custom_fields_created = match checked.settings.unmapped_custom_fields {
+        UnmappedCustomFields::Create => make_custom_fields(&mut *tx).await?,
+        UnmappedCustomFields::KeepOnLead => Vec::new(),
+    };
     let mut qb = sqlx::QueryBuilder::new("WITH snapshot AS (INSERT INTO conversion_results (job_id, lead_id) SELECT ");
     qb.push_bind(id).push(", l.id FROM leads l WHERE l.converted_at IS NULL AND ");
     crate::store::criteria::push_sql(&checked.criteria, &mut qb);
     qb.push(
         " RETURNING 1), matched AS (SELECT count(*) AS n FROM snapshot)
          INSERT INTO conversion_jobs (id, criteria, options, requested_by, trigger, total_count, status,
-                                      finished_at, published_at, publisher_lease_until, publisher_token)
+                                      finished_at, published_at, publisher_lease_until, publisher_token,
+                                      custom_fields_created)
          SELECT ",
     );
     qb.push_bind(id).push(", ");
@@ -222,11 +273,11 @@ pub async fn create_in(
     );
     qb.push("CASE WHEN n = 0 OR ").push_bind(published).push(" THEN now() END, ");
     qb.push("CASE WHEN n > 0 THEN now() + make_interval(secs => ").push_bind(lease).push(") END, ");
-    qb.push_bind(token).push(
+    qb.push_bind(token).push(", ").push_bind(&custom_fields_created).push(
         " FROM matched
          RETURNING id, status, criteria, options, requested_by, trigger, total_count, converted_count,
                    merged_count, skipped_count, failed_count, created_at, started_at, finished_at, rule_id,
-                   schedule_id, retry_of, asked_by, undo_of, 0 AS undone_count",
+                   schedule_id, retry_of, asked_by, undo_of, 0 AS undone_count, custom_fields_created",
     );
     match qb.build().fetch_one(&mut *tx).await {
         Ok(row) => Ok(Job::from_row(&row)?),
@@ -417,7 +468,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
                 started_at, finished_at, rule_id, schedule_id, retry_of, asked_by, undo_of,
-                undone_count AS "undone_count!"
+                undone_count AS "undone_count!", custom_fields_created AS "custom_fields_created!"
          FROM conversion_job_progress WHERE id = $1"#,
         id
     )
@@ -446,7 +497,7 @@ pub async fn list(
                 total_count AS "total_count!", converted_count AS "converted_count!", merged_count AS "merged_count!",
                 skipped_count AS "skipped_count!", failed_count AS "failed_count!", created_at AS "created_at!",
                 started_at, finished_at, rule_id, schedule_id, retry_of, asked_by, undo_of,
-                undone_count AS "undone_count!"
+                undone_count AS "undone_count!", custom_fields_created AS "custom_fields_created!"
          FROM conversion_job_progress
          WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR trigger = $2)
            AND ($5::bigint[] IS NULL OR requested_by = ANY($5))
@@ -638,7 +689,7 @@ pub async fn create_undo(
          FROM matched
          RETURNING id, status, criteria, options, requested_by, trigger, total_count, converted_count,
                    merged_count, skipped_count, failed_count, created_at, started_at, finished_at, rule_id,
-                   schedule_id, retry_of, asked_by, undo_of, 0 AS undone_count",
+                   schedule_id, retry_of, asked_by, undo_of, 0 AS undone_count, custom_fields_created",
     )
     .bind(id)
     .bind(of.job_id)

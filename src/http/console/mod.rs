@@ -593,7 +593,8 @@ async fn preview(State(s): State<AppState>, c: Console, Form(f): Form<JobForm>) 
         Ok(())
     })
     .await?;
-    let shown = pages::Preview { total, summary: summary.to_string(), plans };
+    let unmapped = crate::report::unmapped_line(&checked.settings);
+    let shown = pages::Preview { total, summary: summary.to_string(), plans, unmapped };
     Ok(pages::preview(&c.viewer, &f, None, Some(&shown)).into_response())
 }
 

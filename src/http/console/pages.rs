@@ -321,6 +321,11 @@ pub fn job(viewer: &Viewer, v: &JobView) -> Html {
             }
             div.progress id="job-progress" { (bar(p)) }
             p.counts id="job-counts" { (j.total_count) " leads: " (counts(p)) " · " (timing(p)) }
+            @if !j.custom_fields_created.is_empty() {
+                p id="job-custom-fields" {
+                    "Contact custom fields this job made (and mapped): " (j.custom_fields_created.join(", "))
+                }
+            }
             @if j.undone_count > 0 {
                 p id="job-undone" { (j.undone_count) " of its conversions were taken back since." }
             }
@@ -414,6 +419,8 @@ pub struct Preview {
     pub total: u64,
     pub summary: String,
     pub plans: Vec<String>,
+    /// The lead custom fields no mapping carries, when there are any.
+    pub unmapped: Option<String>,
 }
 
 pub fn preview(viewer: &Viewer, form: &JobForm, error: Option<&str>, shown: Option<&Preview>) -> Html {
@@ -435,13 +442,15 @@ pub fn preview(viewer: &Viewer, form: &JobForm, error: Option<&str>, shown: Opti
                     code { "create_deal" } ", any non-empty combination of records), "
                     code { "deal" } " (name, closing_date, stage, pipeline, amount, contact_role, campaign_source), "
                     code { "owner_id" } ", " code { "move_attachments_to" } " (contact, account, deal), "
-                    code { "carry_over_tags" } "."
+                    code { "carry_over_tags" } ", " code { "unmapped_custom_fields" }
+                    " (keep_on_lead, or create: admins only)."
                 }
                 button type="submit" id="preview" { "Preview" }
             }
             @if let Some(p) = shown {
                 h2 { "Dry run" }
                 p id="preview-summary" { (p.total) " leads would be processed: " (p.summary) }
+                @if let Some(u) = &p.unmapped { p id="preview-unmapped" { (u) } }
                 @if !p.plans.is_empty() {
                     p { "The first " (p.plans.len()) ":" }
                     ol.plans { @for line in &p.plans { li { (line) } } }
