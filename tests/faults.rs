@@ -26,48 +26,6 @@ fn leadconv(crm: &Crm, broker: &TestBroker, args: &[&str]) -> Command {
     leadconv_command(&crm.url(), broker.prefix(), args)
 }
 
-/// Every lead of the job converted exactly once, the job complete, the
-/// counts exact and the CRM tables in agreement with the results.
-async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
-    job::rollup(crm.pool(), job_id).await.unwrap();
-    let j = job::get(crm.pool(), job_id).await.unwrap().unwrap();
-    let codes: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT error_code, error_message FROM conversion_results WHERE job_id = $1 AND outcome <> 'converted' LIMIT 5",
-    )
-    .bind(job_id)
-    .fetch_all(crm.pool())
-    .await
-    .unwrap();
-    assert!(codes.is_empty(), "leads not converted: {codes:?}");
-    assert_eq!(j.status, "completed");
-    assert_eq!(
-        (i64::from(j.total_count), i64::from(j.converted_count), j.skipped_count, j.failed_count),
-        (total, total, 0, 0)
-    );
-    assert_eq!(crm.converted_leads().await, total);
-    assert_eq!(
-        crm.count("SELECT count(*) FROM deals WHERE stage = 'Qualification'").await,
-        total,
-        "one deal per lead, none twice"
-    );
-    let created = crm.count("SELECT count(*) FROM conversion_results WHERE contact_action = 'created'").await;
-    let seeded_contacts = crm.count("SELECT count(*) FROM contacts WHERE id NOT IN (SELECT contact_id FROM conversion_results WHERE contact_action = 'created')").await;
-    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, created + seeded_contacts);
-    assert_eq!(
-        crm.count("SELECT count(*) FROM (SELECT 1 FROM contacts WHERE email IS NOT NULL GROUP BY leadconv_norm_email(email) HAVING count(*) > 1) d").await,
-        0,
-        "no contact twice"
-    );
-    assert_eq!(
-        crm.count(
-            "SELECT count(*) FROM conversion_results r JOIN leads l ON l.id = r.lead_id
-             WHERE l.converted_contact_id IS DISTINCT FROM r.contact_id OR l.converted_deal_id IS DISTINCT FROM r.deal_id"
-        )
-        .await,
-        0
-    );
-}
-
 async fn run_to_idle(mut child: Child) {
     let status = tokio::time::timeout(Duration::from_secs(600), child.wait()).await.expect("worker finishes").unwrap();
     assert!(status.success(), "worker exited with {status}");

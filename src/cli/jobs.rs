@@ -126,24 +126,82 @@ where
         say(created.id)?;
     }
     std::io::stdout().flush()?;
-    match producer::publish_job(pool, &ch, &topology, created.id, lane, &lease, batch_size).await {
-        Ok(published) => tracing::info!(job_id = %created.id, published, "enqueued"),
-        // The job exists and its outbox is in Postgres: losing RabbitMQ
-        // now delays it, it does not fail it. Give the lease up at once
-        // so that a worker's sweeper publishes the rest without waiting
-        // for it to run out.
-        Err(producer::PublishError::Broker(e)) => {
-            producer::release(pool, created.id, &lease).await?;
-            eprintln!(
-                "warning: lost {} while publishing job {} ({e}); the workers publish the rest of its leads",
-                queue::describe(&s.amqp_url),
-                created.id
-            );
+    let (mut conn, mut ch) = (conn, ch);
+    // With a cluster's addresses, a lost node is one of several: go on
+    // through each other node once. Nacks (a quorum queue whose leader was
+    // lost refuses messages until its other members have elected another)
+    // are answered by publishing again on a fresh channel after a pause,
+    // for about a minute. Either way publish_job resumes past the confirmed
+    // watermark; a message sent twice converts nothing twice.
+    let mut reconnects = queue::Brokers::parse(&s.amqp_url).map_or(0, |b| b.nodes().len().saturating_sub(1));
+    let mut pause = Duration::from_millis(250);
+    let nacks_until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match producer::publish_job(pool, &ch, &topology, created.id, lane, &lease, batch_size).await {
+            Ok(published) => tracing::info!(job_id = %created.id, published, "enqueued"),
+            Err(producer::PublishError::Nacked(_)) if std::time::Instant::now() < nacks_until => {
+                tracing::warn!(job_id = %created.id, "RabbitMQ refused a message; publishing again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(4));
+                let fresh = async {
+                    let channel = conn.create_channel().await?;
+                    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                    lapin::Result::Ok(channel)
+                };
+                match fresh.await {
+                    Ok(channel) => ch = channel,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not open a fresh channel; publishing again on the old one")
+                    }
+                }
+                continue;
+            }
+            Err(producer::PublishError::Broker(e)) if reconnects > 0 => {
+                reconnects -= 1;
+                tracing::warn!(job_id = %created.id, error = %e, "lost the RabbitMQ node while publishing; going on through another");
+                let reopened = async {
+                    let c = queue::connect(&s.amqp_url).await?;
+                    let channel = c.create_channel().await?;
+                    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                    topology.declare(&channel).await?;
+                    anyhow::Ok((c, channel))
+                };
+                match reopened.await {
+                    Ok((c, channel)) => {
+                        (conn, ch) = (c, channel);
+                        continue;
+                    }
+                    Err(e) => lost_broker(s, pool, created.id, &lease, &e.to_string()).await?,
+                }
+            }
+            // The job exists and its outbox is in Postgres: losing RabbitMQ
+            // now delays it, it does not fail it.
+            Err(e @ (producer::PublishError::Broker(_) | producer::PublishError::Nacked(_))) => {
+                lost_broker(s, pool, created.id, &lease, &e.to_string()).await?
+            }
+            Err(e @ producer::PublishError::LeaseLost(_)) => eprintln!("warning: {e}; it publishes the rest"),
+            Err(e) => return Err(e.into()),
         }
-        Err(e @ producer::PublishError::LeaseLost(_)) => eprintln!("warning: {e}; it publishes the rest"),
-        Err(e) => return Err(e.into()),
+        break;
     }
     let _ = conn.close(200, "bye").await;
+    Ok(())
+}
+
+/// Gives the lease up at once, so that a worker's sweeper publishes the
+/// rest of the job without waiting for it to run out, and says so.
+async fn lost_broker(
+    s: &Services,
+    pool: &sqlx::PgPool,
+    job_id: uuid::Uuid,
+    lease: &producer::Lease,
+    error: &str,
+) -> anyhow::Result<()> {
+    producer::release(pool, job_id, lease).await?;
+    eprintln!(
+        "warning: lost {} while publishing job {job_id} ({error}); the workers publish the rest of its leads",
+        queue::describe(&s.amqp_url)
+    );
     Ok(())
 }
 

@@ -42,6 +42,13 @@ pub struct Worker {
     /// finished (checked once a minute, in small batches); 0 keeps them forever.
     #[arg(long, env = "LEADCONV_RETENTION_DAYS", default_value_t = 30.0)]
     pub retention_days: f64,
+    /// Publish again a job's pending leads when no queue holds a message and
+    /// none of its leads was recorded for this many seconds: leads whose
+    /// commit a failed-over Postgres lost after their message was acked
+    /// (deploy/README.md, "A failover Postgres endpoint"). Above the longest
+    /// a batch may take.
+    #[arg(long, env = "LEADCONV_STRANDED_AFTER_SECS", default_value = "600", value_parser = parse_secs)]
+    pub stranded_after_secs: Duration,
     #[command(flatten)]
     pub limits: leadconv::config::WaitLimits,
 }
@@ -57,6 +64,7 @@ impl Worker {
             lease_secs,
             metrics,
             retention_days,
+            stranded_after_secs,
             limits,
         } = self;
         anyhow::ensure!(
@@ -73,6 +81,7 @@ impl Worker {
         cfg.workflow_concurrency = workflow_concurrency;
         cfg.exit_when_idle = exit_when_idle;
         cfg.lease = lease_secs;
+        cfg.stranded_after = stranded_after_secs;
         cfg.retention = (retention_days > 0.0).then(|| Duration::from_secs_f64(retention_days * 86_400.0));
         let stop = shutdown::on_signal();
         if let Some(addr) = metrics {

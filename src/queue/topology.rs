@@ -3,13 +3,17 @@
 //! ```text
 //!  producer ──► {p}.convert (topic) ──bulk.#──────► {p}.bulk      (quorum) ──► workers
 //!                                   └─workflow.#──► {p}.workflow  (quorum) ──► workers, first
-//!  worker, transient failure ──► {p}.retry (topic) ──*.rN──► {p}.retry.N (TTL) ──expired──► {p}.convert
+//!  worker, transient failure ──► {p}.retry (topic) ──*.rN──► {p}.backoff.N (quorum, TTL) ──expired──► {p}.convert
 //!  unreadable message / delivery limit ──► {p}.dead (fanout) ──► {p}.dead (quorum): parked
 //! ```
 //!
 //! Work queues are quorum queues: replicated, durable, with a delivery limit
 //! so that a message that crashes every worker that takes it ends parked in
-//! `{p}.dead` instead of looping forever. Workflow-triggered conversions
+//! `{p}.dead` instead of looping forever. The back-off queues are quorum
+//! queues too, dead-lettering at least once: a lead waiting out its back-off
+//! survives the loss of a cluster node (issue 23); the classic
+//! `{p}.retry.N` queues of earlier versions are retired by
+//! [`Topology::retire_classic_retry_queues`]. Workflow-triggered conversions
 //! have their own queue and their own share of every worker, so a bulk
 //! backlog of a million leads never delays them. Declaring is idempotent;
 //! the arguments here must match `deploy/rabbitmq/definitions.json`.
@@ -112,6 +116,10 @@ impl Topology {
         format!("{}.{}", self.prefix, lane.as_str())
     }
     pub fn retry_queue(&self, level: usize) -> String {
+        format!("{}.backoff.{}", self.prefix, level + 1)
+    }
+    /// The classic back-off queue of earlier versions (before issue 23).
+    fn classic_retry_queue(&self, level: usize) -> String {
         format!("{}.retry.{}", self.prefix, level + 1)
     }
     pub fn dead_queue(&self) -> String {
@@ -139,9 +147,16 @@ impl Topology {
         }
         for (level, delay) in RETRY_DELAYS.iter().enumerate() {
             let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+            // Quorum: replicated, so a lost node strands no lead in its
+            // back-off. At-least-once dead-lettering keeps an expired
+            // message in this queue until the work queue has confirmed it
+            // (the default, at-most-once, could drop it on a node loss);
+            // RabbitMQ requires reject-publish overflow with it.
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
             args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.convert_exchange().into()));
+            args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
             out.push((self.retry_queue(level), args));
         }
         let mut args = FieldTable::default();
@@ -169,6 +184,33 @@ impl Topology {
             bind(self.retry_queue(level), self.retry_exchange(), format!("*.r{}", level + 1)).await?;
         }
         bind(self.dead_queue(), self.dead_exchange(), String::new()).await?;
+        Ok(())
+    }
+
+    /// Unbinds the classic back-off queues of earlier versions from the
+    /// retry exchange, so no retry goes there any more, and deletes each
+    /// once it is empty. Until then their messages still expire into the
+    /// convert exchange as before: an upgrade loses no lead waiting out a
+    /// back-off. Unbinding and deleting a queue that does not exist are
+    /// no-ops in RabbitMQ (since 3.2); deleting one that still holds
+    /// messages is refused, closing its channel, hence one channel each.
+    pub async fn retire_classic_retry_queues(&self, conn: &lapin::Connection) -> lapin::Result<()> {
+        let ch = conn.create_channel().await?;
+        for level in 0..RETRY_DELAYS.len() {
+            let name = self.classic_retry_queue(level);
+            ch.queue_unbind(&name, &self.retry_exchange(), &format!("*.r{}", level + 1), FieldTable::default()).await?;
+        }
+        let _ = ch.close(200, "done").await;
+        for level in 0..RETRY_DELAYS.len() {
+            let name = self.classic_retry_queue(level);
+            let ch = conn.create_channel().await?;
+            let empty_only = QueueDeleteOptions { if_empty: true, ..Default::default() };
+            if ch.queue_delete(&name, empty_only).await.is_ok() {
+                let _ = ch.close(200, "done").await;
+            } else {
+                tracing::info!(queue = %name, "a classic back-off queue of an earlier version still holds messages; they expire into the work queues, and it is deleted once empty");
+            }
+        }
         Ok(())
     }
 

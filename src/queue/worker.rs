@@ -139,6 +139,9 @@ async fn session(
     let publisher = conn.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     cfg.topology.declare(&publisher).await?;
+    if let Err(e) = cfg.topology.retire_classic_retry_queues(&conn).await {
+        tracing::warn!(error = %e, "could not retire the classic back-off queues of an earlier version; will try again on the next connection");
+    }
     let sweeper_channel = conn.create_channel().await?;
     // Queue depths are read on a channel of their own: a failed passive
     // declare closes its channel, which must not be one that acks.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod cluster;
 pub mod proxy;
 pub mod server;
 
@@ -112,6 +113,9 @@ async fn drop_leftovers(admin: &mut PgConnection) {
 pub struct TestDb {
     pub name: String,
     pub pool: PgPool,
+    /// A database this test did not create (a private server's), at this
+    /// URL: left alone when the test ends.
+    external: Option<String>,
 }
 
 impl TestDb {
@@ -125,7 +129,7 @@ impl TestDb {
         let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
         create(&mut admin, &name, template).await;
         let pool = PgPoolOptions::new().max_connections(n).connect(&url_for(&name)).await.unwrap();
-        TestDb { name, pool }
+        TestDb { name, pool, external: None }
     }
 
     /// An empty, unmigrated database with the given `LC_CTYPE`.
@@ -140,16 +144,19 @@ impl TestDb {
         .await
         .unwrap();
         let pool = PgPoolOptions::new().max_connections(2).connect(&url_for(&name)).await.unwrap();
-        TestDb { name, pool }
+        TestDb { name, pool, external: None }
     }
 
     pub fn url(&self) -> String {
-        url_for(&self.name)
+        self.external.clone().unwrap_or_else(|| url_for(&self.name))
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.external.is_some() {
+            return;
+        }
         let name = self.name.clone();
         // Drop runs outside async; a thread with its own runtime does the
         // async work. FORCE ends the pool's connections.
@@ -181,6 +188,12 @@ impl std::ops::Deref for Crm {
 impl Crm {
     pub async fn new() -> Crm {
         Crm { db: TestDb::new().await }
+    }
+
+    /// The CRM in a database of a private server, at `url` (migrated).
+    pub async fn at(url: &str) -> Crm {
+        let pool = PgPoolOptions::new().max_connections(4).connect(url).await.unwrap();
+        Crm { db: TestDb { name: url.into(), pool, external: Some(url.into()) } }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -363,6 +376,48 @@ impl Crm {
 }
 
 /// Shallow merge of JSON objects.
+/// Every lead of the job converted exactly once, the job complete, the
+/// counts exact and the CRM tables in agreement with the results.
+pub async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
+    job::rollup(crm.pool(), job_id).await.unwrap();
+    let j = job::get(crm.pool(), job_id).await.unwrap().unwrap();
+    let codes: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT error_code, error_message FROM conversion_results WHERE job_id = $1 AND outcome <> 'converted' LIMIT 5",
+    )
+    .bind(job_id)
+    .fetch_all(crm.pool())
+    .await
+    .unwrap();
+    assert!(codes.is_empty(), "leads not converted: {codes:?}");
+    assert_eq!(j.status, "completed");
+    assert_eq!(
+        (i64::from(j.total_count), i64::from(j.converted_count), j.skipped_count, j.failed_count),
+        (total, total, 0, 0)
+    );
+    assert_eq!(crm.converted_leads().await, total);
+    assert_eq!(
+        crm.count("SELECT count(*) FROM deals WHERE stage = 'Qualification'").await,
+        total,
+        "one deal per lead, none twice"
+    );
+    let created = crm.count("SELECT count(*) FROM conversion_results WHERE contact_action = 'created'").await;
+    let seeded_contacts = crm.count("SELECT count(*) FROM contacts WHERE id NOT IN (SELECT contact_id FROM conversion_results WHERE contact_action = 'created')").await;
+    assert_eq!(crm.count("SELECT count(*) FROM contacts").await, created + seeded_contacts);
+    assert_eq!(
+        crm.count("SELECT count(*) FROM (SELECT 1 FROM contacts WHERE email IS NOT NULL GROUP BY leadconv_norm_email(email) HAVING count(*) > 1) d").await,
+        0,
+        "no contact twice"
+    );
+    assert_eq!(
+        crm.count(
+            "SELECT count(*) FROM conversion_results r JOIN leads l ON l.id = r.lead_id
+             WHERE l.converted_contact_id IS DISTINCT FROM r.contact_id OR l.converted_deal_id IS DISTINCT FROM r.deal_id"
+        )
+        .await,
+        0
+    );
+}
+
 pub fn merge(base: &mut Value, extra: Value) {
     if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
         for (k, v) in e {

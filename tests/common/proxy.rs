@@ -3,7 +3,8 @@
 //! server looks like to a client), and stop forwarding what clients send
 //! (what a broker's flow control or a frozen network looks like), at once
 //! or after a given number of bytes, to land the fault in the middle of a
-//! run without depending on timing.
+//! run without depending on timing. It can also be repointed to another
+//! server, as a virtual IP or a Kubernetes Service is after a failover.
 
 #![allow(dead_code)]
 
@@ -23,6 +24,10 @@ pub struct Proxy {
     pub accepted: Arc<AtomicU64>,
     /// Bytes forwarded from clients to the server so far.
     pub forwarded: Arc<AtomicU64>,
+    /// Client connections open now (accepted and not yet closed).
+    pub open: Arc<AtomicU64>,
+    /// Where new connections go.
+    upstream: Arc<Mutex<String>>,
 }
 
 /// What happens when the byte budget of client→server traffic runs out.
@@ -82,7 +87,7 @@ impl Proxy {
     pub async fn start(upstream: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let upstream = upstream.to_owned();
+        let upstream = Arc::new(Mutex::new(upstream.to_owned()));
         let (cut, cut_rx) = watch::channel(0u64);
         let cut = Arc::new(cut);
         let gate = Arc::new(Gate {
@@ -91,17 +96,22 @@ impl Proxy {
         });
         let accepted = Arc::new(AtomicU64::new(0));
         let forwarded = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
         let (counter, cut_tx, g, fwd) = (accepted.clone(), cut.clone(), gate.clone(), forwarded.clone());
+        let (open_now, to) = (open.clone(), upstream.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { return };
                 counter.fetch_add(1, Ordering::SeqCst);
-                let upstream = upstream.clone();
+                let upstream = to.lock().unwrap().clone();
+                let open_now = open_now.clone();
                 let mut cut_rx = cut_rx.clone();
                 cut_rx.borrow_and_update();
                 let (cut_tx, gate, fwd) = (cut_tx.clone(), g.clone(), fwd.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else { return };
+                    open_now.fetch_add(1, Ordering::SeqCst);
+                    let _open = OnClose(open_now);
                     let (mut client_r, mut client_w) = client.into_split();
                     let (mut server_r, mut server_w) = server.into_split();
                     let up = async {
@@ -129,7 +139,18 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, cut, gate, accepted, forwarded }
+        Proxy { addr, cut, gate, accepted, forwarded, open, upstream }
+    }
+
+    /// Sends new connections to `upstream`; open ones stay where they are
+    /// (cut them with [`Proxy::cut_all`]).
+    pub fn repoint(&self, upstream: &str) {
+        *self.upstream.lock().unwrap() = upstream.to_owned();
+    }
+
+    /// Client connections open through the proxy now.
+    pub fn open_now(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Drops every connection open now; new ones are accepted again.
@@ -163,5 +184,14 @@ impl Proxy {
         let mut s = self.gate.state.lock().unwrap();
         *s = GateState { budget: None, paused: false, then: Then::Pause };
         self.gate.changed.notify_waiters();
+    }
+}
+
+/// Counts a connection closed when its task ends, however it ends.
+struct OnClose(Arc<AtomicU64>);
+
+impl Drop for OnClose {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
