@@ -112,3 +112,63 @@ async fn the_commands_work_through_a_list_whose_first_node_is_down() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains(&format!("reachable; connected to {}", live_node())), "{report}");
 }
+
+/// Upgrading from the classic back-off queues (`{p}.retry.N`) of earlier
+/// versions: a worker's connection unbinds them, so retries go to the
+/// quorum `{p}.backoff.N` only; one still holding a message keeps it until
+/// it expires into the work queue, as before, and is deleted once empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_back_off_queues_of_an_earlier_version_drain_and_go() {
+    use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use leadconv::queue::{Lane, Topology};
+    let broker = TestBroker::new().await;
+    let t = &broker.topology;
+    let classic = |level: usize| format!("{}.retry.{}", t.prefix, level + 1);
+    for (level, ttl) in [(0usize, 5_000i64), (1, 5_000)] {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(t.convert_exchange().into()));
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        broker.channel.queue_declare(&classic(level), durable, args).await.unwrap();
+        let key = format!("*.r{}", level + 1);
+        let bind = QueueBindOptions::default();
+        broker
+            .channel
+            .queue_bind(&classic(level), &t.retry_exchange(), &key, bind, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    // A lead waiting out its first back-off in the old queue.
+    async fn publish(broker: &TestBroker) {
+        let t = &broker.topology;
+        let key = Topology::routing_key(Lane::Bulk, Some(0));
+        let (exchange, props) = (t.retry_exchange(), queue::properties(1));
+        let confirm = broker.channel.basic_publish(&exchange, &key, BasicPublishOptions::default(), b"{}", props);
+        confirm.await.unwrap().await.unwrap();
+    }
+    async fn exists(broker: &TestBroker, name: String) -> bool {
+        let ch = broker.conn.create_channel().await.unwrap();
+        broker.topology.state(&ch, &name).await.is_ok()
+    }
+    publish(&broker).await;
+    assert_eq!(broker.depth(&classic(0)).await, 1);
+
+    t.retire_classic_retry_queues(&broker.conn).await.unwrap();
+    assert!(!exists(&broker, classic(1)).await, "the empty one is deleted");
+    assert!(exists(&broker, classic(0)).await, "the one holding a message stays until it is empty");
+    publish(&broker).await;
+    assert_eq!(broker.depth(&classic(0)).await, 1, "a new retry no longer goes to the old queue");
+    // The first message went to both (the new topology was declared beside
+    // the old): three in all reach the work queue.
+    let bulk = t.work_queue(Lane::Bulk);
+    common::broker::wait_for("all expired into the work queue", std::time::Duration::from_secs(60), || async {
+        broker.depth(&bulk).await == 3
+    })
+    .await;
+    assert_eq!(broker.depth(&classic(0)).await, 0);
+    t.retire_classic_retry_queues(&broker.conn).await.unwrap();
+    assert!(!exists(&broker, classic(0)).await, "deleted once empty");
+    let _ = broker.channel.queue_delete(&classic(0), QueueDeleteOptions::default()).await;
+}
