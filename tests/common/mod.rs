@@ -375,7 +375,6 @@ impl Crm {
     }
 }
 
-/// Shallow merge of JSON objects.
 /// Every lead of the job converted exactly once, the job complete, the
 /// counts exact and the CRM tables in agreement with the results.
 pub async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
@@ -418,6 +417,7 @@ pub async fn assert_exactly_once(crm: &Crm, job_id: Uuid, total: i64) {
     );
 }
 
+/// Shallow merge of JSON objects.
 pub fn merge(base: &mut Value, extra: Value) {
     if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
         for (k, v) in e {
