@@ -531,3 +531,106 @@ async fn leads_pending_with_no_message_anywhere_are_published_again() {
     let j = job_status(&crm, job_id).await;
     assert_eq!((j.status.to_string().as_str(), j.converted_count), ("completed", 3));
 }
+
+/// The lock keys of a bulk lead ride with its message (issue 22): its
+/// e-mail's and company's, as the conversion's advisory locks compute them
+/// from messy text, then the company of the account of the contact its
+/// e-mail matches, whose row its conversion locks too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_message_carries_its_leads_lock_keys() {
+    use leadconv::store::snapshot;
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let globex = crm.account(json!({"owner_id": rep, "account_name": "Globex Sp. z o.o."})).await;
+    crm.contact(json!({"owner_id": rep, "last_name": "Şahin", "email": "sahin@globex.example", "account_id": globex}))
+        .await;
+    let merging = crm
+        .lead(json!({"owner_id": rep, "last_name": "Şahin", "email": "\"Şahin\" <SAHIN@Globex.Example>",
+                     "company": "  ÖZTÜRK\u{a0}TEKSTİL A.Ş. "}))
+        .await;
+    let bare = crm.lead(json!({"owner_id": rep, "last_name": "Nobody"})).await;
+    enqueue(&crm, &broker, json!({"ids": [merging, bare]}), json!({}), rep, Trigger::Manual).await;
+
+    let queue_name = broker.topology.work_queue(Lane::Bulk);
+    let mut headers = std::collections::HashMap::new();
+    while let Some(m) =
+        broker.channel.basic_get(&queue_name, lapin::options::BasicGetOptions { no_ack: true }).await.unwrap()
+    {
+        let msg: LeadMessage = serde_json::from_slice(&m.delivery.data).unwrap();
+        headers.insert(msg.lead_id, leadconv::queue::keys_of(&m.delivery.properties));
+    }
+    let mut conn = crm.pool().acquire().await.unwrap();
+    let lead = crm.row("leads", merging).await.unwrap();
+    let new =
+        NewJob { criteria: json!({"ids": [merging]}), options: json!({}), requested_by: rep, trigger: Trigger::Manual };
+    let settings = job::check(crm.pool(), new).await.unwrap().settings;
+    let locked = snapshot::lock_keys(&mut conn, &lead, &settings).await.unwrap();
+    let globex_key: i64 =
+        sqlx::query_scalar("SELECT leadconv_lock_key('company', leadconv_norm_company('globex  sp. z o.o.'))")
+            .fetch_one(crm.pool())
+            .await
+            .unwrap();
+    let sent = &headers[&merging];
+    assert_eq!(sent.len(), 3, "e-mail, company, the matched contact's account: {sent:?}");
+    let mut own = sent[..2].to_vec();
+    own.sort_unstable();
+    assert_eq!(own, locked, "the keys the conversion locks, e-mail first");
+    assert_eq!(sent[2], globex_key);
+    assert_eq!(headers[&bare], vec![0, 0], "neither e-mail nor company");
+}
+
+/// A lead whose company a batch in flight holds waits in the worker, not
+/// on the lock in Postgres, while leads of other keys go on; and it then
+/// converts after that batch, in the order of the job (issue 22). The
+/// first lead's batch is held by a lock on its lead row, taken before any
+/// key, so without the worker's choice the second lead would convert
+/// first, creating the account the first one was to create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_sharing_a_key_with_a_batch_in_flight_waits_for_it_and_others_go_on() {
+    let crm = Crm::new().await;
+    let broker = TestBroker::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let first = crm
+        .lead(json!({"owner_id": rep, "last_name": "Ünal", "email": "unal@example.com", "company": "Öztürk Tekstil A.Ş."}))
+        .await;
+    let second = crm
+        .lead(json!({"owner_id": rep, "last_name": "Kaya", "email": "kaya@example.com", "company": " ÖZTÜRK  TEKSTİL A.Ş."}))
+        .await;
+    let other = crm
+        .lead(json!({"owner_id": rep, "last_name": "Demir", "email": "demir@example.com", "company": "Globex"}))
+        .await;
+    let mut holder = crm.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM leads WHERE id = $1 FOR UPDATE").bind(first).execute(&mut *holder).await.unwrap();
+    let job_id = enqueue(&crm, &broker, json!({"ids": [first, second, other]}), json!({}), rep, Trigger::Manual).await;
+    // Batches of one lead, two in flight: the first lead's, held, and one more.
+    let (w, stop) = start_worker_batching(&crm, &broker, 2, Some(1), false);
+    let outcome = |lead: i64| {
+        let pool = crm.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT outcome FROM conversion_results WHERE job_id = $1 AND lead_id = $2")
+                .bind(job_id)
+                .bind(lead)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    wait_for("the lead of another company to convert", Duration::from_secs(60), || async {
+        outcome(other).await == "converted"
+    })
+    .await;
+    assert_eq!(outcome(second).await, "pending", "the second lead waits for the batch holding its company");
+    holder.rollback().await.unwrap();
+    wait_for("the job to complete", Duration::from_secs(60), || async {
+        job_status(&crm, job_id).await.status == "completed"
+    })
+    .await;
+    stop.cancel();
+    w.await.unwrap();
+    let results = leadconv::store::convert::results(crm.pool(), job_id).await.unwrap();
+    let of = |lead: i64| results.iter().find(|r| r.lead_id == lead).unwrap();
+    assert_eq!(of(first).account_action.map(|a| a.as_str()), Some("created"), "the first lead creates the account");
+    assert_eq!(of(second).account_action.map(|a| a.as_str()), Some("matched"));
+    assert_eq!(of(first).account_id, of(second).account_id);
+}

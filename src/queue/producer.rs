@@ -155,16 +155,20 @@ pub async fn publish_job(
         };
         let Some(&last) = ids.last() else { break };
         let mark = if undo { -last } else { last };
+        // A bulk message carries its lead's lock keys, by which workers
+        // form batches that do not wait on each other (`queue::batching`).
+        let keys = match lane {
+            Lane::Bulk => crate::store::snapshot::lead_lock_keys(pool, &ids).await?,
+            Lane::Workflow => Default::default(),
+        };
         let sent = async {
             let enqueued_at = Some(chrono::Utc::now());
             let mut confirms = Vec::with_capacity(ids.len());
             for &lead_id in &ids {
                 let body =
                     serde_json::to_vec(&LeadMessage { job_id, lead_id, enqueued_at }).expect("a message serialises");
-                confirms.push(
-                    ch.basic_publish(&exchange, &key, BasicPublishOptions::default(), &body, queue::properties(0))
-                        .await?,
-                );
+                let props = queue::keyed_properties(0, keys.get(&lead_id).map_or(&[], Vec::as_slice));
+                confirms.push(ch.basic_publish(&exchange, &key, BasicPublishOptions::default(), &body, props).await?);
             }
             for confirmation in try_join_all(confirms).await? {
                 if let Confirmation::Nack(_) = confirmation {

@@ -90,6 +90,14 @@ pub const RETRY_DELAYS: &[Duration] = &[
 /// Header carrying how many retries a message has been through.
 pub const ATTEMPT_HEADER: &str = "x-leadconv-attempt";
 
+/// Header carrying the advisory-lock keys of the message's lead (its
+/// normalised e-mail and company, `store::snapshot::lead_lock_keys`), as
+/// the producer read them: a worker forms its batches so that batches in
+/// flight share none (`queue::batching`). A header, not a field of the
+/// body: a worker of an earlier version reads the body only, and the
+/// keys only steer the order (the locks themselves are taken again).
+pub const KEYS_HEADER: &str = "x-leadconv-keys";
+
 /// Queue and exchange names under one prefix (`leadconv` by default), so
 /// that several installations, or tests, share a broker without touching
 /// each other's queues.
@@ -251,11 +259,38 @@ pub struct QueueState {
     pub consumers: u32,
 }
 
-/// Properties of every leadconv message: persistent JSON.
+/// Properties of every leadconv message: persistent JSON and its retry
+/// count.
 pub fn properties(attempt: u32) -> BasicProperties {
+    keyed_properties(attempt, &[])
+}
+
+/// [`properties`] with the lock keys of the message's lead (see
+/// [`KEYS_HEADER`]; none: unknown).
+pub fn keyed_properties(attempt: u32, keys: &[i64]) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongUInt(attempt));
+    if !keys.is_empty() {
+        let keys = keys.iter().map(|&k| AMQPValue::LongLongInt(k)).collect::<Vec<_>>();
+        headers.insert(ShortString::from(KEYS_HEADER), AMQPValue::FieldArray(keys.into()));
+    }
     BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()).with_headers(headers)
+}
+
+/// The lock keys a delivery carries (empty when it carries none).
+pub fn keys_of(props: &BasicProperties) -> Vec<i64> {
+    match props.headers().as_ref().and_then(|h| h.inner().get(KEYS_HEADER)) {
+        Some(AMQPValue::FieldArray(keys)) => keys
+            .as_slice()
+            .iter()
+            .filter_map(|k| match k {
+                AMQPValue::LongLongInt(k) => Some(*k),
+                AMQPValue::LongInt(k) => Some(i64::from(*k)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The retry count a delivery carries (0 on its first way through).

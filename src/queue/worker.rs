@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorCode};
+use crate::queue::batching::{Batcher, Held, Keys};
 use crate::queue::priority::Priority;
 use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
 use crate::store::convert::{self, ConvertError, Item};
@@ -158,7 +159,15 @@ async fn session(
     let (workflow_slots, bulk_slots) = (slots(cfg.workflow_concurrency), slots(cfg.concurrency));
     let priority = Arc::new(Priority::new(Priority::floor_for(cfg.concurrency)));
     let batch_size = usize::from(cfg.batch_size.max(1));
-    let bulk_prefetch = cfg.batch_size.max(1).saturating_mul(cfg.concurrency.max(1).saturating_add(1));
+    // Bulk: the batches in flight, one more, and a quarter as many again
+    // waiting, from which the next batches are formed so that they share no
+    // lock key with those in flight (see `queue::batching`). Each message
+    // held costs the worker memory (about 9 KiB measured, with lapin's
+    // buffers), hence no more.
+    let bulk_prefetch = {
+        let (size, n) = (cfg.batch_size.max(1), cfg.concurrency.max(1));
+        size.saturating_mul(n.saturating_add(1)).saturating_add(size.saturating_mul(n / 4))
+    };
     for (lane, prefetch) in
         [(Lane::Workflow, cfg.workflow_concurrency.max(1).saturating_mul(2)), (Lane::Bulk, bulk_prefetch)]
     {
@@ -194,10 +203,8 @@ async fn session(
     // once, instead of being handed back and forth at once until it looks
     // like poison.
     let broken = CancellationToken::new();
-    // Bulk messages gathered for the next batch, and when it goes even if
-    // not full.
-    let mut batch: Vec<Delivery> = Vec::with_capacity(batch_size);
-    let mut batch_due: Option<tokio::time::Instant> = None;
+    // Bulk messages waiting for a batch, and the batches in flight.
+    let mut bulk = BulkLane::default();
     let spawn = |tasks: &mut JoinSet<()>, deliveries: Vec<Delivery>, lane: Lane| {
         let ctx = Handler {
             pool: pool.clone(),
@@ -212,7 +219,7 @@ async fn session(
         let priority = priority.clone();
         let n = deliveries.len();
         metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_add(n, Ordering::SeqCst) + n) as f64);
-        tasks.spawn(async move {
+        let handle = tasks.spawn(async move {
             let _slot = lane_slots.acquire_owned().await.expect("the semaphore is never closed");
             let _turn = match lane {
                 Lane::Workflow => priority.workflow_turn(),
@@ -221,7 +228,9 @@ async fn session(
             ctx.handle(deliveries).await;
             metrics::gauge!(crate::metrics::IN_FLIGHT).set((counter.fetch_sub(n, Ordering::SeqCst) - n) as f64);
         });
+        handle.id()
     };
+    let concurrency = usize::from(cfg.concurrency.max(1));
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
@@ -232,14 +241,14 @@ async fn session(
                     match lane {
                         // A workflow lead is converted at once, alone: it
                         // never waits for a batch to fill.
-                        Lane::Workflow => spawn(&mut tasks, vec![delivery], lane),
+                        Lane::Workflow => {
+                            spawn(&mut tasks, vec![delivery], lane);
+                        }
                         Lane::Bulk => {
-                            batch.push(delivery);
-                            if batch.len() >= priority.batch_size(batch_size) {
-                                batch_due = None;
-                                spawn(&mut tasks, std::mem::take(&mut batch), lane);
-                            } else if batch_due.is_none() {
-                                batch_due = Some(tokio::time::Instant::now() + cfg.batch_wait);
+                            bulk.arrived(delivery, cfg.batch_wait);
+                            while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), false) {
+                                let id = spawn(&mut tasks, batch, lane);
+                                bulk.started(id, held, cfg.batch_wait);
                             }
                         }
                     }
@@ -247,25 +256,38 @@ async fn session(
                 Some((_, Err(e))) => break Err(e.into()),
                 None => break Err(anyhow::anyhow!("RabbitMQ closed the consumers")),
             },
-            _ = tokio::time::sleep_until(batch_due.unwrap_or_else(tokio::time::Instant::now)), if batch_due.is_some() => {
-                if bulk_slots.available_permits() == 0 {
-                    // Every bulk slot is busy: a batch sent now would only
-                    // wait for one, so it keeps filling meanwhile (the
-                    // broker sends more as the running batches ack).
-                    batch_due = Some(tokio::time::Instant::now() + cfg.batch_wait);
-                } else {
-                    batch_due = None;
-                    spawn(&mut tasks, std::mem::take(&mut batch), Lane::Bulk);
+            _ = tokio::time::sleep_until(bulk.due.unwrap_or_else(tokio::time::Instant::now)), if bulk.due.is_some() => {
+                // No full batch could go for `batch_wait`: what may go goes
+                // (a job's last leads, a small job), if a batch may start.
+                // Every bulk slot busy, or every waiting lead held back by
+                // a batch in flight: look again after another wait (the
+                // broker sends more as the running batches ack).
+                bulk.due = Some(tokio::time::Instant::now() + cfg.batch_wait);
+                while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), true) {
+                    let id = spawn(&mut tasks, batch, Lane::Bulk);
+                    bulk.started(id, held, cfg.batch_wait);
                 }
             }
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "a conversion task panicked; its message will be redelivered");
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = match joined {
+                    Ok((id, ())) => id,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a conversion task panicked; its message will be redelivered");
+                        e.id()
+                    }
+                };
+                // A batch that ended frees its keys: the next full batch
+                // may be among the leads that waited on them.
+                if bulk.ended(id) {
+                    while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), false) {
+                        let id = spawn(&mut tasks, batch, Lane::Bulk);
+                        bulk.started(id, held, cfg.batch_wait);
+                    }
                 }
             }
             _ = tick.tick() => {
                 if cfg.exit_when_idle {
-                    let idle = !seen_since_tick && batch.is_empty() && in_flight.load(Ordering::SeqCst) == 0
+                    let idle = !seen_since_tick && bulk.waiting.is_empty() && in_flight.load(Ordering::SeqCst) == 0
                         && sweeper.as_ref().is_none_or(|h| h.is_finished())
                         && nothing_left(pool, &probe, &cfg.topology).await.unwrap_or(false);
                     idle_ticks = if idle { idle_ticks + 1 } else { 0 };
@@ -324,6 +346,51 @@ async fn session(
         let _ = conn.close(200, "bye").await;
     }
     outcome
+}
+
+/// The bulk lane of a session: messages waiting for a batch, the batches
+/// in flight and the keys they hold (see [`Batcher`]).
+#[derive(Default)]
+struct BulkLane {
+    waiting: Batcher<Delivery>,
+    running: HashMap<tokio::task::Id, Held>,
+    /// When a batch goes even if not full.
+    due: Option<tokio::time::Instant>,
+    /// A look for a full batch that found none is not made again on every
+    /// message that arrives, only once this many wait (or a batch ends).
+    look_at: usize,
+}
+
+impl BulkLane {
+    fn arrived(&mut self, delivery: Delivery, wait: Duration) {
+        let keys = Keys::from_header(&queue::keys_of(&delivery.properties));
+        self.waiting.push(delivery, keys);
+        self.due.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+    }
+
+    /// The next batch to start, if fewer than `concurrency` run: a full
+    /// one of `size` leads, or with `partial` whatever may go.
+    fn next(&mut self, concurrency: usize, size: usize, partial: bool) -> Option<(Vec<Delivery>, Held)> {
+        if self.running.len() >= concurrency || (!partial && self.waiting.len() < self.look_at.max(size)) {
+            return None;
+        }
+        let taken = self.waiting.take(size, if partial { 1 } else { size });
+        self.look_at = if taken.is_none() && !partial { self.waiting.len() + size / 2 } else { 0 };
+        taken
+    }
+
+    fn started(&mut self, task: tokio::task::Id, held: Held, wait: Duration) {
+        self.running.insert(task, held);
+        self.due = (!self.waiting.is_empty()).then(|| tokio::time::Instant::now() + wait);
+    }
+
+    /// A task ended; `true` if it was a bulk batch (its keys are free).
+    fn ended(&mut self, task: tokio::task::Id) -> bool {
+        let Some(held) = self.running.remove(&task) else { return false };
+        self.waiting.release(held);
+        self.look_at = 0;
+        true
+    }
 }
 
 /// True when no queue holds a message for this installation, no job waits
@@ -569,7 +636,7 @@ impl Handler {
                     &key,
                     BasicPublishOptions::default(),
                     &delivery.data,
-                    queue::properties(next),
+                    queue::keyed_properties(next, &queue::keys_of(&delivery.properties)),
                 )
                 .await?
                 .await?;

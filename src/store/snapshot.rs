@@ -115,6 +115,31 @@ pub(crate) async fn lock<'a>(
     Ok(())
 }
 
+/// The keys each of `lead_ids` (that exists) is converted under, as far as
+/// the database tells before its conversion, in this order: the lock key
+/// of its e-mail and of its company, as [`lock`] takes them (0: none),
+/// then the company key of the account of each contact its e-mail matches
+/// now (merging into that contact locks that account's row, as a lead of
+/// that company does). The keys of unique fields are left out: they
+/// depend on a job's mappings. The producer sends them with each message
+/// (`queue::KEYS_HEADER`) so that workers form batches that do not wait
+/// on each other's locks; the locks themselves are taken as always.
+pub async fn lead_lock_keys(pool: &sqlx::PgPool, lead_ids: &[i64]) -> sqlx::Result<HashMap<i64, Vec<i64>>> {
+    let rows: Vec<(i64, Vec<i64>)> = sqlx::query_as(
+        "SELECT l.id, ARRAY[coalesce(leadconv_lock_key('email', leadconv_norm_email(l.email)), 0),
+                            coalesce(leadconv_lock_key('company', leadconv_norm_company(l.company)), 0)]
+                      || array_remove(ARRAY(
+                             SELECT leadconv_lock_key('company', leadconv_norm_company(a.account_name))
+                             FROM contacts c JOIN accounts a ON a.id = c.account_id
+                             WHERE leadconv_norm_email(c.email) = leadconv_norm_email(l.email)), NULL)
+         FROM leads l WHERE l.id = ANY($1)",
+    )
+    .bind(lead_ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// The lock keys [`lock`] takes for `lead`, sorted: for tests that check
 /// that the locks and the matching agree on what is "the same".
 pub async fn lock_keys(conn: &mut PgConnection, lead: &Record, settings: &Settings) -> sqlx::Result<Vec<i64>> {
