@@ -10,6 +10,15 @@ mod cli;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (`_RJEM_MALLOC_CONF` in the environment still
+/// overrides them): freed pages go back to the system after a second rather
+/// than ten. A worker whose batches all run at once (issue 22) peaked at
+/// 99–105 MiB on a 100,000-lead job with the defaults, 85–86 MiB with these,
+/// at the same rate; purging at once (0) cost a few percent of the rate.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
