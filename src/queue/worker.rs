@@ -262,11 +262,11 @@ async fn session(
                 // Every bulk slot busy, or every waiting lead held back by
                 // a batch in flight: look again after another wait (the
                 // broker sends more as the running batches ack).
-                bulk.due = Some(tokio::time::Instant::now() + cfg.batch_wait);
                 while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), true) {
                     let id = spawn(&mut tasks, batch, Lane::Bulk);
                     bulk.started(id, held, cfg.batch_wait);
                 }
+                bulk.due = (!bulk.waiting.is_empty()).then(|| tokio::time::Instant::now() + cfg.batch_wait);
             }
             Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 let id = match joined {
