@@ -231,6 +231,14 @@ async fn session(
         handle.id()
     };
     let concurrency = usize::from(cfg.concurrency.max(1));
+    // Starts every bulk batch that may start now: full ones, or with
+    // `partial` whatever may go.
+    let start_batches = |tasks: &mut JoinSet<()>, bulk: &mut BulkLane, partial: bool| {
+        while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), partial) {
+            let id = spawn(tasks, batch, Lane::Bulk);
+            bulk.started(id, held, cfg.batch_wait);
+        }
+    };
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
@@ -246,10 +254,7 @@ async fn session(
                         }
                         Lane::Bulk => {
                             bulk.arrived(delivery, cfg.batch_wait);
-                            while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), false) {
-                                let id = spawn(&mut tasks, batch, lane);
-                                bulk.started(id, held, cfg.batch_wait);
-                            }
+                            start_batches(&mut tasks, &mut bulk, false);
                         }
                     }
                 }
@@ -262,10 +267,7 @@ async fn session(
                 // Every bulk slot busy, or every waiting lead held back by
                 // a batch in flight: look again after another wait (the
                 // broker sends more as the running batches ack).
-                while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), true) {
-                    let id = spawn(&mut tasks, batch, Lane::Bulk);
-                    bulk.started(id, held, cfg.batch_wait);
-                }
+                start_batches(&mut tasks, &mut bulk, true);
                 bulk.due = (!bulk.waiting.is_empty()).then(|| tokio::time::Instant::now() + cfg.batch_wait);
             }
             Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
@@ -279,10 +281,7 @@ async fn session(
                 // A batch that ended frees its keys: the next full batch
                 // may be among the leads that waited on them.
                 if bulk.ended(id) {
-                    while let Some((batch, held)) = bulk.next(concurrency, priority.batch_size(batch_size), false) {
-                        let id = spawn(&mut tasks, batch, Lane::Bulk);
-                        bulk.started(id, held, cfg.batch_wait);
-                    }
+                    start_batches(&mut tasks, &mut bulk, false);
                 }
             }
             _ = tick.tick() => {
