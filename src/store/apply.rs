@@ -197,16 +197,21 @@ impl Writes {
             // column a row leaves out keeps its value. `prev` reads the rows
             // as the statement found them (locked since the batch's facts):
             // the journal's exact values before, `''` and white space kept.
+            // The ids are bound as an array as well: `id = ANY($2)` reads
+            // the rows by primary key whatever the planner's statistics say
+            // (a semi-join with the recordset became a hash join over a
+            // scan of the whole table once it held a few thousand rows).
             let set: Vec<String> = cols.iter().map(|c| format!("{c} = coalesce(p.{c}, t.{c})")).collect();
             let rows: Vec<(i64, Json<Record>, Json<Record>)> = sqlx::query_as(&format!(
                 "WITH p AS (SELECT * FROM jsonb_populate_recordset(NULL::{table}, $1)),
-                      prev AS (SELECT * FROM {table} WHERE id IN (SELECT id FROM p))
-                 UPDATE {table} t SET {} FROM p, prev WHERE t.id = p.id AND prev.id = p.id
+                      prev AS (SELECT * FROM {table} WHERE id = ANY($2))
+                 UPDATE {table} t SET {} FROM p, prev WHERE t.id = ANY($2) AND t.id = p.id AND prev.id = p.id
                  RETURNING t.id, to_jsonb(prev.*) - 'created_at' - 'updated_at',
                            to_jsonb(t.*) - 'created_at' - 'updated_at'",
                 set.join(", ")
             ))
             .bind(Json(&self.updates))
+            .bind(self.updated.keys().copied().collect::<Vec<i64>>())
             .fetch_all(&mut *conn)
             .await?;
             written.filled = rows.into_iter().map(|(id, before, after)| (id, (before.0, after.0))).collect();
@@ -357,6 +362,11 @@ pub async fn apply_batch(
         }
     }
     let index: HashMap<i64, usize> = conversions.iter().enumerate().map(|(i, (lead, _))| (*lead, i)).collect();
+    // `parent_id = ANY($1)` besides the join with `v` in the statements
+    // below: the lead's notes, attachments and activities are read through
+    // `(parent_module, parent_id)` whatever the statistics say (a hash join
+    // over a scan of the whole table was chosen once it held a few
+    // thousand rows, each batch again).
     // Copies first, then the move: the copies are made from the lead's notes.
     // Their ids are drawn in the statement, so that each copy is known by
     // the lead it was made for.
@@ -366,7 +376,7 @@ pub async fn apply_batch(
                    SELECT nextval(pg_get_serial_sequence('notes', 'id')) AS id, v.lead_id, v.module, v.parent_id,
                           n.title, n.body, n.created_at
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY AS v(lead_id, module, parent_id, ord)
-                   JOIN notes n ON n.parent_module = 'lead' AND n.parent_id = v.lead_id
+                   JOIN notes n ON n.parent_module = 'lead' AND n.parent_id = v.lead_id AND n.parent_id = ANY($1)
                    ORDER BY v.ord, n.id),
                ins AS (
                    INSERT INTO notes (id, parent_module, parent_id, title, body, created_at) OVERRIDING SYSTEM VALUE
@@ -399,7 +409,7 @@ pub async fn apply_batch(
         let moved: Vec<(i64, i64, String, i64)> = sqlx::query_as(&format!(
             "UPDATE {table} x SET parent_module = v.module, parent_id = v.parent_id
              FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(lead_id, module, parent_id)
-             WHERE x.parent_module = 'lead' AND x.parent_id = v.lead_id
+             WHERE x.parent_module = 'lead' AND x.parent_id = ANY($1) AND x.parent_id = v.lead_id
              RETURNING x.id, v.lead_id, x.parent_module, x.parent_id"
         ))
         .bind(&related.leads)
