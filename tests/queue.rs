@@ -580,39 +580,6 @@ async fn a_bulk_message_carries_its_leads_lock_keys() {
     assert_eq!(headers[&bare], vec![0, 0], "neither e-mail nor company");
 }
 
-/// A big job's leads go out only once the planner's statistics know its
-/// rows (issue 22): the snapshot is written in one statement, and planned
-/// for a job of a few rows, each batch's statements scanned every pending
-/// row of the job. A small job leaves the statistics alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_big_jobs_rows_are_known_to_the_planner_before_its_leads_go_out() {
-    let crm = Crm::new().await;
-    let broker = TestBroker::new().await;
-    let rep = crm.user("Rep", json!({})).await;
-    let known = |job: Uuid| {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT coalesce(bool_or($1::text = ANY(most_common_vals::text::text[])), false)
-             FROM pg_stats WHERE tablename = 'conversion_results' AND attname = 'job_id'",
-        )
-        .bind(job)
-        .fetch_one(crm.pool())
-    };
-    let small = crm.lead(json!({"owner_id": rep, "last_name": "Small"})).await;
-    let small_job = enqueue(&crm, &broker, json!({"ids": [small]}), json!({}), rep, Trigger::Manual).await;
-    assert!(!known(small_job).await.unwrap(), "a one-lead job does not analyze the table");
-
-    sqlx::query(
-        "INSERT INTO leads (owner_id, last_name, email, company)
-         SELECT $1, 'Lead ' || g, 'lead' || g || '@example.com', 'Company ' || (g % 50) FROM generate_series(1, 1500) g",
-    )
-    .bind(rep)
-    .execute(crm.pool())
-    .await
-    .unwrap();
-    let big = enqueue(&crm, &broker, json!({"all_leads": true}), json!({}), rep, Trigger::Manual).await;
-    assert!(known(big).await.unwrap(), "the statistics know the 1,501-lead job once its leads are published");
-}
-
 /// A lead whose company a batch in flight holds waits in the worker, not
 /// on the lock in Postgres, while leads of other keys go on; and it then
 /// converts after that batch, in the order of the job (issue 22). The

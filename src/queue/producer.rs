@@ -120,7 +120,6 @@ pub async fn publish_job(
             .fetch_optional(pool)
             .await?
             .unwrap_or(false);
-    crate::store::job::analyze_results_for(pool, job_id).await?;
     loop {
         // The next page past the watermark as it is now, and whether the
         // lease is still ours (no row: another publisher holds it). Keyset

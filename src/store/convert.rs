@@ -4,7 +4,7 @@
 //! locks (`snapshot`), decide (`plan`), write (`apply`), record the result
 //! and the job's counts, commit. Either all of it happens or none of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -227,7 +227,7 @@ pub(crate) async fn record(
     if locked.result.outcome != Outcome::Pending {
         return Ok(locked.result);
     }
-    let done = [Done { lead_id, finish: f, tries, enqueued_at: None }];
+    let done = [Done { lead_id, row: &locked.row, finish: f, tries, enqueued_at: None }];
     let r = finish(&mut tx, job_id, &done, None, locked.workflow).await?.pop().expect("a pending row is recorded");
     tx.commit().await?;
     crate::metrics::record_result(&r, std::time::Duration::ZERO);
@@ -251,6 +251,9 @@ pub(crate) struct Locked {
     pub(crate) job_status: JobStatus,
     /// A convert-now request waits on the commit.
     pub(crate) workflow: bool,
+    /// Where the row lies (its `ctid`, as text): [`finish`] updates it
+    /// there. It holds while the row is locked, until the transaction ends.
+    pub(crate) row: String,
 }
 
 /// Locks the result rows of `lead_ids` in job `job_id`, the job's gate for
@@ -263,7 +266,8 @@ pub(crate) async fn lock_results(conn: &mut PgConnection, job_id: Uuid, lead_ids
         format!(
             "SELECT {RESULT_COLUMNS},
                     (SELECT status FROM conversion_jobs WHERE id = $1) AS job_status,
-                    (SELECT trigger = 'workflow' FROM conversion_jobs WHERE id = $1) AS workflow
+                    (SELECT trigger = 'workflow' FROM conversion_jobs WHERE id = $1) AS workflow,
+                    ctid::text AS row
              FROM conversion_results WHERE job_id = $1 AND lead_id = ANY($2) ORDER BY lead_id FOR UPDATE"
         )
     });
@@ -309,20 +313,20 @@ async fn try_batch(
     let (cancelled, workflow) =
         locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
     let mut recorded: HashMap<i64, LeadResult> = HashMap::new();
-    let mut pending: HashSet<i64> = HashSet::new();
+    let mut pending: HashMap<i64, String> = HashMap::new();
     for l in locked {
         if l.result.outcome == Outcome::Pending {
-            pending.insert(l.result.lead_id);
+            pending.insert(l.result.lead_id, l.row);
         } else {
             recorded.insert(l.result.lead_id, l.result);
         }
     }
     // The pending leads in batch order, each once (a message published
     // twice may bring a lead twice).
-    let mut todo: Vec<&Item> = Vec::new();
+    let mut todo: Vec<(&Item, String)> = Vec::new();
     for item in items {
-        if pending.remove(&item.lead_id) {
-            todo.push(item);
+        if let Some(row) = pending.remove(&item.lead_id) {
+            todo.push((item, row));
         }
     }
 
@@ -331,7 +335,7 @@ async fn try_batch(
     } else if cancelled {
         todo.iter().map(|_| Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))).collect()
     } else {
-        let lead_ids: Vec<i64> = todo.iter().map(|i| i.lead_id).collect();
+        let lead_ids: Vec<i64> = todo.iter().map(|(i, _)| i.lead_id).collect();
         let facts = snapshot::load_batch(&mut tx, settings, &lead_ids, Locking::ForUpdate).await?;
         let mut run = Run::new(settings);
         let plans = plan_in_order(&mut tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
@@ -359,8 +363,9 @@ async fn try_batch(
         let done: Vec<Done> = todo
             .iter()
             .zip(&finishes)
-            .map(|(item, finish)| Done {
+            .map(|((item, row), finish)| Done {
                 lead_id: item.lead_id,
+                row,
                 finish,
                 tries: item.earlier_attempts + tries,
                 enqueued_at: item.enqueued_at,
@@ -502,6 +507,8 @@ impl Finish {
 /// A lead's result to record.
 pub(crate) struct Done<'a> {
     pub(crate) lead_id: i64,
+    /// The result row's place, as [`lock_results`] found it.
+    pub(crate) row: &'a str,
     pub(crate) finish: &'a Finish,
     pub(crate) tries: u32,
     pub(crate) enqueued_at: Option<DateTime<Utc>>,
@@ -524,13 +531,13 @@ pub(crate) async fn finish(
 ) -> sqlx::Result<Vec<LeadResult>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH v AS (
+            "WITH v AS MATERIALIZED (
                  SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                                       $8::bigint[], $9::bigint[], $10::bool[], $11::text[], $12::text[], $13::int[],
-                                      $14::timestamptz[], $15::bool[], $16::bool[])
+                                      $14::timestamptz[], $15::bool[], $16::bool[], $20::text[]::tid[])
                      AS v(lead_id, outcome, contact_action, account_action, deal_action, contact_id, account_id,
                           deal_id, is_repeat, error_code, error_message, attempts, enqueued_at,
-                          email_opt_out_applied, merged)),
+                          email_opt_out_applied, merged, row)),
              r AS (
                  UPDATE conversion_results c SET outcome = v.outcome, contact_action = v.contact_action,
                         account_action = v.account_action, deal_action = v.deal_action, contact_id = v.contact_id,
@@ -539,8 +546,7 @@ pub(crate) async fn finish(
                         attempts = c.attempts + v.attempts, duration_ms = $17,
                         enqueued_at = coalesce(v.enqueued_at, c.enqueued_at),
                         email_opt_out_applied = v.email_opt_out_applied, finished_at = now()
-                 FROM v WHERE c.job_id = $1 AND c.lead_id = ANY($2) AND c.lead_id = v.lead_id
-                        AND c.outcome = 'pending'
+                 FROM v WHERE c.ctid = v.row AND c.lead_id = v.lead_id AND c.outcome = 'pending'
                  RETURNING c.*, v.merged),
              counted AS (
                  INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
@@ -555,11 +561,16 @@ pub(crate) async fn finish(
              ORDER BY lead_id"
         )
     });
-    // `c.lead_id = ANY($2)` besides the join with `v`: the rows are read by
-    // key whatever the statistics say. Without it, the planner (expecting
-    // one pending row) built a hash over every pending row of the job, for
-    // each batch: a cost that grew with the job (165 ms a batch at 100,000
-    // leads).
+    // The rows are found where `lock_results` found them (`ctid`, stable
+    // while they are locked): a plan that reads just them, whatever the
+    // statistics say. By key, the planner (expecting one pending row for
+    // a job its statistics did not know yet) hashed every pending row of
+    // the job for each batch: a cost that grew with the job (165-450 ms a
+    // batch at 100,000 leads); statistics that know the job instead make
+    // other statements scan it for each one-lead job. No condition on
+    // `job_id` for that reason (the places are this job's locked rows): it
+    // would let the planner pick the job's index again: each row of `v`
+    // finds its result row by its place.
     let duration_ms = started.map(|s| i32::try_from(s.elapsed().as_millis()).unwrap_or(i32::MAX));
     let col = |f: &dyn Fn(&Finish) -> Option<&'static str>| done.iter().map(|d| f(d.finish)).collect::<Vec<_>>();
     let id = |f: &dyn Fn(&Finish) -> Option<i64>| done.iter().map(|d| f(d.finish)).collect::<Vec<_>>();
@@ -587,6 +598,7 @@ pub(crate) async fn finish(
         .bind(duration_ms)
         .bind(workflow)
         .bind(crate::store::finished::CHANNEL)
+        .bind(done.iter().map(|d| d.row).collect::<Vec<_>>())
         .fetch_all(&mut *conn)
         .await
 }

@@ -292,37 +292,6 @@ pub async fn create_in(
     }
 }
 
-/// Jobs smaller than this never refresh the planner's statistics.
-const ANALYZE_FROM: i32 = 1_000;
-
-/// Refreshes the planner's statistics of `conversion_results` before job
-/// `id`'s leads go out, when the job holds a tenth of the rows they knew
-/// of or more (the share autovacuum analyzes at) and nothing of it was
-/// published yet. A big job's snapshot is written in one statement; until
-/// the next ANALYZE the planner takes the job for one of a few rows and
-/// plans each batch's statements over its rows accordingly (a scan of
-/// every pending row of the job, each batch: slower the bigger the job).
-/// Autovacuum comes to it late, or never where it is off. A service user
-/// that does not own the table gets a warning from Postgres and nothing
-/// changes.
-pub async fn analyze_results_for(pool: &PgPool, id: Uuid) -> sqlx::Result<bool> {
-    let stale: Option<bool> = sqlx::query_scalar(
-        "SELECT j.total_count >= $2 AND j.published_through = 0 AND j.total_count >= 0.1 * greatest(c.reltuples, 0)
-         FROM conversion_jobs j, pg_class c WHERE j.id = $1 AND c.oid = 'conversion_results'::regclass",
-    )
-    .bind(id)
-    .bind(ANALYZE_FROM)
-    .fetch_optional(pool)
-    .await?;
-    if stale != Some(true) {
-        return Ok(false);
-    }
-    let started = std::time::Instant::now();
-    sqlx::query("ANALYZE conversion_results").execute(pool).await?;
-    tracing::info!(job_id = %id, elapsed = ?started.elapsed(), "planner statistics of conversion_results refreshed for a big job");
-    Ok(true)
-}
-
 /// Moves the job's counter shards into its `conversion_jobs` row (counts,
 /// status, start and finish times). Idempotent; any process may call it.
 pub async fn rollup(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {

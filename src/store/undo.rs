@@ -122,9 +122,11 @@ async fn try_batch(
         locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
     let mut recorded: HashMap<i64, Result<LeadResult, ConvertError>> = HashMap::new();
     let mut pending: Vec<i64> = Vec::new();
+    let mut rows: HashMap<i64, String> = HashMap::new();
     for l in locked {
         if l.result.outcome == Outcome::Pending {
             pending.push(l.result.lead_id);
+            rows.insert(l.result.lead_id, l.row);
         } else {
             recorded.insert(l.result.lead_id, Ok(l.result));
         }
@@ -199,6 +201,7 @@ async fn try_batch(
             .iter()
             .map(|(lead_id, finish)| Done {
                 lead_id: *lead_id,
+                row: &rows[lead_id],
                 finish,
                 tries: item(*lead_id).earlier_attempts + tries,
                 enqueued_at: item(*lead_id).enqueued_at,
