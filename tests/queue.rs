@@ -634,3 +634,72 @@ async fn a_lead_sharing_a_key_with_a_batch_in_flight_waits_for_it_and_others_go_
     assert_eq!(of(second).account_action.map(|a| a.as_str()), Some("matched"));
     assert_eq!(of(first).account_id, of(second).account_id);
 }
+
+/// Pages read by a generic plan of `sql` (prepared with parameters, as
+/// sqlx prepares every statement) executed with `args`.
+async fn pages_read(conn: &mut sqlx::PgConnection, name: &str, sql: &str, args: &str) -> i64 {
+    sqlx::query(&format!("PREPARE {name} AS {sql}")).execute(&mut *conn).await.unwrap();
+    let plan: Value =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, FORMAT JSON) EXECUTE {name}({args})"))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let top = &plan[0]["Plan"];
+    top["Shared Hit Blocks"].as_i64().unwrap() + top["Shared Read Blocks"].as_i64().unwrap()
+}
+
+/// ANALYZE while one big job fills `conversion_results` sees a single
+/// job_id. The statements a one-lead job runs (the producer's next page,
+/// the finished result) must still read that job's rows by its own index,
+/// not walk the big job: with a plan that took `job_id = $1` for the whole
+/// table they read thousands of pages for each convert-now call.
+#[tokio::test]
+async fn statistics_that_saw_one_big_job_leave_a_one_lead_jobs_reads_small() {
+    let crm = Crm::new().await;
+    let user = crm.user("Ops", json!({})).await;
+    let (big, small) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, total) in [(big, 20_000), (small, 1)] {
+        sqlx::query(
+            "INSERT INTO conversion_jobs (id, criteria, options, requested_by, total_count)
+             VALUES ($1, '{}', '{}', $2, $3)",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(total)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO conversion_results (job_id, lead_id) SELECT $1, g FROM generate_series(1, 20000) g")
+        .bind(big)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    // The one-lead job's lead came after every lead of the big job.
+    sqlx::query("INSERT INTO conversion_results (job_id, lead_id) VALUES ($1, 30000)")
+        .bind(small)
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE conversion_results").execute(crm.pool()).await.unwrap();
+
+    let mut conn = crm.pool().acquire().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
+    let page = pages_read(
+        &mut conn,
+        "next_page",
+        "SELECT lead_id FROM conversion_results WHERE job_id = $1 AND outcome = 'pending' AND lead_id > $2
+         ORDER BY lead_id LIMIT $3",
+        &format!("'{small}', 0, 2000"),
+    )
+    .await;
+    let finished = pages_read(
+        &mut conn,
+        "finished",
+        "SELECT * FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending' LIMIT 1",
+        &format!("'{small}'"),
+    )
+    .await;
+    assert!(page < 20, "the next page of a one-lead job read {page} pages");
+    assert!(finished < 20, "the finished result of a one-lead job read {finished} pages");
+}
