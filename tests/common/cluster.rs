@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::proxy::Proxy;
-use super::server::free_port;
 
 /// Runs `script` with `sh` as `user`; its output, or a panic naming it.
 async fn run_as(user: &str, script: &str) -> String {
@@ -48,6 +47,27 @@ async fn run_as(user: &str, script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A free port for a service the test stops and starts again, chosen below
+/// the kernel's ephemeral range (32768 and up on Linux): while the service
+/// is down, a port from that range may be handed to any outgoing connection
+/// of the tests running beside it (or to their `free_port()`), and the
+/// service then cannot listen again when it restarts ("rabbit_is_not_running"
+/// after a rolling restart's start). No connection is ever given a port
+/// below the range.
+fn lasting_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread by process so that test binaries running at once start apart.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 12;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -125,7 +145,7 @@ impl RabbitCluster {
         let mut nodes = Vec::new();
         for i in 1..=3 {
             let node_dir = dir.path().join(format!("n{i}"));
-            let port = free_port();
+            let port = lasting_port();
             std::fs::create_dir_all(node_dir.join("mnesia")).unwrap();
             std::fs::create_dir_all(node_dir.join("log")).unwrap();
             std::fs::write(node_dir.join("rabbitmq.conf"), format!("listeners.tcp.default = 127.0.0.1:{port}\n"))
@@ -136,7 +156,7 @@ impl RabbitCluster {
             nodes.push(RabbitNode {
                 name: format!("leadconv_c{i}_{id}@localhost"),
                 port,
-                dist_port: free_port(),
+                dist_port: lasting_port(),
                 dir: node_dir,
                 proxy,
             });
@@ -283,7 +303,7 @@ impl PgPair {
         dir.give_to("postgres").await;
         let bin = pg_bin();
         let server = |name: &str| PgServer {
-            port: free_port(),
+            port: lasting_port(),
             data: dir.path().join(name),
             log: dir.path().join(format!("{name}.log")),
         };
