@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::broker::{amqp_url, wait_for, TestBroker};
-use common::server::{free_port, serve, Server};
+use common::server::{free_port, serve, serve_with, Server};
 use common::*;
 use leadconv::queue::Lane;
 use reqwest::StatusCode;
@@ -26,9 +26,14 @@ struct Api {
 
 impl Api {
     async fn new() -> Api {
+        Api::with_flags(&[]).await
+    }
+
+    /// [`Api::new`] with more `serve` flags.
+    async fn with_flags(flags: &[&str]) -> Api {
         let crm = Crm::new().await;
         let broker = TestBroker::new().await;
-        let server = serve(&crm.db, &broker).await;
+        let server = serve_with(&crm.db, &broker, flags).await;
         let rep = crm.user("Rep", json!({})).await;
         let token = leadconv::store::auth::create_token(crm.pool(), rep, "test").await.unwrap();
         Api { server, crm, broker, http: reqwest::Client::new(), token, rep }
@@ -347,6 +352,58 @@ async fn convert_one_lead_now() {
     assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "missing_mandatory_field"));
     let (s, v) = api.post(&format!("/v1/leads/{third}/convert"), json!({"timeout": 5})).await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_body"));
+    stop.cancel();
+    w.await.unwrap().unwrap();
+}
+
+// Issue 22: `serve` converts a convert-now lead itself, so the answer
+// needs no worker and nothing passes through the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_now_is_converted_by_serve_without_a_worker() {
+    let api = Api::new().await;
+    let lead = api.leads(1).await[0];
+    let (s, r) =
+        api.post(&format!("/v1/leads/{lead}/convert"), json!({"options": with_deal(), "timeout_ms": 20000})).await;
+    assert_eq!(s, StatusCode::OK, "answered with no worker running: {r}");
+    assert_eq!((r["outcome"].as_str(), r["contact_action"].as_str()), (Some("converted"), Some("created")));
+    assert!(r["deal_id"].is_i64(), "{r}");
+    assert_eq!(api.crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await, 1);
+    assert_eq!(api.broker.depth(&api.broker.topology.work_queue(Lane::Workflow)).await, 0, "nothing published");
+    let job: uuid::Uuid = sqlx::query_scalar("SELECT id FROM conversion_jobs").fetch_one(api.crm.pool()).await.unwrap();
+    let (s, j) = api.get(&format!("/v1/jobs/{job}")).await;
+    assert_eq!((s, j["status"].as_str(), j["converted_count"].as_i64()), (StatusCode::OK, Some("completed"), Some(1)));
+}
+
+// Issue 22: a lead `serve` cannot convert at once (its row locked past the
+// lock timeout) goes to the workers' workflow lane; the waiting call gets
+// the worker's result, and the lead is converted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_convert_now_lead_serve_cannot_convert_goes_to_the_workers() {
+    let api = Api::with_flags(&["--lock-timeout-secs", "1"]).await;
+    let lead = api.leads(1).await[0];
+    let mut holder = api.crm.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE").bind(lead).execute(&mut *holder).await.unwrap();
+    let call = {
+        let (http, url, token) = (api.http.clone(), api.url(&format!("/v1/leads/{lead}/convert")), api.token.clone());
+        tokio::spawn(async move {
+            let r = http.post(url).bearer_auth(token).json(&json!({"timeout_ms": 30000})).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let workflow = api.broker.topology.work_queue(Lane::Workflow);
+    wait_for("the lead handed to the workflow lane", Duration::from_secs(20), || async {
+        api.broker.depth(&workflow).await == 1
+    })
+    .await;
+    assert_eq!(api.crm.count("SELECT count(*) FROM leads WHERE converted_at IS NOT NULL").await, 0);
+    holder.rollback().await.unwrap();
+    let mut cfg = leadconv::queue::worker::WorkerConfig::new(amqp_url(), api.broker.topology.clone());
+    cfg.tick = Duration::from_millis(100);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w = tokio::spawn(leadconv::queue::worker::run(api.crm.pool().clone(), cfg, stop.clone()));
+    let (s, r) = call.await.unwrap();
+    assert_eq!((s, r["outcome"].as_str()), (StatusCode::OK, Some("converted")), "{r}");
+    assert_eq!(api.crm.count("SELECT count(*) FROM contacts").await, 1, "converted once");
     stop.cancel();
     w.await.unwrap().unwrap();
 }

@@ -561,7 +561,11 @@ async fn on_sigterm_a_request_in_flight_gets_its_answer_and_idle_connections_clo
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 1024];
     assert!(idle.read(&mut buf).await.unwrap() > 0);
-    // A convert-now call with no worker: it waits its 3 s, then says 202.
+    // A convert-now call whose lead another transaction holds: it waits its
+    // 3 s, then says 202 (and `serve`, once the lock wait times out, hands
+    // the lead to the workers before it exits).
+    let mut holder = setup.crm.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE").bind(lead).execute(&mut *holder).await.unwrap();
     let call = reqwest::Client::new()
         .post(format!("{}/v1/leads/{lead}/convert", setup.server.base))
         .bearer_auth(&setup.token)
@@ -583,4 +587,5 @@ async fn on_sigterm_a_request_in_flight_gets_its_answer_and_idle_connections_clo
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "pending");
     let exit = tokio::time::timeout(Duration::from_secs(20), setup.server.child.wait()).await.expect("serve exits");
     assert_eq!(exit.unwrap().code(), Some(0));
+    holder.rollback().await.unwrap();
 }

@@ -108,6 +108,11 @@ pub struct Serve {
     /// the console links the records a job created or merged into to it.
     #[arg(long, env = "LEADCONV_CRM_RECORD_URL", value_parser = parse_record_url)]
     pub crm_record_url: Option<String>,
+    /// Convert-now leads this process converts at once; more calls wait
+    /// their turn. Bounds the CPU they take from bulk jobs converting
+    /// beside them (the pool holds 24 connections).
+    #[arg(long, env = "LEADCONV_CONVERT_NOW_CONCURRENCY", default_value_t = leadconv::queue::enqueue::CONVERTING_NOW_AT_ONCE, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub convert_now_concurrency: u16,
     #[command(flatten)]
     pub clients: ClientLimits,
     #[command(flatten)]
@@ -187,6 +192,7 @@ impl Serve {
             topology: s.topology(),
             record_url: self.crm_record_url,
             limits: self.clients.limits(),
+            convert_now_concurrency: usize::from(self.convert_now_concurrency),
         };
         serve::run(pool, cfg, shutdown::on_signal()).await
     }

@@ -258,8 +258,14 @@ pub struct ConvertLead {
     timeout_ms: Option<u64>,
 }
 
-/// `POST /v1/leads/{id}/convert`: a one-lead `workflow` job through the
-/// priority lane, answered with the result once committed.
+/// How long a convert-now call waits for its turn at least, even one that
+/// will not wait for the commit (`timeout_ms: 0`).
+const TURN_WAIT_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// `POST /v1/leads/{id}/convert`: a one-lead `workflow` job, converted by
+/// this process at once and answered with the result once committed (or
+/// 202 when `timeout_ms` runs out first); with `timeout_ms: 0`, left to the
+/// workers' priority lane.
 pub async fn convert_lead(
     State(s): State<AppState>,
     Access(caller): Access,
@@ -277,6 +283,14 @@ pub async fn convert_lead(
         }
     }
     let new = NewJob { criteria: json!({"ids": [lead_id]}), options, requested_by: user, trigger: Trigger::Workflow };
+    let Some(turn) = s.enqueuer.convert_now_turn(timeout.max(TURN_WAIT_AT_LEAST)).await else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "",
+            "convert-now calls are at this server's limit (serve --convert-now-concurrency) and none ended in time; nothing was written, try again",
+        ));
+    };
     // Both only read: asked at once, they cost the caller one wait.
     let (converted, checked) = tokio::join!(convert::lead_converted_at(&s.pool, lead_id), job::check(&s.pool, new));
     match converted? {
@@ -316,16 +330,29 @@ pub async fn convert_lead(
         }
     }
     let created = s.enqueuer.create(&checked).await?;
-    // Published beside the wait: the answer needs the message at the
-    // worker, not the publisher's bookkeeping after the broker's confirm.
-    let mut waiting = s.finished.wait(created.id);
-    let (enqueuer, job) = (s.enqueuer.clone(), created.clone());
-    let publishing = tokio::spawn(async move { enqueuer.publish(&job).await });
-    let deadline = tokio::time::Instant::now() + timeout;
     let pending = || (StatusCode::ACCEPTED, Json(json!({"job_id": created.id, "status": "pending"}))).into_response();
     if created.total_count == 0 {
         // Converted by someone else between the look above and the snapshot.
         return Ok(pending());
+    }
+    if timeout.is_zero() {
+        // The caller will not wait: the workers' workflow lane converts it.
+        s.enqueuer.publish(&created).await;
+        return Ok(pending());
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Registered before the lead can reach a worker (when converting here
+    // hands it over), so the worker's notification cannot come first.
+    let mut waiting = s.finished.wait(created.id);
+    let here = s.enqueuer.convert_here(turn, created.clone(), checked.settings, lead_id);
+    tokio::select! {
+        // Otherwise handed to the workers (or the task panicked, its job
+        // left to the outbox sweeper): their result is waited for below.
+        done = here => if let Ok(Some(result)) = done {
+            return Ok(Json(result).into_response());
+        },
+        // Still converting (waiting for a lock): it goes on without us.
+        _ = tokio::time::sleep_until(deadline) => return Ok(pending()),
     }
     loop {
         // Woken by the worker's notification on commit (registered before
@@ -347,8 +374,7 @@ pub async fn convert_lead(
             return Ok(Json(r).into_response());
         }
         if tokio::time::Instant::now() >= deadline {
-            // A 202 still means "published" (or left to the sweepers).
-            let _ = publishing.await;
+            // Published (or left to the sweepers): a worker converts it.
             return Ok(pending());
         }
     }

@@ -19,13 +19,18 @@ pub struct ServeConfig {
     pub record_url: Option<String>,
     /// What a slow or idle client may hold.
     pub limits: listener::Limits,
+    /// Convert-now leads converted at once (see [`Enqueuer::convert_here`]).
+    pub convert_now_concurrency: usize,
 }
 
 /// Serves until `stop` is cancelled; in-flight requests are finished (see
 /// [`listener::DRAIN`]).
 pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
-    let enqueuer = Arc::new(Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone()));
+    let enqueuer = Arc::new(
+        Enqueuer::new(pool.clone(), cfg.amqp_url.clone(), cfg.topology.clone())
+            .converting_now_at_once(cfg.convert_now_concurrency),
+    );
     let finished = crate::store::finished::Waiters::start(pool.clone(), stop.clone());
     let record_url = cfg.record_url.map(Arc::from);
     let app = http::router(AppState { pool: pool.clone(), enqueuer: enqueuer.clone(), metrics, finished, record_url });
@@ -49,6 +54,8 @@ pub async fn run(pool: PgPool, cfg: ServeConfig, stop: CancellationToken) -> any
     println!("listening on http://{}", tcp.local_addr()?);
     let served = listener::serve(tcp, app, cfg.limits, stop.clone()).await;
     stop.cancel();
+    // Convert-now conversions whose callers stopped waiting.
+    enqueuer.drain(listener::DRAIN).await;
     for task in background {
         match task.await {
             Ok(Err(e)) => tracing::error!(error = %e, "background loop failed"),

@@ -5,17 +5,34 @@
 //! Creating the job commits before publishing, so a publish that fails
 //! (broker down) loses nothing: the job's pending rows are its outbox, and
 //! a worker's sweeper publishes them once this process's lease runs out.
+//! A convert-now job is converted here instead ([`Enqueuer::convert_here`]),
+//! and published only when that gives no result.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::queue::producer;
 use crate::queue::{self, Lane, Topology};
+use crate::store::convert::{self, LeadResult};
 use crate::store::job::{self, Checked, Dispatch, Job, Trigger};
+use crate::store::options::Settings;
+
+/// A convert-now call's turn ([`Enqueuer::convert_now_turn`]), given back
+/// when dropped.
+pub struct ConvertNowTurn {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Convert-now calls served at once by default (`serve
+/// --convert-now-concurrency`).
+pub const CONVERTING_NOW_AT_ONCE: u16 = 5;
 
 pub struct Enqueuer {
     pub pool: PgPool,
@@ -23,6 +40,11 @@ pub struct Enqueuer {
     pub topology: Topology,
     pub lease: producer::Lease,
     broker: Mutex<Option<(Connection, Channel)>>,
+    /// Conversions run by [`Enqueuer::convert_here`], waited for on the
+    /// way out ([`Enqueuer::drain`]).
+    here: TaskTracker,
+    /// Convert-now calls' turns: how many are served at once.
+    here_slots: Arc<Semaphore>,
 }
 
 impl Enqueuer {
@@ -33,7 +55,16 @@ impl Enqueuer {
             topology,
             lease: producer::Lease::new(Duration::from_secs(30)),
             broker: Mutex::new(None),
+            here: TaskTracker::new(),
+            here_slots: Arc::new(Semaphore::new(usize::from(CONVERTING_NOW_AT_ONCE))),
         }
+    }
+
+    /// At most `n` convert-now calls are served at once (see
+    /// [`Enqueuer::convert_now_turn`]).
+    pub fn converting_now_at_once(mut self, n: usize) -> Enqueuer {
+        self.here_slots = Arc::new(Semaphore::new(n.max(1)));
+        self
     }
 
     /// A confirm-mode channel, connecting (and declaring the topology) when
@@ -96,6 +127,70 @@ impl Enqueuer {
     /// that publishes it itself ([`Enqueuer::publish`]) when it suits it.
     pub async fn create(&self, checked: &Checked) -> Result<Job, crate::Error> {
         job::create(&self.pool, checked, Dispatch::Queue { lease: self.lease }).await
+    }
+
+    /// Waits for a convert-now call's turn: at most
+    /// [`Enqueuer::converting_now_at_once`] calls check, snapshot and
+    /// convert at once, so that callers calling back to back leave CPU to
+    /// the bulk jobs converting beside them; the others wait, first come
+    /// first served. `None`: no turn came within `within`.
+    pub async fn convert_now_turn(&self, within: Duration) -> Option<ConvertNowTurn> {
+        let turn = tokio::time::timeout(within, self.here_slots.clone().acquire_owned()).await.ok()?;
+        Some(ConvertNowTurn { _permit: turn.expect("the semaphore is never closed") })
+    }
+
+    /// Converts `lead_id`, the one lead of the convert-now job `job` (made
+    /// by [`Enqueuer::create`], not published), here in this process: a
+    /// worker would only add hops (the broker both ways, its own read of
+    /// the job's settings, the wake-up of the waiting request), each
+    /// costing the caller time and the machine CPU that bulk jobs need.
+    /// The conversion is the worker's own ([`convert::convert_batch`]:
+    /// the same locks, one atomic commit, the result row's guard against
+    /// converting twice).
+    ///
+    /// `turn` (see [`Enqueuer::convert_now_turn`]) is held until the
+    /// conversion ends.
+    ///
+    /// A task of its own, so a caller that stops waiting (its timeout, a
+    /// closed connection) does not cut it short. Anything but a result (a
+    /// lock wait that timed out, a lost connection, a database error)
+    /// publishes the lead to the workers' workflow lane instead, which
+    /// retries it or records why it failed as it does for every lead
+    /// (`None` then). Should this process die first, the job is
+    /// unpublished under its lease: a worker's outbox sweeper publishes it
+    /// once the lease runs out.
+    pub fn convert_here(
+        self: &Arc<Self>,
+        turn: ConvertNowTurn,
+        job: Job,
+        settings: Settings,
+        lead_id: i64,
+    ) -> JoinHandle<Option<LeadResult>> {
+        let this = self.clone();
+        self.here.spawn(async move {
+            let _turn = turn;
+            match convert::convert_enqueued(&this.pool, job.id, &settings, lead_id, Some(job.created_at), 0).await {
+                Ok(result) => Some(result),
+                Err(e) => {
+                    tracing::info!(job_id = %job.id, lead_id, error = %e, "converting now gave no result; handing the lead to the workers");
+                    this.publish(&job).await;
+                    None
+                }
+            }
+        })
+    }
+
+    /// Waits (at most `within`) for the conversions [`Enqueuer::convert_here`]
+    /// started, on the way out: one whose caller stopped waiting is still
+    /// worth its commit. One cut short leaves its job to the outbox sweeper.
+    pub async fn drain(&self, within: Duration) {
+        self.here.close();
+        if tokio::time::timeout(within, self.here.wait()).await.is_err() {
+            tracing::warn!(
+                left = self.here.len(),
+                "convert-now conversions still running at the end of the drain; the workers will convert their leads"
+            );
+        }
     }
 
     /// Publishes the leads of a job created (and committed) with

@@ -8,6 +8,9 @@
 //! Workflow calls come one after another from each caller, with gaps of a
 //! round trip between them: the lane counts as busy for [`GRACE`] after
 //! its last conversion, so those gaps do not let a wave of bulk batches in.
+//! Convert-now leads are converted by `serve`, in another process: their
+//! commits, heard through Postgres, count as workflow conversions ending
+//! ([`Priority::workflow_ended_elsewhere`]).
 //! While it is busy, bulk batches are also smaller ([`Priority::batch_size`]):
 //! a short bulk transaction holds its rows and keys briefly, so a workflow
 //! lead that shares a company with it waits little.
@@ -81,11 +84,21 @@ impl Priority {
         }
     }
 
-    /// The most leads a bulk batch should take now: `full`, or an eighth
-    /// of it while the workflow lane is busy.
+    /// A workflow conversion ended in another process (`serve` converts
+    /// convert-now leads itself): the lane counts as busy for [`GRACE`]
+    /// from now, as after one of this process's own.
+    pub fn workflow_ended_elsewhere(&self) {
+        let mut running = self.running.lock().expect("priority lock");
+        running.workflow_ended = Some(Instant::now());
+    }
+
+    /// The most leads a bulk batch should take now: `full`, or a quarter
+    /// of it while the workflow lane is busy (an eighth left the floor's
+    /// batches too small to keep half the bulk job's pace beside 20
+    /// convert-now callers: BENCHMARKS.md).
     pub fn batch_size(&self, full: usize) -> usize {
         if self.running.lock().expect("priority lock").workflow_busy() {
-            (full / 8).max(1)
+            (full / 4).max(1)
         } else {
             full
         }
@@ -172,12 +185,31 @@ mod tests {
         let p = Arc::new(Priority::new(1));
         assert_eq!(p.batch_size(200), 200);
         let wf = p.workflow_turn();
-        assert_eq!(p.batch_size(200), 25);
-        assert_eq!(p.batch_size(4), 1, "never empty");
+        assert_eq!(p.batch_size(200), 50);
+        assert_eq!(p.batch_size(3), 1, "never empty");
         drop(wf);
-        assert_eq!(p.batch_size(200), 25, "busy for the grace period after the last call");
+        assert_eq!(p.batch_size(200), 50, "busy for the grace period after the last call");
         tokio::time::sleep(GRACE).await;
         assert_eq!(p.batch_size(200), 200);
+    }
+
+    // `serve` converts convert-now leads itself: their commits, heard by
+    // the worker, hold its bulk batches back as its own workflow work does.
+    #[tokio::test(start_paused = true)]
+    async fn a_workflow_conversion_elsewhere_holds_bulk_to_its_floor_for_the_grace_period() {
+        let p = Arc::new(Priority::new(1));
+        let first = p.bulk_turn().await;
+        p.workflow_ended_elsewhere();
+        assert_eq!(p.batch_size(200), 50);
+        let mut second = Box::pin(p.bulk_turn());
+        assert!(still_waiting(&mut second).await, "a bulk batch above the floor started beside convert-now calls");
+        tokio::time::sleep(GRACE / 2).await;
+        p.workflow_ended_elsewhere();
+        tokio::time::sleep(GRACE / 2).await;
+        assert!(still_waiting(&mut second).await, "the next call's commit renews the grace period");
+        tokio::time::timeout(GRACE * 2, &mut second).await.expect("calls stopped: bulk runs freely");
+        assert_eq!(p.batch_size(200), 200);
+        drop(first);
     }
 
     #[test]

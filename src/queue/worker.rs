@@ -98,12 +98,20 @@ pub async fn run(pool: PgPool, cfg: WorkerConfig, stop: CancellationToken) -> an
     // leave, instead of retrying in silence. Later losses are reconnected.
     queue::connect(&cfg.amqp_url).await?.close(200, "bye").await?;
     let cache = Arc::new(SettingsCache::default());
+    // One for the worker's life: convert-now calls seen by the watcher
+    // below hold bulk batches back across reconnections too.
+    let priority = Arc::new(Priority::new(Priority::floor_for(cfg.concurrency)));
+    let _watching = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_convert_now(
+        pool.clone(),
+        priority.clone(),
+        stop.clone(),
+    )));
     let mut backoff = Duration::from_millis(100);
     // One warning per outage, not one per back-off step.
     let mut outage: Option<Instant> = None;
     loop {
         let started = Instant::now();
-        match session(&pool, &cfg, &stop, &cache, &mut outage).await {
+        match session(&pool, &cfg, &stop, &cache, &priority, &mut outage).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 if stop.is_cancelled() {
@@ -134,6 +142,7 @@ async fn session(
     cfg: &WorkerConfig,
     stop: &CancellationToken,
     cache: &Arc<SettingsCache>,
+    priority: &Arc<Priority>,
     outage: &mut Option<Instant>,
 ) -> anyhow::Result<()> {
     let conn = queue::connect(&cfg.amqp_url).await?;
@@ -157,7 +166,6 @@ async fn session(
     // conversions (bulk: batches of up to `batch_size` leads).
     let slots = |n: u16| Arc::new(tokio::sync::Semaphore::new(usize::from(n.max(1))));
     let (workflow_slots, bulk_slots) = (slots(cfg.workflow_concurrency), slots(cfg.concurrency));
-    let priority = Arc::new(Priority::new(Priority::floor_for(cfg.concurrency)));
     let batch_size = usize::from(cfg.batch_size.max(1));
     // Bulk: the batches in flight, one more, and a quarter as many again
     // waiting, from which the next batches are formed so that they share no
@@ -389,6 +397,35 @@ impl BulkLane {
         self.waiting.release(held);
         self.look_at = 0;
         true
+    }
+}
+
+/// Convert-now leads are converted by `serve` itself, not by a worker
+/// (see `Enqueuer::convert_here`), and each commit notifies
+/// [`finished::CHANNEL`](crate::store::finished::CHANNEL): heard here, it
+/// keeps this worker's bulk batches to their floor while those callers
+/// wait, as its own workflow conversions do (see [`Priority`]).
+async fn watch_convert_now(pool: PgPool, priority: Arc<Priority>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(crate::store::finished::CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                priority.workflow_ended_elsewhere();
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            lost = listening => {
+                let lost: sqlx::Result<()> = lost;
+                tracing::debug!(error = ?lost.err(), "convert-now watcher lost its connection; listening again");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
