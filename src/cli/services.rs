@@ -72,7 +72,9 @@ impl Worker {
             "--retention-days must be a number of days, 0 or more (0 keeps jobs forever); got {retention_days}"
         );
         let topology = s.topology();
-        let connections = u32::from(concurrency) + u32::from(workflow_concurrency) + 2;
+        // Besides the conversions: the sweeper, and the listener that hears
+        // serve's convert-now commits (see `worker::run`), and one spare.
+        let connections = u32::from(concurrency) + u32::from(workflow_concurrency) + 3;
         let pool = db::connect_service(&s.database_url, connections, &limits.limits()).await?;
         let mut cfg = worker::WorkerConfig::new(s.amqp_url.clone(), topology);
         cfg.concurrency = concurrency;

@@ -92,13 +92,14 @@ impl Priority {
         running.workflow_ended = Some(Instant::now());
     }
 
-    /// The most leads a bulk batch should take now: `full`, or a quarter
-    /// of it while the workflow lane is busy (an eighth left the floor's
-    /// batches too small to keep half the bulk job's pace beside 20
-    /// convert-now callers: BENCHMARKS.md).
+    /// The most leads a bulk batch should take now: `full`, or half of it
+    /// while the workflow lane is busy. Smaller batches hold a company's
+    /// key for less time when a convert-now lead shares it, but cost more
+    /// CPU a lead: a quarter kept a third of the bulk job's pace beside 20
+    /// convert-now callers, half 40 %, full batches 46 % (BENCHMARKS.md).
     pub fn batch_size(&self, full: usize) -> usize {
         if self.running.lock().expect("priority lock").workflow_busy() {
-            (full / 4).max(1)
+            (full / 2).max(1)
         } else {
             full
         }
@@ -185,10 +186,10 @@ mod tests {
         let p = Arc::new(Priority::new(1));
         assert_eq!(p.batch_size(200), 200);
         let wf = p.workflow_turn();
-        assert_eq!(p.batch_size(200), 50);
-        assert_eq!(p.batch_size(3), 1, "never empty");
+        assert_eq!(p.batch_size(200), 100);
+        assert_eq!(p.batch_size(1), 1, "never empty");
         drop(wf);
-        assert_eq!(p.batch_size(200), 50, "busy for the grace period after the last call");
+        assert_eq!(p.batch_size(200), 100, "busy for the grace period after the last call");
         tokio::time::sleep(GRACE).await;
         assert_eq!(p.batch_size(200), 200);
     }
@@ -200,7 +201,7 @@ mod tests {
         let p = Arc::new(Priority::new(1));
         let first = p.bulk_turn().await;
         p.workflow_ended_elsewhere();
-        assert_eq!(p.batch_size(200), 50);
+        assert_eq!(p.batch_size(200), 100);
         let mut second = Box::pin(p.bulk_turn());
         assert!(still_waiting(&mut second).await, "a bulk batch above the floor started beside convert-now calls");
         tokio::time::sleep(GRACE / 2).await;
