@@ -206,7 +206,7 @@ async fn seeded(crm: &Crm, leads: usize) -> i64 {
 async fn a_frozen_worker_does_not_stall_the_other_one() {
     let crm = Crm::new().await;
     let broker = TestBroker::new().await;
-    let (job_id, total) = (broker.seeded_bulk_job(&crm, 20_000, 11).await, 20_000);
+    let (job_id, total) = (broker.seeded_bulk_job(&crm, 40_000, 11).await, 40_000);
     let args = ["worker", "--concurrency", "8", "--lock-timeout-secs", "2", "--idle-in-transaction-timeout-secs", "3"];
     let frozen = leadconv(&crm, &broker, &args).spawn().unwrap();
     let healthy = leadconv(&crm, &broker, &args).spawn().unwrap();
@@ -218,7 +218,7 @@ async fn a_frozen_worker_does_not_stall_the_other_one() {
     tokio::time::sleep(Duration::from_secs(5)).await; // a measurement window, not a wait for an event
     let (c1, both) = (crm.converted_leads().await, t0.elapsed().as_secs_f64());
     let per_worker = pace(c0, c1, both) / 2.0;
-    assert!(c1 < total - 2_000, "the job is still running when the worker freezes");
+    assert!(c1 < total / 2, "most of the job is left when the worker freezes");
 
     // The worst moment: frozen while one of its transactions holds the
     // job's progress counters (it has counted its lead and not committed).
@@ -242,10 +242,17 @@ async fn a_frozen_worker_does_not_stall_the_other_one() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(holding, "never caught the worker holding the job's counters");
+    // The healthy one's pace over half of what is surely left to it: the
+    // frozen one holds up to its prefetch (9 batches in flight or next, and
+    // a quarter of 8 waiting: 2,200 messages) until RabbitMQ gives them
+    // back, so a window that ran past the rest would time idleness, not
+    // the pace (on a fast machine the healthy worker is done in seconds).
+    let held_by_frozen = 200 * (8 + 1) + 200 * 2;
+    let want = c1 + (total - c1 - held_by_frozen) / 2;
     let t1 = std::time::Instant::now();
     let mut alone = c1;
-    while t1.elapsed() < Duration::from_secs(30) && alone < total {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    while t1.elapsed() < Duration::from_secs(30) && alone < want {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         alone = crm.converted_leads().await;
     }
     let healthy_pace = pace(c1, alone, t1.elapsed().as_secs_f64());
