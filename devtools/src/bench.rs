@@ -328,8 +328,7 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
     for other in [DIRECT, CEILING, REFERENCE] {
         if let (Some(queue), Some(o)) = (bulk, find(other)) {
             println!(
-                "{} / {other}: {:.0} / {:.0} leads/s = {:.0}%",
-                queue.name,
+                "through RabbitMQ / {other}: {:.0} / {:.0} leads/s = {:.0}%",
                 queue.per_sec(),
                 o.per_sec(),
                 100.0 * queue.per_sec() / o.per_sec()

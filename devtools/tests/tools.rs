@@ -47,7 +47,9 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
     assert!(stdout.contains("2 concurrent clients calling back to back for 2 s"), "{stdout}");
     // The bulk job alone too, in the same run, and what the callers cost it.
     assert!(stdout.contains("| enqueue → RabbitMQ → worker, no convert-now callers | 300 |"), "{stdout}");
-    assert!(stdout.contains("bulk job with convert-now callers / without: "), "{stdout}");
+    assert!(stdout.contains("bulk job with convert-now callers / without (job created to last result, "), "{stdout}");
+    assert!(stdout.contains("bulk job while the convert-now callers called / without: "), "{stdout}");
+    assert!(stdout.contains("  the bulk job while they called: "), "{stdout}");
     for of in [
         "direct to Postgres (baseline)",
         "set-based in SQL alone (ceiling)",
