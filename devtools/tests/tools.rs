@@ -140,12 +140,13 @@ async fn bench_refuses_a_changed_reference_ceiling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_seeds_and_converts_every_sample_lead() {
     let crm = Crm::new().await;
-    let prefix = format!("leadconv_t_demo_{}", std::process::id());
+    // Queues of its own, deleted when the test ends.
+    let broker = common::broker::TestBroker::new().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_leadconv-dev"))
         .args(["demo", "--leads", "200", "--concurrency", "4"])
         .env("DATABASE_URL", crm.url())
         .env("AMQP_URL", amqp_url())
-        .env("LEADCONV_QUEUE_PREFIX", &prefix)
+        .env("LEADCONV_QUEUE_PREFIX", broker.prefix())
         .env("RUST_LOG", "warn")
         .output()
         .await
