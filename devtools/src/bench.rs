@@ -601,6 +601,11 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     })
 }
 
+/// The `q` quantile of `sorted` (nearest rank), 0 when empty.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0).max(0.0) * q).round() as usize).copied().unwrap_or(0.0)
+}
+
 async fn percentiles(pool: &PgPool, job_id: Uuid, expr: &str) -> sqlx::Result<(f64, f64)> {
     let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {expr}), percentile_cont(0.99) WITHIN GROUP (ORDER BY {expr})
@@ -744,7 +749,7 @@ async fn convert_calls(
     let _ = server.start_kill();
     let _ = server.wait().await;
     took.sort_by(f64::total_cmp);
-    let at = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize];
+    let at = |q: f64| quantile(&took, q);
     job::rollup(pool, bulk).await?;
     let after = job::get(pool, bulk).await?.expect("the job exists");
     let bulk_pending_after = after.pending_count();
@@ -752,9 +757,7 @@ async fn convert_calls(
     let during_bulk = after.finished_at.filter(|_| bulk_pending_after == 0).map(|done| {
         let mut during: Vec<f64> = began.iter().filter(|(at, _)| *at < done).map(|(_, ms)| *ms).collect();
         during.sort_by(f64::total_cmp);
-        let q =
-            |q: f64| during.get(((during.len() as f64 - 1.0).max(0.0) * q).round() as usize).copied().unwrap_or(0.0);
-        (during.len(), q(0.5), q(0.99))
+        (during.len(), quantile(&during, 0.5), quantile(&during, 0.99))
     });
     // The bulk job's own pace while the callers called (its first leads,
     // before they started, and its last, after they stopped, left out).
