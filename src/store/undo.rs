@@ -138,8 +138,8 @@ async fn try_batch(
             finishes.push((lead_id, Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))));
         }
     } else if !pending.is_empty() {
-        let reads = read_batch(&mut tx, of, &pending, Some(settings)).await?;
-        let later = later_of_same_job(&mut tx, job_id, of, &reads).await?;
+        let (reads, later) = read_batch(&mut tx, of, &pending, Some((settings, job_id))).await?;
+        fail::fail_point!("undo-batch-read");
         let mut run = undo::Run::default();
         let mut waiting: HashSet<i64> = HashSet::new();
         let mut takebacks: Vec<(i64, Takeback)> = Vec::new();
@@ -247,7 +247,7 @@ async fn later_of_same_job(
     conn: &mut PgConnection,
     job_id: Uuid,
     of: Uuid,
-    reads: &[Read],
+    reads: &[(i64, &Entry, DateTime<Utc>)],
 ) -> sqlx::Result<HashMap<i64, Vec<i64>>> {
     let touched = |entry: &Entry, m: Module| -> Vec<i64> {
         let mut ids: Vec<i64> = entry
@@ -263,11 +263,9 @@ async fn later_of_same_job(
         ids
     };
     let (mut contacts, mut accounts) = (Vec::new(), Vec::new());
-    for r in reads {
-        if let Some(e) = &r.entry {
-            contacts.extend(touched(e, Module::Contact));
-            accounts.extend(touched(e, Module::Account));
-        }
+    for (_, e, _) in reads {
+        contacts.extend(touched(e, Module::Contact));
+        accounts.extend(touched(e, Module::Account));
     }
     if contacts.is_empty() && accounts.is_empty() {
         return Ok(HashMap::new());
@@ -305,23 +303,22 @@ async fn later_of_same_job(
     .into_iter()
     .collect();
     let mut out: HashMap<i64, Vec<i64>> = HashMap::new();
-    for r in reads {
-        let (Some(entry), Some(at)) = (&r.entry, r.at) else { continue };
+    for &(lead_id, entry, at) in reads {
         let (mine_c, mine_a) = (touched(entry, Module::Contact), touched(entry, Module::Account));
         let mut later: Vec<i64> = candidates
             .iter()
             .filter(|(id, c, a)| {
-                *id != r.lead_id
+                *id != lead_id
                     && (c.is_some_and(|c| mine_c.binary_search(&c).is_ok())
                         || a.is_some_and(|a| mine_a.binary_search(&a).is_ok()))
-                    && pending.get(id).is_some_and(|t| (*t, *id) > (at, r.lead_id))
+                    && pending.get(id).is_some_and(|t| (*t, *id) > (at, lead_id))
             })
             .map(|(id, _, _)| *id)
             .collect();
         if !later.is_empty() {
             later.sort_unstable();
             later.dedup();
-            out.insert(r.lead_id, later);
+            out.insert(lead_id, later);
         }
     }
     Ok(out)
@@ -334,16 +331,18 @@ type PerLead<T> = HashMap<i64, HashMap<(Module, i64), T>>;
 type RelatedRead = (i64, String, i64, Option<Json<Value>>, Option<Json<Value>>);
 
 /// The journal entries in job `of` of `lead_ids` and the world as it is
-/// now, read for all of them at once, with every row locked when
-/// `settings` is given (an undo; the dry run reads without locks). In the
-/// order the undo decides them: the latest conversions first, leads
-/// without an entry last.
+/// now, read for all of them at once, with every row locked when `undo`
+/// (its settings and the undo job's id) is given; the dry run reads
+/// without locks. In the order the undo decides them: the latest
+/// conversions first, leads without an entry last. With them, for an
+/// undo, the leads each must wait for ([`later_of_same_job`]).
 pub(crate) async fn read_batch(
     conn: &mut PgConnection,
     of: Uuid,
     lead_ids: &[i64],
-    settings: Option<&Settings>,
-) -> sqlx::Result<Vec<Read>> {
+    undo: Option<(&Settings, Uuid)>,
+) -> sqlx::Result<(Vec<Read>, HashMap<i64, Vec<i64>>)> {
+    let settings = undo.map(|(settings, _)| settings);
     let locking = if settings.is_some() { " FOR UPDATE" } else { "" };
     let leads: Vec<(i64, Json<Record>)> =
         sqlx::query_as(&format!("SELECT id, to_jsonb(l) FROM leads l WHERE id = ANY($1) ORDER BY id{locking}"))
@@ -426,6 +425,16 @@ pub(crate) async fn read_batch(
 
     let with_entries: Vec<(i64, &Entry, DateTime<Utc>)> =
         entries.iter().map(|(lead_id, (e, _, at))| (*lead_id, e, *at)).collect();
+    // Who must wait is read before what later work there is. Each statement
+    // sees every commit made before it starts (READ COMMITTED), so a later
+    // lead of the job not seen pending here is seen taken back below, never
+    // the other way round: read after, a lead whose undo committed in
+    // between counted as later work (its tags kept on this lead's account)
+    // while nothing made this lead wait for it.
+    let later = match undo {
+        Some((_, job_id)) => later_of_same_job(conn, job_id, of, &with_entries).await?,
+        None => HashMap::new(),
+    };
     let mut used_by = used_by(conn, &with_entries).await?;
     let mut later_tags = later_tags(conn, &with_entries).await?;
 
@@ -461,7 +470,7 @@ pub(crate) async fn read_batch(
     // The latest conversions first (a lead that merged into another's
     // records before that one), leads without an entry last.
     out.sort_by_key(|r| std::cmp::Reverse((r.at.is_some(), r.at, r.lead_id)));
-    Ok(out)
+    Ok((out, later))
 }
 
 /// For each lead of `entries`, what refers to each record its conversion
@@ -790,7 +799,7 @@ pub async fn dry_run(pool: &PgPool, of: &crate::store::job::UndoOf) -> Result<Ve
     let mut run = undo::Run::default();
     let mut out = Vec::with_capacity(leads.len());
     for chunk in leads.chunks(DRY_RUN_CHUNK) {
-        for read in read_batch(&mut tx, of.job_id, chunk, None).await? {
+        for read in read_batch(&mut tx, of.job_id, chunk, None).await?.0 {
             let verdict = run.decide(read.lead_id, read.entry.as_ref(), read.now);
             out.push((read.lead_id, verdict));
         }
