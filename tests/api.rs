@@ -372,6 +372,17 @@ async fn convert_now_is_converted_by_serve_without_a_worker() {
     let job: uuid::Uuid = sqlx::query_scalar("SELECT id FROM conversion_jobs").fetch_one(api.crm.pool()).await.unwrap();
     let (s, j) = api.get(&format!("/v1/jobs/{job}")).await;
     assert_eq!((s, j["status"].as_str(), j["converted_count"].as_i64()), (StatusCode::OK, Some("completed"), Some(1)));
+    // Counted in the conversion's own commit: the job row is complete and
+    // no counter shard waits for a worker's rollup sweeper.
+    let (status, converted, shards): (String, i32, i64) = sqlx::query_as(
+        "SELECT status::text, converted_count, (SELECT count(*) FROM conversion_job_counters)
+         FROM conversion_jobs WHERE id = $1",
+    )
+    .bind(job)
+    .fetch_one(api.crm.pool())
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), converted, shards), ("completed", 1, 0));
 }
 
 // Issue 22: a lead `serve` cannot convert at once (its row locked past the

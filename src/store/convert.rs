@@ -96,7 +96,8 @@ pub async fn convert_lead(
     settings: &Settings,
     lead_id: i64,
 ) -> Result<LeadResult, ConvertError> {
-    convert_enqueued(pool, job_id, settings, lead_id, None, 0).await
+    let item = Item { lead_id, enqueued_at: None, earlier_attempts: 0 };
+    convert_batch(pool, job_id, settings, &[item]).await?.pop().expect("one result per lead")
 }
 
 /// A lead to convert, as a message brings it.
@@ -111,19 +112,6 @@ pub struct Item {
     /// queue, or its worker died): they roll back, so only the message
     /// knows them, and `attempts` adds them.
     pub earlier_attempts: u32,
-}
-
-/// [`convert_lead`] for a lead that waited in a queue (see [`Item`]).
-pub async fn convert_enqueued(
-    pool: &PgPool,
-    job_id: Uuid,
-    settings: &Settings,
-    lead_id: i64,
-    enqueued_at: Option<DateTime<Utc>>,
-    earlier_attempts: u32,
-) -> Result<LeadResult, ConvertError> {
-    let item = Item { lead_id, enqueued_at, earlier_attempts };
-    convert_batch(pool, job_id, settings, &[item]).await?.pop().expect("one result per lead")
 }
 
 /// Converts the leads of `items`, all of job `job_id`, in one transaction:
@@ -306,10 +294,30 @@ async fn try_batch(
 ) -> Result<Vec<Result<LeadResult, ConvertError>>, ConvertError> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
+    let (results, fresh) = convert_in(&mut tx, job_id, settings, items, tries, started).await?;
+    tx.commit().await?;
+    for r in &fresh {
+        crate::metrics::record_result(r, started.elapsed());
+    }
+    Ok(results)
+}
+
+/// One try of [`convert_batch`] inside the caller's transaction, which
+/// commits it (or rolls it back: then nothing of it was written). Returns
+/// each item's result and, apart, the results recorded by this try (for
+/// the metrics, once committed).
+pub(crate) async fn convert_in(
+    tx: &mut PgConnection,
+    job_id: Uuid,
+    settings: &Settings,
+    items: &[Item],
+    tries: u32,
+    started: std::time::Instant,
+) -> Result<(Vec<Result<LeadResult, ConvertError>>, Vec<LeadResult>), ConvertError> {
     let mut ids: Vec<i64> = items.iter().map(|i| i.lead_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let locked = lock_results(&mut tx, job_id, &ids).await?;
+    let locked = lock_results(&mut *tx, job_id, &ids).await?;
     let (cancelled, workflow) =
         locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
     let mut recorded: HashMap<i64, LeadResult> = HashMap::new();
@@ -336,9 +344,9 @@ async fn try_batch(
         todo.iter().map(|_| Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))).collect()
     } else {
         let lead_ids: Vec<i64> = todo.iter().map(|(i, _)| i.lead_id).collect();
-        let facts = snapshot::load_batch(&mut tx, settings, &lead_ids, Locking::ForUpdate).await?;
+        let facts = snapshot::load_batch(&mut *tx, settings, &lead_ids, Locking::ForUpdate).await?;
         let mut run = Run::new(settings);
-        let plans = plan_in_order(&mut tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
+        let plans = plan_in_order(&mut *tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
         let conversions: Vec<(i64, &crate::plan::Conversion)> = plans
             .iter()
             .filter_map(|p| match &p.verdict {
@@ -346,9 +354,9 @@ async fn try_batch(
                 _ => None,
             })
             .collect();
-        let applied = apply_batch(&mut tx, &conversions).await?;
+        let applied = apply_batch(&mut *tx, &conversions).await?;
         let leads: Vec<i64> = conversions.iter().map(|(lead_id, _)| *lead_id).collect();
-        write_journal(&mut tx, job_id, &leads, applied.iter().map(|(_, entry)| entry)).await?;
+        write_journal(&mut *tx, job_id, &leads, applied.iter().map(|(_, entry)| entry)).await?;
         let mut ids = applied.into_iter().map(|(ids, _)| ids);
         plans
             .iter()
@@ -359,6 +367,7 @@ async fn try_batch(
             })
             .collect()
     };
+    let mut fresh = Vec::new();
     if !todo.is_empty() {
         let done: Vec<Done> = todo
             .iter()
@@ -371,19 +380,16 @@ async fn try_batch(
                 enqueued_at: item.enqueued_at,
             })
             .collect();
-        let fresh = finish(&mut tx, job_id, &done, Some(started), workflow).await?;
-        tx.commit().await?;
-        for r in fresh {
-            crate::metrics::record_result(&r, started.elapsed());
-            recorded.insert(r.lead_id, r);
+        fresh = finish(&mut *tx, job_id, &done, Some(started), workflow).await?;
+        for r in &fresh {
+            recorded.insert(r.lead_id, r.clone());
         }
-    } else {
-        tx.commit().await?;
     }
-    Ok(items
+    let results = items
         .iter()
         .map(|i| recorded.get(&i.lead_id).cloned().ok_or(ConvertError::NotInJob { job_id, lead_id: i.lead_id }))
-        .collect())
+        .collect();
+    Ok((results, fresh))
 }
 
 /// Writes the journal entries of a batch's converted `leads` (SPEC §4a), in

@@ -293,9 +293,10 @@ pub async fn create_in(
 }
 
 /// Moves the job's counter shards into its `conversion_jobs` row (counts,
-/// status, start and finish times). Idempotent; any process may call it.
-pub async fn rollup(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query!("SELECT leadconv_rollup_job($1)", id).execute(pool).await?;
+/// status, start and finish times). Idempotent; any process may call it,
+/// in a transaction of its own or in the one that wrote the shards.
+pub async fn rollup(conn: impl sqlx::PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!("SELECT leadconv_rollup_job($1)", id).execute(conn).await?;
     Ok(())
 }
 
