@@ -406,27 +406,7 @@ impl BulkLane {
 /// keeps this worker's bulk batches to their floor while those callers
 /// wait, as its own workflow conversions do (see [`Priority`]).
 async fn watch_convert_now(pool: PgPool, priority: Arc<Priority>, stop: CancellationToken) {
-    while !stop.is_cancelled() {
-        let listening = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen(crate::store::finished::CHANNEL).await?;
-            loop {
-                listener.recv().await?;
-                priority.workflow_ended_elsewhere();
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            lost = listening => {
-                let lost: sqlx::Result<()> = lost;
-                tracing::debug!(error = ?lost.err(), "convert-now watcher lost its connection; listening again");
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    crate::store::finished::listen(&pool, &stop, |_| priority.workflow_ended_elsewhere()).await
 }
 
 /// True when no queue holds a message for this installation, no job waits

@@ -25,38 +25,18 @@ pub struct Waiters {
 }
 
 impl Waiters {
-    /// Listens until `stop`, reconnecting after errors. A notification
-    /// missed while reconnecting costs the waiter only its fallback poll.
+    /// Listens until `stop` (see [`listen`]). A notification missed while
+    /// reconnecting costs the waiter only its fallback poll.
     pub fn start(pool: PgPool, stop: CancellationToken) -> Arc<Waiters> {
         let waiters = Arc::new(Waiters::default());
         let w = waiters.clone();
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                if let Err(e) = w.listen(&pool, &stop).await {
-                    tracing::debug!(error = %e, "finished-job listener lost its connection; reconnecting");
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        });
+        tokio::spawn(async move { listen(&pool, &stop, |job| w.wake(job)).await });
         waiters
     }
 
-    async fn listen(&self, pool: &PgPool, stop: &CancellationToken) -> sqlx::Result<()> {
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(CHANNEL).await?;
-        loop {
-            let n = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                n = listener.recv() => n?,
-            };
-            if let Ok(job) = n.payload().parse::<Uuid>() {
-                for tx in self.jobs.lock().expect("waiters lock").remove(&job).unwrap_or_default() {
-                    let _ = tx.send(());
-                }
-            }
+    fn wake(&self, job: Uuid) {
+        for tx in self.jobs.lock().expect("waiters lock").remove(&job).unwrap_or_default() {
+            let _ = tx.send(());
         }
     }
 
@@ -85,5 +65,34 @@ pub struct Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         self.waiters.forget(self.job);
+    }
+}
+
+/// Hands each job id notified on [`CHANNEL`] to `each` until `stop`, on a
+/// listening connection of its own, listening again a second after the
+/// connection is lost. Notifications sent while it reconnects are missed:
+/// whoever listens has a slower way to learn the same.
+pub async fn listen(pool: &PgPool, stop: &CancellationToken, each: impl Fn(Uuid)) {
+    while !stop.is_cancelled() {
+        let listening = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(CHANNEL).await?;
+            loop {
+                if let Ok(job) = listener.recv().await?.payload().parse::<Uuid>() {
+                    each(job);
+                }
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            lost = listening => {
+                let lost: sqlx::Result<()> = lost;
+                tracing::debug!(error = ?lost.err(), "finished-job listener lost its connection; listening again");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
