@@ -1,6 +1,7 @@
 //! Undo (SPEC §4a) of two leads of one job taken back at once by two
-//! batches that share no lock, one paused between its reads and its
-//! writes (a `fail` pause point): the tags the earlier lead added still go.
+//! batches that share no lock, the earlier lead's paused (a `fail` pause
+//! point) between reading which later leads it waits for and reading the
+//! later work on its records: the tags the earlier lead added still go.
 //! Its own test binary: a pause point is armed for the whole process.
 //!
 //! Seen once in CI (2026-12-07, `undo.rs`'s two-worker test): every lead
@@ -22,7 +23,7 @@ use leadconv::store::job::{self, Dispatch, Trigger, UndoOf};
 use leadconv::store::types::Outcome;
 use serde_json::{json, Value};
 
-const PAUSE: &str = "undo-batch-read";
+const PAUSE: &str = "undo-between-waits-and-later-work";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lead_undone_beside_a_later_lead_of_its_job_still_takes_back_the_tags_it_added() {

@@ -144,18 +144,19 @@ impl Enqueuer {
     /// worker would only add hops (the broker both ways, its own read of
     /// the job's settings, the wake-up of the waiting request), each
     /// costing the caller time and the machine CPU that bulk jobs need.
-    /// The conversion is the worker's own ([`convert::convert_batch`]:
-    /// the same locks, one atomic commit, the result row's guard against
-    /// converting twice).
+    /// The conversion is the worker's own (`convert::convert_in`: the
+    /// same locks, one atomic commit, the result row's guard against
+    /// converting twice), with the job's counts in the same commit.
     ///
     /// `turn` (see [`Enqueuer::convert_now_turn`]) is held until the
     /// conversion ends.
     ///
     /// A task of its own, so a caller that stops waiting (its timeout, a
-    /// closed connection) does not cut it short. Anything but a result (a
-    /// lock wait that timed out, a lost connection, a database error)
-    /// publishes the lead to the workers' workflow lane instead, which
-    /// retries it or records why it failed as it does for every lead
+    /// closed connection) does not cut it short. A deadlock or a bad
+    /// lead's database error is handled as a worker does (tried again at
+    /// once; the failure recorded as the lead's result). Anything else (a
+    /// lock wait past the lock timeout, a lost connection) rolls back and
+    /// publishes the lead to the workers' workflow lane, which retries it
     /// (`None` then). Should this process die first, the job is
     /// unpublished under its lease: a worker's outbox sweeper publishes it
     /// once the lease runs out.
@@ -169,14 +170,31 @@ impl Enqueuer {
         let this = self.clone();
         self.here.spawn(async move {
             let _turn = turn;
-            match this.convert_and_count(&job, &settings, lead_id).await {
-                Ok(result) => Some(result),
-                Err(e) => {
-                    tracing::info!(job_id = %job.id, lead_id, error = %e, "converting now gave no result; handing the lead to the workers");
-                    this.publish(&job).await;
-                    None
+            let e = match this.convert_and_count(&job, &settings, lead_id).await {
+                Ok(result) => return Some(result),
+                Err(e) => e,
+            };
+            let gave_up = match e {
+                // A lock held past the lock timeout, a lost connection: the
+                // workers wait for it, not this caller's turn.
+                ConvertError::Transient(e) if !convert::is_lock_conflict(&e) => ConvertError::Transient(e),
+                // A deadlock, a constraint: the worker's own way, here
+                // (tried again at once; a bad lead's failure recorded).
+                e => {
+                    tracing::debug!(job_id = %job.id, lead_id, error = %e, "converting now failed; converting as a worker does");
+                    let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 1 };
+                    match convert::convert_batch(&this.pool, job.id, &settings, &[item]).await {
+                        Ok(mut results) => match results.pop().expect("one result per lead") {
+                            Ok(result) => return Some(result),
+                            Err(e) => e,
+                        },
+                        Err(e) => e,
+                    }
                 }
-            }
+            };
+            tracing::info!(job_id = %job.id, lead_id, error = %gave_up, "converting now gave no result; handing the lead to the workers");
+            this.publish(&job).await;
+            None
         })
     }
 
@@ -184,8 +202,10 @@ impl Enqueuer {
     /// the job's counts in the same commit: a convert-now job is done when
     /// its one lead is, so its counter shard is rolled into the job row at
     /// once rather than by a worker's sweeper a tick later (a transaction
-    /// and a statement fewer for every call). A lock conflict is not tried
-    /// again here: the workers' workflow lane does that.
+    /// and a statement fewer for every call). Should another process
+    /// hold the job row (a cancel, a rollup), the shard waits for a
+    /// worker's rollup sweeper as any other job's.
+    #[tracing::instrument(name = "convert", skip_all, fields(job_id = %job.id, lead_id, leads = 1))]
     async fn convert_and_count(
         &self,
         job: &Job,

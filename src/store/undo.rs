@@ -139,7 +139,6 @@ async fn try_batch(
         }
     } else if !pending.is_empty() {
         let (reads, later) = read_batch(&mut tx, of, &pending, Some((settings, job_id))).await?;
-        fail::fail_point!("undo-batch-read");
         let mut run = undo::Run::default();
         let mut waiting: HashSet<i64> = HashSet::new();
         let mut takebacks: Vec<(i64, Takeback)> = Vec::new();
@@ -432,7 +431,12 @@ pub(crate) async fn read_batch(
     // between counted as later work (its tags kept on this lead's account)
     // while nothing made this lead wait for it.
     let later = match undo {
-        Some((_, job_id)) => later_of_same_job(conn, job_id, of, &with_entries).await?,
+        Some((_, job_id)) => {
+            let later = later_of_same_job(conn, job_id, of, &with_entries).await?;
+            // Where a test lets another undo commit between the two reads.
+            fail::fail_point!("undo-between-waits-and-later-work");
+            later
+        }
         None => HashMap::new(),
     };
     let mut used_by = used_by(conn, &with_entries).await?;
