@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use common::*;
 use leadconv::store::convert::{ConvertError, Item};
-use leadconv::store::job::{self, Dispatch, Trigger, UndoOf};
 use leadconv::store::types::Outcome;
 use serde_json::{json, Value};
 
@@ -58,17 +57,7 @@ async fn a_lead_undone_beside_a_later_lead_of_its_job_still_takes_back_the_tags_
     );
     assert_eq!(tags().await, json!(["partner"]));
 
-    let undo = job::create_undo(
-        crm.pool(),
-        &UndoOf { job_id: job, lead_ids: None },
-        None,
-        None,
-        Trigger::Manual,
-        Dispatch::InProcess,
-    )
-    .await
-    .unwrap();
-    let settings = job::settings(crm.pool(), &undo).await.unwrap();
+    let (undo, settings) = crm.undo_job(job, None).await;
     let item = |lead_id| [Item { lead_id, enqueued_at: None, earlier_attempts: 0 }];
 
     // The first batch to reach the pause point (the earlier lead's) waits

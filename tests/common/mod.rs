@@ -322,11 +322,9 @@ impl Crm {
         plans
     }
 
-    /// Takes back job `of` (its leads `leads`, or all) in this process, as
-    /// workers do: lead by lead, a lead waiting for another of the same job
-    /// tried again after the others. Returns the undo job and its results.
-    pub async fn undo(&self, of: Uuid, leads: Option<Vec<i64>>) -> (Uuid, Vec<LeadResult>) {
-        use leadconv::store::convert::{ConvertError, Item};
+    /// An undo job of job `of` (its leads `leads`, or all), created for
+    /// this process to take back (nothing published), and its settings.
+    pub async fn undo_job(&self, of: Uuid, leads: Option<Vec<i64>>) -> (job::Job, leadconv::store::options::Settings) {
         use leadconv::store::job::{Dispatch, UndoOf};
         let undo = job::create_undo(
             self.pool(),
@@ -339,6 +337,15 @@ impl Crm {
         .await
         .expect("an undo job");
         let settings = job::settings(self.pool(), &undo).await.unwrap();
+        (undo, settings)
+    }
+
+    /// Takes back job `of` (its leads `leads`, or all) in this process, as
+    /// workers do: lead by lead, a lead waiting for another of the same job
+    /// tried again after the others. Returns the undo job and its results.
+    pub async fn undo(&self, of: Uuid, leads: Option<Vec<i64>>) -> (Uuid, Vec<LeadResult>) {
+        use leadconv::store::convert::{ConvertError, Item};
+        let (undo, settings) = self.undo_job(of, leads).await;
         let mut todo: Vec<i64> =
             sqlx::query_scalar("SELECT lead_id FROM conversion_results WHERE job_id = $1 ORDER BY lead_id")
                 .bind(undo.id)
