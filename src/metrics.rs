@@ -30,6 +30,7 @@ pub const IN_FLIGHT: &str = "leadconv_worker_in_flight";
 pub const JOBS_CREATED: &str = "leadconv_jobs_created_total";
 pub const BATCH_SPLITS: &str = "leadconv_batch_splits_total";
 pub const HTTP_CONNECTIONS: &str = "leadconv_http_connections";
+pub const CONVERT_NOW_WAITING: &str = "leadconv_convert_now_waiting";
 pub const HTTP_REFUSED: &str = "leadconv_http_connections_refused_total";
 pub const HTTP_TIMED_OUT: &str = "leadconv_http_connections_timed_out_total";
 
@@ -52,6 +53,7 @@ pub const ALL: &[&str] = &[
     JOBS_CREATED,
     BATCH_SPLITS,
     HTTP_CONNECTIONS,
+    CONVERT_NOW_WAITING,
     HTTP_REFUSED,
     HTTP_TIMED_OUT,
 ];
@@ -183,6 +185,10 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Messages ready in each leadconv queue");
     describe_gauge!(IN_FLIGHT, "Messages a worker holds now: converting, or waiting for a free conversion slot");
     describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now (serve, or worker --metrics)");
+    describe_gauge!(
+        CONVERT_NOW_WAITING,
+        "Convert-now leads in serve waiting for a conversion transaction (converted together when one is free)"
+    );
     describe_counter!(
         HTTP_REFUSED,
         "HTTP connections turned away by the connection cap: closed on accept beyond the reserve, or answered 503 overloaded in it"

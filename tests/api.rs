@@ -419,6 +419,86 @@ async fn a_convert_now_lead_serve_cannot_convert_goes_to_the_workers() {
     w.await.unwrap().unwrap();
 }
 
+// Issue 22: convert-now calls that wait together are converted together,
+// in one transaction (a conversion's statements paid once for several
+// callers); each lead once, and only leads of equal settings share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_now_calls_waiting_together_are_converted_in_one_transaction() {
+    // Seven calls served at once, one conversion transaction at a time.
+    let api = Api::with_flags(&["--convert-now-concurrency", "7"]).await;
+    let leads = api.leads(4).await;
+    let (first, b1, b2, c) = (leads[0], leads[1], leads[2], leads[3]);
+    let call = |lead: i64, options: Value| {
+        let (http, url, token) = (api.http.clone(), api.url(&format!("/v1/leads/{lead}/convert")), api.token.clone());
+        tokio::spawn(async move {
+            let body = json!({"options": options, "timeout_ms": 30000});
+            let r = http.post(url).bearer_auth(token).json(&body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    // The first call holds the one conversion transaction, waiting for its
+    // lead's row.
+    let mut holder = api.crm.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE").bind(first).execute(&mut *holder).await.unwrap();
+    let first_call = call(first, with_deal());
+    wait_for("the first conversion waiting for its lead", Duration::from_secs(20), || async {
+        api.crm
+            .count(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+            == 1
+    })
+    .await;
+    // Meanwhile: two leads with the same options, the first of them again,
+    // and a lead with other options.
+    let b1_call = call(b1, with_deal());
+    let b2_call = call(b2, with_deal());
+    let again_call = call(b1, with_deal());
+    let c_call = call(c, json!({}));
+    let metrics = api.url("/metrics");
+    wait_for("four calls waiting for the conversion transaction", Duration::from_secs(20), || async {
+        let text = api.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        sum(&text, "leadconv_convert_now_waiting", &[]) == 4.0
+    })
+    .await;
+    holder.rollback().await.unwrap();
+    let mut answers = Vec::new();
+    for c in [first_call, b1_call, b2_call, again_call, c_call] {
+        answers.push(c.await.unwrap());
+    }
+    for (s, r) in &answers {
+        assert_eq!(*s, StatusCode::OK, "{r}");
+    }
+    let outcome = |i: usize| answers[i].1["outcome"].as_str().unwrap_or_default().to_owned();
+    assert_eq!([outcome(0), outcome(2), outcome(4)], ["converted"; 3].map(String::from), "{answers:?}");
+    // The lead asked for twice: converted by whichever call came first.
+    let (b1_won, again_won) = (outcome(1) == "converted", outcome(3) == "converted");
+    assert!(b1_won != again_won, "the lead asked for twice is converted once: {answers:?}");
+    let (won, lost) = if b1_won { (1, 3) } else { (3, 1) };
+    assert_eq!(api.crm.count("SELECT count(*) FROM contacts").await, 4, "a contact per lead, none twice");
+    // The transaction that wrote each lead's result.
+    let tx_of = |job: &Value| {
+        let job: uuid::Uuid = job.as_str().unwrap().parse().unwrap();
+        let pool = api.crm.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT xmin::text FROM conversion_results WHERE job_id = $1")
+                .bind(job)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let txs: Vec<String> = futures::future::join_all(answers.iter().map(|(_, r)| tx_of(&r["job_id"]))).await;
+    assert_eq!(txs[won], txs[2], "the two leads with the same options waited together and were converted together");
+    assert_ne!(txs[0], txs[2], "the first was converted before they came");
+    assert_ne!(txs[4], txs[2], "other options, another transaction");
+    assert_ne!(txs[lost], txs[2], "a lead once per transaction");
+    // Each job is complete, counted in its conversion's commit.
+    assert_eq!(api.crm.count("SELECT count(*) FROM conversion_jobs WHERE status = 'completed'").await, 5);
+    assert_eq!(api.crm.count("SELECT count(*) FROM conversion_job_counters").await, 0);
+}
+
 /// Convert-now of `lead` with `body`, waiting up to 20 s for the result.
 async fn convert_now(api: &Api, lead: i64, mut body: Value) -> (StatusCode, Value) {
     body["timeout_ms"] = json!(20000);

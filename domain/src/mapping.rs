@@ -65,7 +65,7 @@ impl StandardField {
 }
 
 /// A custom field definition (`custom_field_defs`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomFieldDef {
     pub module: String,
     pub api_name: String,
@@ -83,7 +83,7 @@ pub struct CustomMapping {
 }
 
 /// Everything about fields that a conversion needs, read once per job.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldMapping {
     pub custom: Vec<CustomMapping>,
     pub defs: Vec<CustomFieldDef>,

@@ -82,7 +82,7 @@ impl ConversionOptions {
 }
 
 /// The deal part of validated options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DealSettings {
     pub name: NameTemplate,
     pub closing_date: ClosingDate,
@@ -96,8 +96,10 @@ pub struct DealSettings {
     pub stage_is_won: bool,
 }
 
-/// Validated options plus what the engine reads once per job.
-#[derive(Debug, Clone)]
+/// Validated options plus what the engine reads once per job. Equal
+/// settings convert leads alike: convert-now leads with equal settings may
+/// share a transaction.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// The user who converts: the job's `requested_by`.
     pub acting_user: i64,

@@ -8,13 +8,14 @@
 //! A convert-now job is converted here instead ([`Enqueuer::convert_here`]),
 //! and published only when that gives no result.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
@@ -32,7 +33,19 @@ pub struct ConvertNowTurn {
 
 /// Convert-now calls served at once by default (`serve
 /// --convert-now-concurrency`).
-pub const CONVERTING_NOW_AT_ONCE: u16 = 5;
+pub const CONVERTING_NOW_AT_ONCE: u16 = 8;
+
+/// Most convert-now leads one transaction converts together.
+const CONVERTED_TOGETHER_AT_MOST: usize = 16;
+
+/// A convert-now lead waiting for a conversion transaction
+/// ([`Enqueuer::convert_here`]).
+struct Waiting {
+    job: Job,
+    settings: Settings,
+    lead_id: i64,
+    answer: oneshot::Sender<Option<LeadResult>>,
+}
 
 pub struct Enqueuer {
     pub pool: PgPool,
@@ -45,6 +58,19 @@ pub struct Enqueuer {
     here: TaskTracker,
     /// Convert-now calls' turns: how many are served at once.
     here_slots: Arc<Semaphore>,
+    /// Convert-now leads waiting for a conversion transaction, first come
+    /// first.
+    waiting: std::sync::Mutex<VecDeque<Waiting>>,
+    /// Conversion transactions of convert-now leads at once.
+    converters: Arc<Semaphore>,
+}
+
+/// Conversion transactions at once for `n` convert-now calls served at
+/// once: a quarter of them, so that most calls wait together and are
+/// converted together (BENCHMARKS.md, "Convert-now calls converted
+/// together").
+fn converters_for(n: usize) -> usize {
+    (n / 4).max(1)
 }
 
 impl Enqueuer {
@@ -57,6 +83,8 @@ impl Enqueuer {
             broker: Mutex::new(None),
             here: TaskTracker::new(),
             here_slots: Arc::new(Semaphore::new(usize::from(CONVERTING_NOW_AT_ONCE))),
+            waiting: std::sync::Mutex::new(VecDeque::new()),
+            converters: Arc::new(Semaphore::new(converters_for(usize::from(CONVERTING_NOW_AT_ONCE)))),
         }
     }
 
@@ -64,6 +92,7 @@ impl Enqueuer {
     /// [`Enqueuer::convert_now_turn`]).
     pub fn converting_now_at_once(mut self, n: usize) -> Enqueuer {
         self.here_slots = Arc::new(Semaphore::new(n.max(1)));
+        self.converters = Arc::new(Semaphore::new(converters_for(n)));
         self
     }
 
@@ -144,22 +173,32 @@ impl Enqueuer {
     /// worker would only add hops (the broker both ways, its own read of
     /// the job's settings, the wake-up of the waiting request), each
     /// costing the caller time and the machine CPU that bulk jobs need.
-    /// The conversion is the worker's own (`convert::convert_in`: the
-    /// same locks, one atomic commit, the result row's guard against
-    /// converting twice), with the job's counts in the same commit.
+    ///
+    /// Calls that wait together are converted together: the lead joins
+    /// the queue of waiting leads, and whichever waiting call gets one of
+    /// the few conversion transactions converts the leads at the front
+    /// that have the same settings (each lead once, at most
+    /// [`CONVERTED_TOGETHER_AT_MOST`]) as one batch, the worker's own
+    /// (`convert::convert_in`: the same locks, one atomic commit, the
+    /// result rows' guard against converting twice), with the jobs' counts
+    /// in the same commit. Most of a conversion's statements are then paid
+    /// once for several callers, which is what lets twenty callers calling
+    /// back to back leave the machine to the bulk jobs beside them. The
+    /// leads are planned in the order they came, each seeing what the
+    /// earlier ones do, as if converted one after another.
     ///
     /// `turn` (see [`Enqueuer::convert_now_turn`]) is held until the
     /// conversion ends.
     ///
     /// A task of its own, so a caller that stops waiting (its timeout, a
-    /// closed connection) does not cut it short. A deadlock or a bad
-    /// lead's database error is handled as a worker does (tried again at
-    /// once; the failure recorded as the lead's result). Anything else (a
-    /// lock wait past the lock timeout, a lost connection) rolls back and
-    /// publishes the lead to the workers' workflow lane, which retries it
-    /// (`None` then). Should this process die first, the job is
-    /// unpublished under its lease: a worker's outbox sweeper publishes it
-    /// once the lease runs out.
+    /// closed connection) does not cut it short. A deadlock or a database
+    /// error converts each lead of the batch alone, as a worker does
+    /// (tried again at once; a bad lead's failure recorded as its result).
+    /// Anything else (a lock wait past the lock timeout, a lost
+    /// connection) rolls back and publishes the leads to the workers'
+    /// workflow lane, which retries them (`None` then). Should this process
+    /// die first, the jobs are unpublished under its lease: a worker's
+    /// outbox sweeper publishes them once the lease runs out.
     pub fn convert_here(
         self: &Arc<Self>,
         turn: ConvertNowTurn,
@@ -170,58 +209,146 @@ impl Enqueuer {
         let this = self.clone();
         self.here.spawn(async move {
             let _turn = turn;
-            let e = match this.convert_and_count(&job, &settings, lead_id).await {
-                Ok(result) => return Some(result),
-                Err(e) => e,
-            };
-            let gave_up = match e {
-                // A lock held past the lock timeout, a lost connection: the
-                // workers wait for it, not this caller's turn.
-                ConvertError::Transient(e) if !convert::is_lock_conflict(&e) => ConvertError::Transient(e),
-                // A deadlock, a constraint: the worker's own way, here
-                // (tried again at once; a bad lead's failure recorded).
-                e => {
-                    tracing::debug!(job_id = %job.id, lead_id, error = %e, "converting now failed; converting as a worker does");
-                    let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 1 };
-                    match convert::convert_batch(&this.pool, job.id, &settings, &[item]).await {
-                        Ok(mut results) => match results.pop().expect("one result per lead") {
-                            Ok(result) => return Some(result),
-                            Err(e) => e,
-                        },
-                        Err(e) => e,
+            let (answer, mut answered) = oneshot::channel();
+            {
+                let mut waiting = this.waiting.lock().expect("not poisoned");
+                waiting.push_back(Waiting { job, settings, lead_id, answer });
+                metrics::gauge!(crate::metrics::CONVERT_NOW_WAITING).set(waiting.len() as f64);
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    // Converted by another call's transaction (or by ours,
+                    // below). A sender dropped unanswered: a conversion that
+                    // panicked; its job is left to the outbox sweeper.
+                    result = &mut answered => return result.ok().flatten(),
+                    converter = this.converters.clone().acquire_owned() => {
+                        let _converter = converter.expect("the semaphore is never closed");
+                        let together = this.take_together();
+                        if together.is_empty() {
+                            // Ours is taken: its answer comes.
+                            return answered.await.ok().flatten();
+                        }
+                        this.convert_together(together).await;
                     }
                 }
-            };
-            tracing::info!(job_id = %job.id, lead_id, error = %gave_up, "converting now gave no result; handing the lead to the workers");
-            this.publish(&job).await;
-            None
+            }
         })
     }
 
-    /// One try of the worker's conversion ([`convert::convert_in`]) with
-    /// the job's counts in the same commit: a convert-now job is done when
-    /// its one lead is, so its counter shard is rolled into the job row at
-    /// once rather than by a worker's sweeper a tick later (a transaction
-    /// and a statement fewer for every call). Should another process
-    /// hold the job row (a cancel, a rollup), the shard waits for a
+    /// The waiting leads at the front of the queue that one transaction
+    /// converts: the first, and after it each one with the same settings
+    /// and another lead, in the order they came.
+    fn take_together(&self) -> Vec<Waiting> {
+        let mut waiting = self.waiting.lock().expect("not poisoned");
+        let Some(first) = waiting.pop_front() else { return Vec::new() };
+        let mut together = vec![first];
+        let mut i = 0;
+        while i < waiting.len() && together.len() < CONVERTED_TOGETHER_AT_MOST {
+            let w = &waiting[i];
+            if w.settings == together[0].settings && together.iter().all(|t| t.lead_id != w.lead_id) {
+                together.push(waiting.remove(i).expect("in range"));
+            } else {
+                i += 1;
+            }
+        }
+        metrics::gauge!(crate::metrics::CONVERT_NOW_WAITING).set(waiting.len() as f64);
+        together
+    }
+
+    /// Converts `together` in one transaction and answers each waiting
+    /// call; see [`Enqueuer::convert_here`] for what a failure does.
+    async fn convert_together(&self, together: Vec<Waiting>) {
+        let leads: Vec<(&Job, i64)> = together.iter().map(|w| (&w.job, w.lead_id)).collect();
+        let results: Vec<Result<LeadResult, ConvertError>> =
+            match self.convert_and_count(&leads, &together[0].settings).await {
+                Ok(results) => results,
+                Err(e) => {
+                    // A lock held past the lock timeout, a lost connection:
+                    // the workers wait for it, not these callers' turns.
+                    // Anything else (a deadlock, a constraint): each lead
+                    // alone, the worker's own way.
+                    let hand_over = matches!(&e, ConvertError::Transient(e) if !convert::is_lock_conflict(e));
+                    tracing::debug!(leads = together.len(), error = %e, hand_over, "converting now failed");
+                    let mut answered = Vec::with_capacity(together.len());
+                    for w in &together {
+                        answered.push(if hand_over {
+                            self.hand_over(&w.job, w.lead_id, &e).await
+                        } else {
+                            self.convert_as_worker(&w.job, &w.settings, w.lead_id).await
+                        });
+                    }
+                    for (w, result) in together.into_iter().zip(answered) {
+                        let _ = w.answer.send(result);
+                    }
+                    return;
+                }
+            };
+        for (w, result) in together.into_iter().zip(results) {
+            let result = match result {
+                Ok(result) => Some(result),
+                Err(_) => self.convert_as_worker(&w.job, &w.settings, w.lead_id).await,
+            };
+            // The caller's task may be gone (its process stopping): the
+            // result is committed all the same.
+            let _ = w.answer.send(result);
+        }
+    }
+
+    /// A convert-now lead converted alone as a worker does
+    /// (`convert::convert_batch`: a deadlock tried again at once; a bad
+    /// lead's failure recorded), or else handed to the workers.
+    async fn convert_as_worker(&self, job: &Job, settings: &Settings, lead_id: i64) -> Option<LeadResult> {
+        let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 1 };
+        let e = match convert::convert_batch(&self.pool, job.id, settings, &[item]).await {
+            Ok(mut results) => match results.pop().expect("one result per lead") {
+                Ok(result) => return Some(result),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        self.hand_over(job, lead_id, &e).await
+    }
+
+    /// Publishes the convert-now `job` to the workers' workflow lane,
+    /// which converts (and retries) it: converting here gave no result.
+    async fn hand_over(&self, job: &Job, lead_id: i64, e: &ConvertError) -> Option<LeadResult> {
+        tracing::info!(job_id = %job.id, lead_id, error = %e, "converting now gave no result; handing the lead to the workers");
+        self.publish(job).await;
+        None
+    }
+
+    /// One try of the worker's conversion ([`convert::convert_in`]) of
+    /// convert-now `leads` (each the one lead of its job) with the jobs'
+    /// counts in the same commit: a convert-now job is done when its one
+    /// lead is, so its counter shard is rolled into the job row at once
+    /// rather than by a worker's sweeper a tick later. Should another
+    /// process hold a job row (a cancel, a rollup), that shard waits for a
     /// worker's rollup sweeper as any other job's.
-    #[tracing::instrument(name = "convert", skip_all, fields(job_id = %job.id, lead_id, leads = 1))]
+    #[tracing::instrument(name = "convert", skip_all, fields(lead_id = leads[0].1, leads = leads.len()))]
     async fn convert_and_count(
         &self,
-        job: &Job,
+        leads: &[(&Job, i64)],
         settings: &Settings,
-        lead_id: i64,
-    ) -> Result<LeadResult, ConvertError> {
+    ) -> Result<Vec<Result<LeadResult, ConvertError>>, ConvertError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
-        let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 0 };
-        let (mut results, fresh) = convert::convert_in(&mut tx, job.id, settings, &[item], 1, started).await?;
-        job::rollup(&mut *tx, job.id).await?;
+        let items: Vec<[convert::Item; 1]> = leads
+            .iter()
+            .map(|(job, lead_id)| {
+                [convert::Item { lead_id: *lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 0 }]
+            })
+            .collect();
+        let jobs: Vec<(uuid::Uuid, &[convert::Item])> =
+            leads.iter().zip(&items).map(|((job, _), item)| (job.id, &item[..])).collect();
+        let (results, fresh) = convert::convert_in(&mut tx, settings, &jobs, 1, started).await?;
+        let ids: Vec<uuid::Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+        job::rollup_each(&mut *tx, &ids).await?;
         tx.commit().await?;
         for r in &fresh {
             crate::metrics::record_result(r, started.elapsed());
         }
-        results.pop().expect("one result per lead")
+        Ok(results)
     }
 
     /// Waits (at most `within`) for the conversions [`Enqueuer::convert_here`]

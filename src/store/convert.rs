@@ -215,8 +215,9 @@ pub(crate) async fn record(
     if locked.result.outcome != Outcome::Pending {
         return Ok(locked.result);
     }
-    let done = [Done { lead_id, row: &locked.row, finish: f, tries, enqueued_at: None }];
-    let r = finish(&mut tx, job_id, &done, None, locked.workflow).await?.pop().expect("a pending row is recorded");
+    let done =
+        [Done { job_id, lead_id, row: &locked.row, finish: f, tries, enqueued_at: None, workflow: locked.workflow }];
+    let r = finish(&mut tx, &done, None).await?.pop().expect("a pending row is recorded");
     tx.commit().await?;
     crate::metrics::record_result(&r, std::time::Duration::ZERO);
     Ok(r)
@@ -294,7 +295,7 @@ async fn try_batch(
 ) -> Result<Vec<Result<LeadResult, ConvertError>>, ConvertError> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
-    let (results, fresh) = convert_in(&mut tx, job_id, settings, items, tries, started).await?;
+    let (results, fresh) = convert_in(&mut tx, settings, &[(job_id, items)], tries, started).await?;
     tx.commit().await?;
     for r in &fresh {
         crate::metrics::record_result(r, started.elapsed());
@@ -302,51 +303,67 @@ async fn try_batch(
     Ok(results)
 }
 
+/// A pending lead a try converts (or skips, its job cancelled).
+struct Todo<'a> {
+    job_id: Uuid,
+    item: &'a Item,
+    row: String,
+    cancelled: bool,
+    workflow: bool,
+}
+
 /// One try of [`convert_batch`] inside the caller's transaction, which
 /// commits it (or rolls it back: then nothing of it was written). Returns
-/// each item's result and, apart, the results recorded by this try (for
-/// the metrics, once committed).
+/// each item's result, in `jobs`' order, and, apart, the results recorded
+/// by this try (for the metrics, once committed).
+///
+/// `jobs` are the items of each job: one job for a bulk batch; several
+/// one-lead jobs of equal settings for convert-now calls converted
+/// together (`Enqueuer::convert_here`). Their leads are planned in that
+/// order, as one batch, and must differ: a lead in two jobs of one try
+/// would be planned twice over the same facts.
 pub(crate) async fn convert_in(
     tx: &mut PgConnection,
-    job_id: Uuid,
     settings: &Settings,
-    items: &[Item],
+    jobs: &[(Uuid, &[Item])],
     tries: u32,
     started: std::time::Instant,
 ) -> Result<(Vec<Result<LeadResult, ConvertError>>, Vec<LeadResult>), ConvertError> {
-    let mut ids: Vec<i64> = items.iter().map(|i| i.lead_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let locked = lock_results(&mut *tx, job_id, &ids).await?;
-    let (cancelled, workflow) =
-        locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
-    let mut recorded: HashMap<i64, LeadResult> = HashMap::new();
-    let mut pending: HashMap<i64, String> = HashMap::new();
-    for l in locked {
-        if l.result.outcome == Outcome::Pending {
-            pending.insert(l.result.lead_id, l.row);
-        } else {
-            recorded.insert(l.result.lead_id, l.result);
+    let mut recorded: HashMap<(Uuid, i64), LeadResult> = HashMap::new();
+    // The pending leads in batch order, each once per job (a message
+    // published twice may bring a lead twice).
+    let mut todo: Vec<Todo> = Vec::new();
+    for &(job_id, items) in jobs {
+        let mut ids: Vec<i64> = items.iter().map(|i| i.lead_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let locked = lock_results(&mut *tx, job_id, &ids).await?;
+        let (cancelled, workflow) =
+            locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
+        let mut pending: HashMap<i64, String> = HashMap::new();
+        for l in locked {
+            if l.result.outcome == Outcome::Pending {
+                pending.insert(l.result.lead_id, l.row);
+            } else {
+                recorded.insert((job_id, l.result.lead_id), l.result);
+            }
         }
-    }
-    // The pending leads in batch order, each once (a message published
-    // twice may bring a lead twice).
-    let mut todo: Vec<(&Item, String)> = Vec::new();
-    for item in items {
-        if let Some(row) = pending.remove(&item.lead_id) {
-            todo.push((item, row));
+        for item in items {
+            if let Some(row) = pending.remove(&item.lead_id) {
+                todo.push(Todo { job_id, item, row, cancelled, workflow });
+            }
         }
     }
 
-    let finishes: Vec<Finish> = if todo.is_empty() {
-        Vec::new()
-    } else if cancelled {
-        todo.iter().map(|_| Finish::skipped(ErrorCode::Cancelled, format!("job {job_id} was cancelled"))).collect()
-    } else {
-        let lead_ids: Vec<i64> = todo.iter().map(|(i, _)| i.lead_id).collect();
+    let converting: Vec<&Todo> = todo.iter().filter(|t| !t.cancelled).collect();
+    let mut finishes: HashMap<(Uuid, i64), Finish> = HashMap::new();
+    if !converting.is_empty() {
+        let lead_ids: Vec<i64> = converting.iter().map(|t| t.item.lead_id).collect();
+        debug_assert_eq!(lead_ids.iter().collect::<std::collections::HashSet<_>>().len(), lead_ids.len());
         let facts = snapshot::load_batch(&mut *tx, settings, &lead_ids, Locking::ForUpdate).await?;
         let mut run = Run::new(settings);
         let plans = plan_in_order(&mut *tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
+        let job_of: HashMap<i64, Uuid> = converting.iter().map(|t| (t.item.lead_id, t.job_id)).collect();
         let conversions: Vec<(i64, &crate::plan::Conversion)> = plans
             .iter()
             .filter_map(|p| match &p.verdict {
@@ -355,39 +372,47 @@ pub(crate) async fn convert_in(
             })
             .collect();
         let applied = apply_batch(&mut *tx, &conversions).await?;
-        let leads: Vec<i64> = conversions.iter().map(|(lead_id, _)| *lead_id).collect();
-        write_journal(&mut *tx, job_id, &leads, applied.iter().map(|(_, entry)| entry)).await?;
+        let leads: Vec<(Uuid, i64)> = conversions.iter().map(|(lead_id, _)| (job_of[lead_id], *lead_id)).collect();
+        write_journal(&mut *tx, &leads, applied.iter().map(|(_, entry)| entry)).await?;
         let mut ids = applied.into_iter().map(|(ids, _)| ids);
-        plans
-            .iter()
-            .map(|plan| match &plan.verdict {
+        for plan in &plans {
+            let finish = match &plan.verdict {
                 Verdict::Convert(_) => Finish::converted(plan, ids.next().expect("ids per conversion")),
                 Verdict::Skipped { code, message } => Finish::skipped(*code, message.clone()),
                 Verdict::Failed { code, message } => Finish::failed(*code, message.clone()),
-            })
-            .collect()
-    };
+            };
+            finishes.insert((job_of[&plan.lead_id], plan.lead_id), finish);
+        }
+    }
+    for t in todo.iter().filter(|t| t.cancelled) {
+        let finish = Finish::skipped(ErrorCode::Cancelled, format!("job {} was cancelled", t.job_id));
+        finishes.insert((t.job_id, t.item.lead_id), finish);
+    }
     let mut fresh = Vec::new();
     if !todo.is_empty() {
         let done: Vec<Done> = todo
             .iter()
-            .zip(&finishes)
-            .map(|((item, row), finish)| Done {
-                lead_id: item.lead_id,
-                row,
-                finish,
-                tries: item.earlier_attempts + tries,
-                enqueued_at: item.enqueued_at,
+            .map(|t| Done {
+                job_id: t.job_id,
+                lead_id: t.item.lead_id,
+                row: &t.row,
+                finish: &finishes[&(t.job_id, t.item.lead_id)],
+                tries: t.item.earlier_attempts + tries,
+                enqueued_at: t.item.enqueued_at,
+                workflow: t.workflow,
             })
             .collect();
-        fresh = finish(&mut *tx, job_id, &done, Some(started), workflow).await?;
+        fresh = finish(&mut *tx, &done, Some(started)).await?;
         for r in &fresh {
-            recorded.insert(r.lead_id, r.clone());
+            recorded.insert((r.job_id, r.lead_id), r.clone());
         }
     }
-    let results = items
+    let results = jobs
         .iter()
-        .map(|i| recorded.get(&i.lead_id).cloned().ok_or(ConvertError::NotInJob { job_id, lead_id: i.lead_id }))
+        .flat_map(|&(job_id, items)| items.iter().map(move |i| (job_id, i.lead_id)))
+        .map(|(job_id, lead_id)| {
+            recorded.get(&(job_id, lead_id)).cloned().ok_or(ConvertError::NotInJob { job_id, lead_id })
+        })
         .collect();
     Ok((results, fresh))
 }
@@ -396,8 +421,7 @@ pub(crate) async fn convert_in(
 /// the transaction of their conversion: one statement for the batch.
 async fn write_journal<'a>(
     conn: &mut PgConnection,
-    job_id: Uuid,
-    leads: &[i64],
+    leads: &[(Uuid, i64)],
     entries: impl Iterator<Item = &'a crate::journal::Entry>,
 ) -> sqlx::Result<()> {
     if leads.is_empty() {
@@ -416,12 +440,12 @@ async fn write_journal<'a>(
         // locks started before it committed, yet converted after it; the
         // undo's dry run takes the latest conversions back first.
         "INSERT INTO conversion_journal (job_id, lead_id, entry, records, created_at)
-         SELECT $1, lead_id, entry::json, records::text[], clock_timestamp()
-         FROM unnest($2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY AS v(lead_id, entry, records, ord)
+         SELECT job_id, lead_id, entry::json, records::text[], clock_timestamp()
+         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY AS v(job_id, lead_id, entry, records, ord)
          ORDER BY ord",
     )
-    .bind(job_id)
-    .bind(leads)
+    .bind(leads.iter().map(|(job_id, _)| *job_id).collect::<Vec<_>>())
+    .bind(leads.iter().map(|(_, lead_id)| *lead_id).collect::<Vec<_>>())
     .bind(texts)
     .bind(records)
     .execute(conn)
@@ -512,12 +536,15 @@ impl Finish {
 
 /// A lead's result to record.
 pub(crate) struct Done<'a> {
+    pub(crate) job_id: Uuid,
     pub(crate) lead_id: i64,
     /// The result row's place, as [`lock_results`] found it.
     pub(crate) row: &'a str,
     pub(crate) finish: &'a Finish,
     pub(crate) tries: u32,
     pub(crate) enqueued_at: Option<DateTime<Utc>>,
+    /// Its job is a convert-now call's, whose request waits on the commit.
+    pub(crate) workflow: bool,
 }
 
 /// Writes the result rows of a batch and counts them in the job's counter
@@ -530,20 +557,19 @@ pub(crate) struct Done<'a> {
 /// result the moment it exists, at no extra round trip.
 pub(crate) async fn finish(
     conn: &mut PgConnection,
-    job_id: Uuid,
     done: &[Done<'_>],
     started: Option<std::time::Instant>,
-    workflow: bool,
 ) -> sqlx::Result<Vec<LeadResult>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH v AS MATERIALIZED (
-                 SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-                                      $8::bigint[], $9::bigint[], $10::bool[], $11::text[], $12::text[], $13::int[],
-                                      $14::timestamptz[], $15::bool[], $16::bool[], $20::text[]::tid[])
-                     AS v(lead_id, outcome, contact_action, account_action, deal_action, contact_id, account_id,
-                          deal_id, is_repeat, error_code, error_message, attempts, enqueued_at,
-                          email_opt_out_applied, merged, row)),
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                      $7::bigint[], $8::bigint[], $9::bigint[], $10::bool[], $11::text[], $12::text[],
+                                      $13::int[], $14::timestamptz[], $15::bool[], $16::bool[], $18::bool[],
+                                      $20::text[]::tid[])
+                     AS v(job_id, lead_id, outcome, contact_action, account_action, deal_action, contact_id,
+                          account_id, deal_id, is_repeat, error_code, error_message, attempts, enqueued_at,
+                          email_opt_out_applied, merged, workflow, row)),
              r AS (
                  UPDATE conversion_results c SET outcome = v.outcome, contact_action = v.contact_action,
                         account_action = v.account_action, deal_action = v.deal_action, contact_id = v.contact_id,
@@ -553,17 +579,17 @@ pub(crate) async fn finish(
                         enqueued_at = coalesce(v.enqueued_at, c.enqueued_at),
                         email_opt_out_applied = v.email_opt_out_applied, finished_at = now()
                  FROM v WHERE c.ctid = v.row AND c.lead_id = v.lead_id AND c.outcome = 'pending'
-                 RETURNING c.*, v.merged),
+                 RETURNING c.*, v.merged, v.workflow),
              counted AS (
                  INSERT INTO conversion_job_counters AS c (job_id, shard, converted, merged, skipped, failed)
-                 SELECT $1, pg_backend_pid(), count(*) FILTER (WHERE outcome IN ('converted', 'undone')),
+                 SELECT job_id, pg_backend_pid(), count(*) FILTER (WHERE outcome IN ('converted', 'undone')),
                         count(*) FILTER (WHERE merged), count(*) FILTER (WHERE outcome = 'skipped'),
                         count(*) FILTER (WHERE outcome = 'failed')
-                 FROM r HAVING count(*) > 0
+                 FROM r GROUP BY job_id
                  ON CONFLICT (job_id, shard) DO UPDATE SET
                      converted = c.converted + excluded.converted, merged = c.merged + excluded.merged,
                      skipped = c.skipped + excluded.skipped, failed = c.failed + excluded.failed, last_at = now())
-             SELECT {RESULT_COLUMNS}, CASE WHEN $18 THEN pg_notify($19, $1::text) END AS notified FROM r
+             SELECT {RESULT_COLUMNS}, CASE WHEN workflow THEN pg_notify($19, job_id::text) END AS notified FROM r
              ORDER BY lead_id"
         )
     });
@@ -581,7 +607,7 @@ pub(crate) async fn finish(
     let col = |f: &dyn Fn(&Finish) -> Option<&'static str>| done.iter().map(|d| f(d.finish)).collect::<Vec<_>>();
     let id = |f: &dyn Fn(&Finish) -> Option<i64>| done.iter().map(|d| f(d.finish)).collect::<Vec<_>>();
     sqlx::query_as(SQL.as_str())
-        .bind(job_id)
+        .bind(done.iter().map(|d| d.job_id).collect::<Vec<_>>())
         .bind(done.iter().map(|d| d.lead_id).collect::<Vec<_>>())
         .bind(col(&|f| Some(f.outcome.as_str())))
         .bind(col(&|f| f.contact_action.map(|a| a.as_str())))
@@ -602,7 +628,7 @@ pub(crate) async fn finish(
         .bind(done.iter().map(|d| d.finish.email_opt_out_applied).collect::<Vec<_>>())
         .bind(done.iter().map(|d| d.finish.merged).collect::<Vec<_>>())
         .bind(duration_ms)
-        .bind(workflow)
+        .bind(done.iter().map(|d| d.workflow).collect::<Vec<_>>())
         .bind(crate::store::finished::CHANNEL)
         .bind(done.iter().map(|d| d.row).collect::<Vec<_>>())
         .fetch_all(&mut *conn)

@@ -300,6 +300,12 @@ pub async fn rollup(conn: impl sqlx::PgExecutor<'_>, id: Uuid) -> sqlx::Result<(
     Ok(())
 }
 
+/// [`rollup`] of each job of `ids`, in one statement.
+pub async fn rollup_each(conn: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query("SELECT leadconv_rollup_job(id) FROM unnest($1::uuid[]) AS id").bind(ids).execute(conn).await?;
+    Ok(())
+}
+
 /// Cancels a job: its pending leads become `skipped` (`cancelled`). Waits
 /// for conversions of the job that are in flight to commit, so once this
 /// returns no lead of the job is converted any more.

@@ -199,14 +199,16 @@ async fn try_batch(
         let done: Vec<Done> = finishes
             .iter()
             .map(|(lead_id, finish)| Done {
+                job_id,
                 lead_id: *lead_id,
                 row: &rows[lead_id],
                 finish,
                 tries: item(*lead_id).earlier_attempts + tries,
                 enqueued_at: item(*lead_id).enqueued_at,
+                workflow,
             })
             .collect();
-        let fresh = convert::finish(&mut tx, job_id, &done, Some(started), workflow).await?;
+        let fresh = convert::finish(&mut tx, &done, Some(started)).await?;
         tx.commit().await?;
         for r in fresh {
             crate::metrics::record_result(&r, started.elapsed());
