@@ -177,7 +177,7 @@ impl Enqueuer {
     /// Calls that wait together are converted together: the lead joins
     /// the queue of waiting leads, and whichever waiting call gets one of
     /// the few conversion transactions converts the leads at the front
-    /// that have the same settings (each lead once, at most
+    /// that have the same settings (at most
     /// [`CONVERTED_TOGETHER_AT_MOST`]) as one batch, the worker's own
     /// (`convert::convert_in`: the same locks, one atomic commit, the
     /// result rows' guard against converting twice), with the jobs' counts
@@ -237,8 +237,9 @@ impl Enqueuer {
     }
 
     /// The waiting leads at the front of the queue that one transaction
-    /// converts: the first, and after it each one with the same settings
-    /// and another lead, in the order they came.
+    /// converts: the first, and after it each one with the same settings,
+    /// in the order they came (a lead asked for twice is converted once:
+    /// `convert::convert_in` leaves the second to be converted alone).
     fn take_together(&self) -> Vec<Waiting> {
         let mut waiting = self.waiting.lock().expect("not poisoned");
         let Some(first) = waiting.pop_front() else { return Vec::new() };
@@ -246,7 +247,7 @@ impl Enqueuer {
         let mut i = 0;
         while i < waiting.len() && together.len() < CONVERTED_TOGETHER_AT_MOST {
             let w = &waiting[i];
-            if w.settings == together[0].settings && together.iter().all(|t| t.lead_id != w.lead_id) {
+            if w.settings == together[0].settings {
                 together.push(waiting.remove(i).expect("in range"));
             } else {
                 i += 1;
@@ -287,6 +288,8 @@ impl Enqueuer {
         for (w, result) in together.into_iter().zip(results) {
             let result = match result {
                 Ok(result) => Some(result),
+                // Left pending (its lead converted for another call of the
+                // batch): alone, it finds the lead converted.
                 Err(_) => self.convert_as_worker(&w.job, &w.settings, w.lead_id).await,
             };
             // The caller's task may be gone (its process stopping): the
@@ -302,7 +305,14 @@ impl Enqueuer {
         let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 1 };
         let e = match convert::convert_batch(&self.pool, job.id, settings, &[item]).await {
             Ok(mut results) => match results.pop().expect("one result per lead") {
-                Ok(result) => return Some(result),
+                Ok(result) => {
+                    // Counted at once, as a batch's jobs are (else a
+                    // worker's rollup sweeper does it).
+                    if let Err(e) = job::rollup(&self.pool, job.id).await {
+                        tracing::debug!(job_id = %job.id, error = %e, "could not roll the job's counts up");
+                    }
+                    return Some(result);
+                }
                 Err(e) => e,
             },
             Err(e) => e,

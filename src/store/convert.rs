@@ -320,8 +320,9 @@ struct Todo<'a> {
 /// `jobs` are the items of each job: one job for a bulk batch; several
 /// one-lead jobs of equal settings for convert-now calls converted
 /// together (`Enqueuer::convert_here`). Their leads are planned in that
-/// order, as one batch, and must differ: a lead in two jobs of one try
-/// would be planned twice over the same facts.
+/// order, as one batch; a lead in two jobs of one try is converted for the
+/// first only (the other gets [`ConvertError::NotInJob`], its row still
+/// pending, for its caller to convert it again alone).
 pub(crate) async fn convert_in(
     tx: &mut PgConnection,
     settings: &Settings,
@@ -333,6 +334,7 @@ pub(crate) async fn convert_in(
     // The pending leads in batch order, each once per job (a message
     // published twice may bring a lead twice).
     let mut todo: Vec<Todo> = Vec::new();
+    let mut converting_leads = std::collections::HashSet::new();
     for &(job_id, items) in jobs {
         let mut ids: Vec<i64> = items.iter().map(|i| i.lead_id).collect();
         ids.sort_unstable();
@@ -349,7 +351,16 @@ pub(crate) async fn convert_in(
             }
         }
         for item in items {
+            // A lead another job of this try converts already is left
+            // pending (its result `NotInJob` here): planned twice over the
+            // same facts, it would be converted twice.
+            if !cancelled && converting_leads.contains(&item.lead_id) {
+                continue;
+            }
             if let Some(row) = pending.remove(&item.lead_id) {
+                if !cancelled {
+                    converting_leads.insert(item.lead_id);
+                }
                 todo.push(Todo { job_id, item, row, cancelled, workflow });
             }
         }
@@ -359,7 +370,6 @@ pub(crate) async fn convert_in(
     let mut finishes: HashMap<(Uuid, i64), Finish> = HashMap::new();
     if !converting.is_empty() {
         let lead_ids: Vec<i64> = converting.iter().map(|t| t.item.lead_id).collect();
-        debug_assert_eq!(lead_ids.iter().collect::<std::collections::HashSet<_>>().len(), lead_ids.len());
         let facts = snapshot::load_batch(&mut *tx, settings, &lead_ids, Locking::ForUpdate).await?;
         let mut run = Run::new(settings);
         let plans = plan_in_order(&mut *tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
