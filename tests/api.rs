@@ -499,6 +499,61 @@ async fn convert_now_calls_waiting_together_are_converted_in_one_transaction() {
     assert_eq!(api.crm.count("SELECT count(*) FROM conversion_job_counters").await, 0);
 }
 
+// Issue 22: callers converted together do not wait for one another's
+// locks: a lead whose row another transaction holds fails its batch soon,
+// the others are converted at once, alone, and it waits on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_locked_elsewhere_does_not_hold_up_the_callers_converted_with_it() {
+    // One conversion transaction at a time; locks waited for 30 s.
+    let api = Api::with_flags(&["--convert-now-concurrency", "7", "--lock-timeout-secs", "30"]).await;
+    let leads = api.leads(3).await;
+    let (first, locked, free) = (leads[0], leads[1], leads[2]);
+    let call = |lead: i64| {
+        let (http, url, token) = (api.http.clone(), api.url(&format!("/v1/leads/{lead}/convert")), api.token.clone());
+        tokio::spawn(async move {
+            let r = http.post(url).bearer_auth(token).json(&json!({"timeout_ms": 20000})).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let waiting_on_locks = || async {
+        api.crm
+            .count(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+    };
+    let (mut holds_first, mut holds_locked) =
+        (api.crm.pool().begin().await.unwrap(), api.crm.pool().begin().await.unwrap());
+    for (tx, lead) in [(&mut holds_first, first), (&mut holds_locked, locked)] {
+        sqlx::query("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE").bind(lead).execute(&mut **tx).await.unwrap();
+    }
+    // The first call holds the conversion transaction while the two others
+    // come and wait together.
+    let first_call = call(first);
+    wait_for("the first conversion waiting for its lead", Duration::from_secs(20), || async {
+        waiting_on_locks().await == 1
+    })
+    .await;
+    let (locked_call, free_call) = (call(locked), call(free));
+    let metrics = api.url("/metrics");
+    wait_for("two calls waiting for the conversion transaction", Duration::from_secs(20), || async {
+        let text = api.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        sum(&text, "leadconv_convert_now_waiting", &[]) == 2.0
+    })
+    .await;
+    holds_first.rollback().await.unwrap();
+    // The free lead is answered while the other's row is still held.
+    let (s, r) = free_call.await.unwrap();
+    assert_eq!((s, r["outcome"].as_str()), (StatusCode::OK, Some("converted")), "{r}");
+    assert!(!locked_call.is_finished(), "the locked lead waits for its row");
+    holds_locked.rollback().await.unwrap();
+    for c in [first_call, locked_call] {
+        let (s, r) = c.await.unwrap();
+        assert_eq!((s, r["outcome"].as_str()), (StatusCode::OK, Some("converted")), "{r}");
+    }
+    assert_eq!(api.crm.count("SELECT count(*) FROM contacts").await, 3);
+}
+
 /// Convert-now of `lead` with `body`, waiting up to 20 s for the result.
 async fn convert_now(api: &Api, lead: i64, mut body: Value) -> (StatusCode, Value) {
     body["timeout_ms"] = json!(20000);

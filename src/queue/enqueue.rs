@@ -38,6 +38,26 @@ pub const CONVERTING_NOW_AT_ONCE: u16 = 8;
 /// Most convert-now leads one transaction converts together.
 const CONVERTED_TOGETHER_AT_MOST: usize = 16;
 
+/// The longest a transaction converting several callers' leads together
+/// waits for a lock before its leads are converted alone (each with the
+/// lock timeout of `--lock-timeout-secs`): one lead whose key is held
+/// elsewhere holds up the others no longer than this.
+const TOGETHER_LOCK_WAIT: Duration = Duration::from_millis(100);
+
+/// Leads of a failed batch converted alone at once (each on a connection
+/// of its own).
+const ALONE_AT_ONCE: usize = 4;
+
+/// How a convert-now lead its batch did not convert gets its result.
+#[derive(Clone)]
+enum Alone {
+    /// Converted alone, as a worker does; `earlier_attempts`: tries that
+    /// rolled back.
+    Convert { earlier_attempts: u32 },
+    /// Published to the workers' workflow lane, for this reason.
+    HandOver(String),
+}
+
 /// A convert-now lead waiting for a conversion transaction
 /// ([`Enqueuer::convert_here`]).
 struct Waiting {
@@ -63,6 +83,8 @@ pub struct Enqueuer {
     waiting: std::sync::Mutex<VecDeque<Waiting>>,
     /// Conversion transactions of convert-now leads at once.
     converters: Arc<Semaphore>,
+    /// Leads of failed batches converted alone at once.
+    alone_slots: Arc<Semaphore>,
 }
 
 /// Conversion transactions at once for `n` convert-now calls served at
@@ -85,6 +107,7 @@ impl Enqueuer {
             here_slots: Arc::new(Semaphore::new(usize::from(CONVERTING_NOW_AT_ONCE))),
             waiting: std::sync::Mutex::new(VecDeque::new()),
             converters: Arc::new(Semaphore::new(converters_for(usize::from(CONVERTING_NOW_AT_ONCE)))),
+            alone_slots: Arc::new(Semaphore::new(ALONE_AT_ONCE)),
         }
     }
 
@@ -191,12 +214,13 @@ impl Enqueuer {
     /// conversion ends.
     ///
     /// A task of its own, so a caller that stops waiting (its timeout, a
-    /// closed connection) does not cut it short. A deadlock or a database
-    /// error converts each lead of the batch alone, as a worker does
-    /// (tried again at once; a bad lead's failure recorded as its result).
-    /// Anything else (a lock wait past the lock timeout, a lost
-    /// connection) rolls back and publishes the leads to the workers'
-    /// workflow lane, which retries them (`None` then). Should this process
+    /// closed connection) does not cut it short. A batch that waits for a
+    /// lock longer than [`TOGETHER_LOCK_WAIT`], a deadlock or a database
+    /// error converts each lead alone, as a worker splits a batch (tried
+    /// again at once; a bad lead's failure recorded as its result). A lead
+    /// alone that waits past the lock timeout, or a lost connection, rolls
+    /// back and publishes the lead to the workers' workflow lane, which
+    /// retries it (`None` then). Should this process
     /// die first, the jobs are unpublished under its lease: a worker's
     /// outbox sweeper publishes them once the lease runs out.
     pub fn convert_here(
@@ -210,6 +234,7 @@ impl Enqueuer {
         self.here.spawn(async move {
             let _turn = turn;
             let (answer, mut answered) = oneshot::channel();
+            let call = job.id;
             {
                 let mut waiting = this.waiting.lock().expect("not poisoned");
                 waiting.push_back(Waiting { job, settings, lead_id, answer });
@@ -223,86 +248,111 @@ impl Enqueuer {
                     // panicked; its job is left to the outbox sweeper.
                     result = &mut answered => return result.ok().flatten(),
                     converter = this.converters.clone().acquire_owned() => {
-                        let _converter = converter.expect("the semaphore is never closed");
-                        let together = this.take_together();
+                        let converter = converter.expect("the semaphore is never closed");
+                        let together = this.take_together(call);
                         if together.is_empty() {
-                            // Ours is taken: its answer comes.
+                            // Ours is in another call's batch: its answer comes.
+                            drop(converter);
                             return answered.await.ok().flatten();
                         }
-                        this.convert_together(together).await;
+                        let alone = this.convert_together(together).await;
+                        drop(converter);
+                        for (w, how) in alone {
+                            this.convert_alone(w, how);
+                        }
                     }
                 }
             }
         })
     }
 
-    /// The waiting leads at the front of the queue that one transaction
-    /// converts: the first, and after it each one with the same settings,
-    /// in the order they came (a lead asked for twice is converted once:
+    /// The waiting leads one transaction converts for the call `call`:
+    /// those with the same settings as its lead, its own included, in the
+    /// order they came (a lead asked for twice is converted once:
     /// `convert::convert_in` leaves the second to be converted alone).
-    fn take_together(&self) -> Vec<Waiting> {
+    /// Empty when the call's lead is in another call's batch already.
+    fn take_together(&self, call: uuid::Uuid) -> Vec<Waiting> {
         let mut waiting = self.waiting.lock().expect("not poisoned");
-        let Some(first) = waiting.pop_front() else { return Vec::new() };
-        let mut together = vec![first];
-        let mut i = 0;
-        while i < waiting.len() && together.len() < CONVERTED_TOGETHER_AT_MOST {
-            let w = &waiting[i];
-            if w.settings == together[0].settings {
-                together.push(waiting.remove(i).expect("in range"));
-            } else {
-                i += 1;
-            }
+        let Some(own) = waiting.iter().position(|w| w.job.id == call) else { return Vec::new() };
+        let settings = &waiting[own].settings;
+        let mut taken: Vec<usize> = (0..waiting.len()).filter(|&i| waiting[i].settings == *settings).collect();
+        taken.truncate(CONVERTED_TOGETHER_AT_MOST);
+        if !taken.contains(&own) {
+            taken.pop();
+            taken.push(own);
         }
+        let mut together: Vec<Waiting> = taken.iter().rev().map(|&i| waiting.remove(i).expect("in range")).collect();
+        together.reverse();
         metrics::gauge!(crate::metrics::CONVERT_NOW_WAITING).set(waiting.len() as f64);
         together
     }
 
     /// Converts `together` in one transaction and answers each waiting
-    /// call; see [`Enqueuer::convert_here`] for what a failure does.
-    async fn convert_together(&self, together: Vec<Waiting>) {
+    /// call it converted; returns those it leaves to be converted alone or
+    /// handed to the workers (see [`Enqueuer::convert_here`]).
+    async fn convert_together(&self, together: Vec<Waiting>) -> Vec<(Waiting, Alone)> {
         let leads: Vec<(&Job, i64)> = together.iter().map(|w| (&w.job, w.lead_id)).collect();
-        let results: Vec<Result<LeadResult, ConvertError>> =
-            match self.convert_and_count(&leads, &together[0].settings).await {
-                Ok(results) => results,
-                Err(e) => {
-                    // A lock held past the lock timeout, a lost connection:
-                    // the workers wait for it, not these callers' turns.
-                    // Anything else (a deadlock, a constraint): each lead
-                    // alone, the worker's own way.
-                    let hand_over = matches!(&e, ConvertError::Transient(e) if !convert::is_lock_conflict(e));
-                    tracing::debug!(leads = together.len(), error = %e, hand_over, "converting now failed");
-                    let mut answered = Vec::with_capacity(together.len());
-                    for w in &together {
-                        answered.push(if hand_over {
-                            self.hand_over(&w.job, w.lead_id, &e).await
-                        } else {
-                            self.convert_as_worker(&w.job, &w.settings, w.lead_id).await
-                        });
-                    }
-                    for (w, result) in together.into_iter().zip(answered) {
-                        let _ = w.answer.send(result);
-                    }
-                    return;
-                }
-            };
+        let results = match self.convert_and_count(&leads, &together[0].settings).await {
+            Ok(results) => results,
+            Err(e) => {
+                // As a worker splits a batch: a lost connection hands the
+                // leads to the workers; a lock waited for too long (one
+                // lead's key held by another transaction: the short wait of
+                // a batch, see `convert_and_count`), a deadlock or a
+                // constraint converts each lead alone, so only the lead
+                // whose lock is held waits again. A lead alone that waited
+                // its whole lock timeout is the workers' to wait for, not
+                // its caller's turn.
+                let hand_over = matches!(&e, ConvertError::Transient(e)
+                    if !convert::is_lock_conflict(e) && (together.len() == 1 || !convert::is_lock_wait(e)));
+                tracing::debug!(leads = together.len(), error = %e, hand_over, "converting now failed");
+                let how =
+                    if hand_over { Alone::HandOver(e.to_string()) } else { Alone::Convert { earlier_attempts: 1 } };
+                return together.into_iter().map(|w| (w, how.clone())).collect();
+            }
+        };
+        let mut alone = Vec::new();
         for (w, result) in together.into_iter().zip(results) {
-            let result = match result {
-                Ok(result) => Some(result),
+            match result {
+                // The caller's task may be gone (its process stopping): the
+                // result is committed all the same.
+                Ok(result) => drop(w.answer.send(Some(result))),
                 // Left pending (its lead converted for another call of the
                 // batch): alone, it finds the lead converted.
-                Err(_) => self.convert_as_worker(&w.job, &w.settings, w.lead_id).await,
-            };
-            // The caller's task may be gone (its process stopping): the
-            // result is committed all the same.
-            let _ = w.answer.send(result);
+                Err(_) => alone.push((w, Alone::Convert { earlier_attempts: 0 })),
+            }
         }
+        alone
+    }
+
+    /// Converts `w`'s lead alone (or hands it to the workers), in a task of
+    /// its own: a lead whose lock is held waits for it without holding up
+    /// a conversion transaction or the other callers.
+    fn convert_alone(self: &Arc<Self>, w: Waiting, how: Alone) {
+        let this = self.clone();
+        self.here.spawn(async move {
+            let _slot = this.alone_slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let result = match how {
+                Alone::HandOver(e) => this.hand_over(&w.job, w.lead_id, &e).await,
+                Alone::Convert { earlier_attempts } => {
+                    this.convert_as_worker(&w.job, &w.settings, w.lead_id, earlier_attempts).await
+                }
+            };
+            let _ = w.answer.send(result);
+        });
     }
 
     /// A convert-now lead converted alone as a worker does
     /// (`convert::convert_batch`: a deadlock tried again at once; a bad
     /// lead's failure recorded), or else handed to the workers.
-    async fn convert_as_worker(&self, job: &Job, settings: &Settings, lead_id: i64) -> Option<LeadResult> {
-        let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts: 1 };
+    async fn convert_as_worker(
+        &self,
+        job: &Job,
+        settings: &Settings,
+        lead_id: i64,
+        earlier_attempts: u32,
+    ) -> Option<LeadResult> {
+        let item = convert::Item { lead_id, enqueued_at: Some(job.created_at), earlier_attempts };
         let e = match convert::convert_batch(&self.pool, job.id, settings, &[item]).await {
             Ok(mut results) => match results.pop().expect("one result per lead") {
                 Ok(result) => {
@@ -317,12 +367,12 @@ impl Enqueuer {
             },
             Err(e) => e,
         };
-        self.hand_over(job, lead_id, &e).await
+        self.hand_over(job, lead_id, &e.to_string()).await
     }
 
     /// Publishes the convert-now `job` to the workers' workflow lane,
     /// which converts (and retries) it: converting here gave no result.
-    async fn hand_over(&self, job: &Job, lead_id: i64, e: &ConvertError) -> Option<LeadResult> {
+    async fn hand_over(&self, job: &Job, lead_id: i64, e: &str) -> Option<LeadResult> {
         tracing::info!(job_id = %job.id, lead_id, error = %e, "converting now gave no result; handing the lead to the workers");
         self.publish(job).await;
         None
@@ -343,6 +393,15 @@ impl Enqueuer {
     ) -> Result<Vec<Result<LeadResult, ConvertError>>, ConvertError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
+        if leads.len() > 1 {
+            // Callers converted together share their waits: a lock held
+            // elsewhere (a bulk batch holding a shared company's key, a
+            // stuck transaction) fails the batch soon, and its leads are
+            // converted alone, the others at once.
+            sqlx::query(&format!("SET LOCAL lock_timeout = {}", TOGETHER_LOCK_WAIT.as_millis()))
+                .execute(&mut *tx)
+                .await?;
+        }
         let items: Vec<[convert::Item; 1]> = leads
             .iter()
             .map(|(job, lead_id)| {
