@@ -111,10 +111,10 @@ pub struct Serve {
     #[arg(long, env = "LEADCONV_CRM_RECORD_URL", value_parser = parse_record_url)]
     pub crm_record_url: Option<String>,
     /// Convert-now calls this process serves at once (checked,
-    /// snapshotted, converted); more wait their turn. A quarter of them
-    /// are conversion transactions, each converting the calls waiting with
-    /// the same options together. Bounds the CPU they take from bulk jobs
-    /// converting beside them (the pool holds 24 connections).
+    /// snapshotted, converted); more wait their turn. Their conversions
+    /// run one transaction at a time, each converting the calls waiting
+    /// with the same options together. Bounds the CPU they take from bulk
+    /// jobs converting beside them (the pool holds 24 connections).
     #[arg(long, env = "LEADCONV_CONVERT_NOW_CONCURRENCY", default_value_t = leadconv::queue::enqueue::CONVERTING_NOW_AT_ONCE, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub convert_now_concurrency: u16,
     #[command(flatten)]

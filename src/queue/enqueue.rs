@@ -33,7 +33,7 @@ pub struct ConvertNowTurn {
 
 /// Convert-now calls served at once by default (`serve
 /// --convert-now-concurrency`).
-pub const CONVERTING_NOW_AT_ONCE: u16 = 8;
+pub const CONVERTING_NOW_AT_ONCE: u16 = 16;
 
 /// Most convert-now leads one transaction converts together.
 const CONVERTED_TOGETHER_AT_MOST: usize = 16;
@@ -81,18 +81,14 @@ pub struct Enqueuer {
     /// Convert-now leads waiting for a conversion transaction, first come
     /// first.
     waiting: std::sync::Mutex<VecDeque<Waiting>>,
-    /// Conversion transactions of convert-now leads at once.
-    converters: Arc<Semaphore>,
+    /// The one conversion transaction of convert-now leads at a time
+    /// (one permit): calls wait for it together and are converted together.
+    /// One, not more: two side by side split the waiting calls into
+    /// smaller batches, costing more CPU a call, which bulk jobs pay for
+    /// (BENCHMARKS.md, "Convert-now calls converted together").
+    converter: Arc<Semaphore>,
     /// Leads of failed batches converted alone at once.
     alone_slots: Arc<Semaphore>,
-}
-
-/// Conversion transactions at once for `n` convert-now calls served at
-/// once: a quarter of them, so that most calls wait together and are
-/// converted together (BENCHMARKS.md, "Convert-now calls converted
-/// together").
-fn converters_for(n: usize) -> usize {
-    (n / 4).max(1)
 }
 
 impl Enqueuer {
@@ -106,7 +102,7 @@ impl Enqueuer {
             here: TaskTracker::new(),
             here_slots: Arc::new(Semaphore::new(usize::from(CONVERTING_NOW_AT_ONCE))),
             waiting: std::sync::Mutex::new(VecDeque::new()),
-            converters: Arc::new(Semaphore::new(converters_for(usize::from(CONVERTING_NOW_AT_ONCE)))),
+            converter: Arc::new(Semaphore::new(1)),
             alone_slots: Arc::new(Semaphore::new(ALONE_AT_ONCE)),
         }
     }
@@ -115,7 +111,6 @@ impl Enqueuer {
     /// [`Enqueuer::convert_now_turn`]).
     pub fn converting_now_at_once(mut self, n: usize) -> Enqueuer {
         self.here_slots = Arc::new(Semaphore::new(n.max(1)));
-        self.converters = Arc::new(Semaphore::new(converters_for(n)));
         self
     }
 
@@ -198,10 +193,10 @@ impl Enqueuer {
     /// costing the caller time and the machine CPU that bulk jobs need.
     ///
     /// Calls that wait together are converted together: the lead joins
-    /// the queue of waiting leads, and whichever waiting call gets one of
-    /// the few conversion transactions converts the leads at the front
-    /// that have the same settings (at most
-    /// [`CONVERTED_TOGETHER_AT_MOST`]) as one batch, the worker's own
+    /// the queue of waiting leads, and the waiting call that gets the
+    /// conversion transaction (one at a time) converts the waiting leads
+    /// that have its lead's settings, its own included (at most
+    /// [`CONVERTED_TOGETHER_AT_MOST`]), as one batch, the worker's own
     /// (`convert::convert_in`: the same locks, one atomic commit, the
     /// result rows' guard against converting twice), with the jobs' counts
     /// in the same commit. Most of a conversion's statements are then paid
@@ -247,7 +242,7 @@ impl Enqueuer {
                     // below). A sender dropped unanswered: a conversion that
                     // panicked; its job is left to the outbox sweeper.
                     result = &mut answered => return result.ok().flatten(),
-                    converter = this.converters.clone().acquire_owned() => {
+                    converter = this.converter.clone().acquire_owned() => {
                         let converter = converter.expect("the semaphore is never closed");
                         let together = this.take_together(call);
                         if together.is_empty() {
