@@ -54,6 +54,40 @@ impl Api {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// Calls convert-now on `lead` with `body` in a task of its own.
+    fn convert_in_background(&self, lead: i64, body: Value) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+        let (http, url, token) =
+            (self.http.clone(), self.url(&format!("/v1/leads/{lead}/convert")), self.token.clone());
+        tokio::spawn(async move {
+            let r = http.post(url).bearer_auth(token).json(&body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    }
+
+    /// Waits until `n` convert-now calls wait for the conversion
+    /// transaction (serve's `leadconv_convert_now_waiting`).
+    async fn wait_for_convert_now_waiting(&self, n: usize) {
+        let metrics = self.url("/metrics");
+        wait_for(&format!("{n} calls waiting for the conversion transaction"), Duration::from_secs(20), || async {
+            let text = self.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+            sum(&text, "leadconv_convert_now_waiting", &[]) == n as f64
+        })
+        .await;
+    }
+
+    /// Waits until `n` backends of the test's database wait for a lock.
+    async fn wait_for_lock_waits(&self, n: i64) {
+        wait_for(&format!("{n} transactions waiting for a lock"), Duration::from_secs(20), || async {
+            self.crm
+                .count(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .await
+                == n
+        })
+        .await;
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::GET, path, None).await
     }
@@ -394,13 +428,7 @@ async fn a_convert_now_lead_serve_cannot_convert_goes_to_the_workers() {
     let lead = api.leads(1).await[0];
     let mut holder = api.crm.pool().begin().await.unwrap();
     sqlx::query("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE").bind(lead).execute(&mut *holder).await.unwrap();
-    let call = {
-        let (http, url, token) = (api.http.clone(), api.url(&format!("/v1/leads/{lead}/convert")), api.token.clone());
-        tokio::spawn(async move {
-            let r = http.post(url).bearer_auth(token).json(&json!({"timeout_ms": 30000})).send().await.unwrap();
-            (r.status(), r.json::<Value>().await.unwrap())
-        })
-    };
+    let call = api.convert_in_background(lead, json!({"timeout_ms": 30000}));
     let workflow = api.broker.topology.work_queue(Lane::Workflow);
     wait_for("the lead handed to the workflow lane", Duration::from_secs(20), || async {
         api.broker.depth(&workflow).await == 1
@@ -428,40 +456,21 @@ async fn convert_now_calls_waiting_together_are_converted_in_one_transaction() {
     let api = Api::with_flags(&["--convert-now-concurrency", "7"]).await;
     let leads = api.leads(4).await;
     let (first, b1, b2, c) = (leads[0], leads[1], leads[2], leads[3]);
-    let call = |lead: i64, options: Value| {
-        let (http, url, token) = (api.http.clone(), api.url(&format!("/v1/leads/{lead}/convert")), api.token.clone());
-        tokio::spawn(async move {
-            let body = json!({"options": options, "timeout_ms": 30000});
-            let r = http.post(url).bearer_auth(token).json(&body).send().await.unwrap();
-            (r.status(), r.json::<Value>().await.unwrap())
-        })
-    };
+    let call =
+        |lead: i64, options: Value| api.convert_in_background(lead, json!({"options": options, "timeout_ms": 30000}));
     // The first call holds the one conversion transaction, waiting for its
     // lead's row.
     let mut holder = api.crm.pool().begin().await.unwrap();
     sqlx::query("SELECT 1 FROM leads WHERE id = $1 FOR UPDATE").bind(first).execute(&mut *holder).await.unwrap();
     let first_call = call(first, with_deal());
-    wait_for("the first conversion waiting for its lead", Duration::from_secs(20), || async {
-        api.crm
-            .count(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-            == 1
-    })
-    .await;
+    api.wait_for_lock_waits(1).await;
     // Meanwhile: two leads with the same options, the first of them again,
     // and a lead with other options.
     let b1_call = call(b1, with_deal());
     let b2_call = call(b2, with_deal());
     let again_call = call(b1, with_deal());
     let c_call = call(c, json!({}));
-    let metrics = api.url("/metrics");
-    wait_for("four calls waiting for the conversion transaction", Duration::from_secs(20), || async {
-        let text = api.http.get(&metrics).send().await.unwrap().text().await.unwrap();
-        sum(&text, "leadconv_convert_now_waiting", &[]) == 4.0
-    })
-    .await;
+    api.wait_for_convert_now_waiting(4).await;
     holder.rollback().await.unwrap();
     let mut answers = Vec::new();
     for c in [first_call, b1_call, b2_call, again_call, c_call] {
@@ -508,20 +517,7 @@ async fn a_lead_locked_elsewhere_does_not_hold_up_the_callers_converted_with_it(
     let api = Api::with_flags(&["--convert-now-concurrency", "7", "--lock-timeout-secs", "30"]).await;
     let leads = api.leads(3).await;
     let (first, locked, free) = (leads[0], leads[1], leads[2]);
-    let call = |lead: i64| {
-        let (http, url, token) = (api.http.clone(), api.url(&format!("/v1/leads/{lead}/convert")), api.token.clone());
-        tokio::spawn(async move {
-            let r = http.post(url).bearer_auth(token).json(&json!({"timeout_ms": 20000})).send().await.unwrap();
-            (r.status(), r.json::<Value>().await.unwrap())
-        })
-    };
-    let waiting_on_locks = || async {
-        api.crm
-            .count(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-    };
+    let call = |lead: i64| api.convert_in_background(lead, json!({"timeout_ms": 20000}));
     let (mut holds_first, mut holds_locked) =
         (api.crm.pool().begin().await.unwrap(), api.crm.pool().begin().await.unwrap());
     for (tx, lead) in [(&mut holds_first, first), (&mut holds_locked, locked)] {
@@ -530,17 +526,9 @@ async fn a_lead_locked_elsewhere_does_not_hold_up_the_callers_converted_with_it(
     // The first call holds the conversion transaction while the two others
     // come and wait together.
     let first_call = call(first);
-    wait_for("the first conversion waiting for its lead", Duration::from_secs(20), || async {
-        waiting_on_locks().await == 1
-    })
-    .await;
+    api.wait_for_lock_waits(1).await;
     let (locked_call, free_call) = (call(locked), call(free));
-    let metrics = api.url("/metrics");
-    wait_for("two calls waiting for the conversion transaction", Duration::from_secs(20), || async {
-        let text = api.http.get(&metrics).send().await.unwrap().text().await.unwrap();
-        sum(&text, "leadconv_convert_now_waiting", &[]) == 2.0
-    })
-    .await;
+    api.wait_for_convert_now_waiting(2).await;
     holds_first.rollback().await.unwrap();
     // The free lead is answered while the other's row is still held.
     let (s, r) = free_call.await.unwrap();
