@@ -53,6 +53,11 @@ impl Entry {
     }
 }
 
+/// The lead's fields a conversion sets (SPEC §3.12): what [`LeadChange`]
+/// holds, before and after.
+pub const LEAD_MARKS: [&str; 6] =
+    ["lead_status", "is_repeat", "converted_at", "converted_account_id", "converted_contact_id", "converted_deal_id"];
+
 /// The lead's fields a conversion sets (SPEC §3.12), before and after.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LeadChange {

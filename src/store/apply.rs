@@ -4,6 +4,7 @@
 //! so one insert and one update serve every module. Column names come only
 //! from the whitelists below, never from input.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde_json::Value;
@@ -232,11 +233,14 @@ struct Written {
 /// with a fixed number of multi-row statements, whatever the batch's size.
 /// A later lead may merge into a record an earlier one creates
 /// ([`Target::created_by_lead`]). Runs inside the caller's transaction: if
-/// any statement fails, nothing of the batch stays. Returns each lead's
-/// ids and journal entry (SPEC §4a: what it wrote), in the same order.
+/// any statement fails, nothing of the batch stays. `before` holds each
+/// lead's [`journal::LEAD_MARKS`] as the batch read its row (locked since).
+/// Returns each lead's ids and journal entry (SPEC §4a: what it wrote), in
+/// the same order.
 pub async fn apply_batch(
     conn: &mut PgConnection,
     conversions: &[(i64, &Conversion)],
+    before: &HashMap<i64, Record>,
 ) -> sqlx::Result<Vec<(Converted, Entry)>> {
     if conversions.is_empty() {
         return Ok(Vec::new());
@@ -274,9 +278,10 @@ pub async fn apply_batch(
     };
     let mut out = Vec::with_capacity(conversions.len());
     // Each lead's writes, in batch order, for its journal entry: the
-    // records it created (module, id, values as planned) and the fills it
+    // records it created (module, id, the plan's values: the row is built
+    // from them again only where the journal needs it) and the fills it
     // made (module, id, values).
-    let mut creates: Vec<Vec<(Module, i64, Record)>> = Vec::with_capacity(conversions.len());
+    let mut creates: Vec<Vec<(Module, i64, Cow<Record>)>> = Vec::with_capacity(conversions.len());
     let mut fills: Vec<Vec<(Module, i64, Record)>> = Vec::with_capacity(conversions.len());
     for &(lead_id, c) in conversions {
         let (mut made, mut filled) = (Vec::new(), Vec::new());
@@ -285,7 +290,7 @@ pub async fn apply_batch(
                 let id = accounts.next().expect("an id per new account");
                 created_account.insert(lead_id, id);
                 account_rows.create(Module::Account, id, &a.values);
-                made.push((Module::Account, id, new_row(Module::Account, id, &a.values)));
+                made.push((Module::Account, id, Cow::Borrowed(&a.values)));
                 Some(id)
             }
             Some(a) => {
@@ -305,7 +310,7 @@ pub async fn apply_batch(
                 let id = contacts.next().expect("an id per new contact");
                 created_contact.insert(lead_id, id);
                 contact_rows.create(Module::Contact, id, &values);
-                made.push((Module::Contact, id, new_row(Module::Contact, id, &values)));
+                made.push((Module::Contact, id, Cow::Owned(values)));
                 id
             } else {
                 let id = resolve(contact, &created_contact);
@@ -324,7 +329,7 @@ pub async fn apply_batch(
                 values.insert("account_id".into(), aid.into());
             }
             deal_rows.create(Module::Deal, id, &values);
-            made.push((Module::Deal, id, new_row(Module::Deal, id, &values)));
+            made.push((Module::Deal, id, Cow::Owned(values)));
             id
         });
         out.push(Converted { contact_id, account_id, deal_id });
@@ -336,7 +341,8 @@ pub async fn apply_batch(
         (Module::Contact, contact_rows.write(conn, Module::Contact).await?),
         (Module::Deal, deal_rows.write(conn, Module::Deal).await?),
     ];
-    let mut entries = journal_records(&creates, &fills, &written);
+    drop((account_rows, contact_rows, deal_rows));
+    let mut entries = journal_records(creates, &fills, written);
 
     // Related records, each kind in one statement for the whole batch.
     let parent = |ids: &Converted, lead_id: i64, m: Module| match m {
@@ -424,25 +430,18 @@ pub async fn apply_batch(
     }
 
     let leads: Vec<i64> = conversions.iter().map(|(l, _)| *l).collect();
-    // The lead's own fields as they were and as they are: its journal's
-    // `lead` (an undo restores `lead_status` and `is_repeat` exactly).
-    let marked: Vec<(i64, Json<Record>, Json<Record>)> = sqlx::query_as(
-        "WITH prev AS (SELECT * FROM leads WHERE id = ANY($1))
-         UPDATE leads l SET converted_at = now(), converted_account_id = v.account_id,
+    // The lead's own fields as they were (its row as the batch read it,
+    // locked since) and as they are: its journal's `lead` (an undo restores
+    // `lead_status` and `is_repeat` exactly). Only `converted_at` (the
+    // transaction's time) comes back from the statement.
+    let marked: Vec<(i64, Json<Value>)> = sqlx::query_as(
+        "UPDATE leads l SET converted_at = now(), converted_account_id = v.account_id,
                 converted_contact_id = v.contact_id, converted_deal_id = v.deal_id,
                 lead_status = 'Converted', is_repeat = v.is_repeat
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bool[])
-              AS v(id, account_id, contact_id, deal_id, is_repeat), prev
-         WHERE l.id = v.id AND prev.id = v.id AND l.converted_at IS NULL
-         RETURNING l.id,
-                   jsonb_build_object('lead_status', prev.lead_status, 'is_repeat', prev.is_repeat,
-                                      'converted_at', prev.converted_at, 'converted_account_id', prev.converted_account_id,
-                                      'converted_contact_id', prev.converted_contact_id,
-                                      'converted_deal_id', prev.converted_deal_id),
-                   jsonb_build_object('lead_status', l.lead_status, 'is_repeat', l.is_repeat,
-                                      'converted_at', l.converted_at, 'converted_account_id', l.converted_account_id,
-                                      'converted_contact_id', l.converted_contact_id,
-                                      'converted_deal_id', l.converted_deal_id)",
+              AS v(id, account_id, contact_id, deal_id, is_repeat)
+         WHERE l.id = v.id AND l.converted_at IS NULL
+         RETURNING l.id, to_jsonb(l.converted_at)",
     )
     .bind(&leads)
     .bind(out.iter().map(|i| i.account_id).collect::<Vec<_>>())
@@ -453,8 +452,19 @@ pub async fn apply_batch(
     .await?;
     // Every lead row is locked since the snapshot and was unconverted then.
     debug_assert_eq!(marked.len(), leads.len());
-    for (lead_id, before, after) in marked {
-        entries[index[&lead_id]].lead = journal::LeadChange { before: before.0, after: after.0 };
+    for (lead_id, Json(converted_at)) in marked {
+        let i = index[&lead_id];
+        let (c, ids) = (conversions[i].1, out[i]);
+        let before = before.get(&lead_id).cloned().unwrap_or_default();
+        let after = Record::from_iter([
+            ("lead_status".to_owned(), Value::from("Converted")),
+            ("is_repeat".to_owned(), Value::from(c.lead_is_repeat)),
+            ("converted_at".to_owned(), converted_at),
+            ("converted_account_id".to_owned(), Value::from(ids.account_id)),
+            ("converted_contact_id".to_owned(), Value::from(ids.contact_id)),
+            ("converted_deal_id".to_owned(), Value::from(ids.deal_id)),
+        ]);
+        entries[i].lead = journal::LeadChange { before, after };
     }
     Ok(out.into_iter().zip(entries).collect())
 }
@@ -465,24 +475,27 @@ pub async fn apply_batch(
 /// in batch order over the row as the database had it, so each one's
 /// "before" is what the one before it left.
 fn journal_records(
-    creates: &[Vec<(Module, i64, Record)>],
+    creates: Vec<Vec<(Module, i64, Cow<Record>)>>,
     fills: &[Vec<(Module, i64, Record)>],
-    written: &[(Module, Written); 3],
+    written: [(Module, Written); 3],
 ) -> Vec<Entry> {
-    let of = |m: Module| &written.iter().find(|(w, _)| *w == m).expect("every module written").1;
+    let mut written: HashMap<Module, Written> = written.into_iter().collect();
+    // The records the batch creates, by the plan's values of the lead that
+    // creates each.
+    let planned: HashMap<(Module, i64), &Record> =
+        creates.iter().flatten().map(|(module, id, values)| ((*module, *id), values.as_ref())).collect();
     // The row each fill is laid over: an existing record as it was, or a
-    // record of the batch as its creating lead planned it.
+    // record of the batch as its creating lead planned it (built when a
+    // later lead fills it, which few do).
     let mut rows: HashMap<(Module, i64), Record> = HashMap::new();
     let mut entries: Vec<Entry> = Vec::with_capacity(creates.len());
-    for (made, filled) in creates.iter().zip(fills) {
+    for filled in fills {
         let mut e = Entry::default();
-        for (module, id, planned) in made {
-            rows.insert((*module, *id), planned.clone());
-        }
         for (module, id, values) in filled {
-            let row = rows
-                .entry((*module, *id))
-                .or_insert_with(|| of(*module).filled.get(id).map(|(before, _)| before.clone()).unwrap_or_default());
+            let row = rows.entry((*module, *id)).or_insert_with(|| match planned.get(&(*module, *id)) {
+                Some(values) => new_row(*module, *id, values),
+                None => written[module].filled.get(id).map(|(before, _)| before.clone()).unwrap_or_default(),
+            });
             e.filled.extend(journal::fill(*module, *id, row, values));
         }
         entries.push(e);
@@ -498,7 +511,8 @@ fn journal_records(
         }
     }
     let stored = |m: Module, id: i64| -> Option<&Record> {
-        of(m).created.get(&id).or_else(|| of(m).filled.get(&id).map(|(_, after)| after))
+        let w = &written[&m];
+        w.created.get(&id).or_else(|| w.filled.get(&id).map(|(_, after)| after))
     };
     for ((module, id, field), (i, j)) in &last {
         if let Some(row) = stored(*module, *id) {
@@ -513,7 +527,9 @@ fn journal_records(
     }
     for (i, made) in creates.iter().enumerate() {
         for (module, id, planned) in made {
-            let mut values = stored(*module, *id).cloned().unwrap_or_else(|| planned.clone());
+            // Each created row is taken once, as stored.
+            let stored = written.get_mut(module).and_then(|w| w.created.remove(id));
+            let mut values = stored.unwrap_or_else(|| new_row(*module, *id, planned));
             let later: Vec<&Filled> =
                 entries.iter().flat_map(|e| &e.filled).filter(|f| f.module == *module && f.id == *id).collect();
             for f in later.into_iter().rev() {

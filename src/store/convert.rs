@@ -371,6 +371,17 @@ pub(crate) async fn convert_in(
     if !converting.is_empty() {
         let lead_ids: Vec<i64> = converting.iter().map(|t| t.item.lead_id).collect();
         let facts = snapshot::load_batch(&mut *tx, settings, &lead_ids, Locking::ForUpdate).await?;
+        // The fields conversion sets on each lead, as read (and locked):
+        // the journal's "before".
+        let before: HashMap<i64, crate::record::Record> = facts
+            .iter()
+            .filter_map(|f| {
+                let lead = f.lead.as_ref()?;
+                let value = |k: &str| lead.get(k).cloned().unwrap_or(serde_json::Value::Null);
+                let marks = crate::journal::LEAD_MARKS.iter().map(|&k| (k.to_owned(), value(k)));
+                Some((f.lead_id, marks.collect()))
+            })
+            .collect();
         let mut run = Run::new(settings);
         let plans = plan_in_order(&mut *tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
         let job_of: HashMap<i64, Uuid> = converting.iter().map(|t| (t.item.lead_id, t.job_id)).collect();
@@ -381,7 +392,7 @@ pub(crate) async fn convert_in(
                 _ => None,
             })
             .collect();
-        let applied = apply_batch(&mut *tx, &conversions).await?;
+        let applied = apply_batch(&mut *tx, &conversions, &before).await?;
         let leads: Vec<(Uuid, i64)> = conversions.iter().map(|(lead_id, _)| (job_of[lead_id], *lead_id)).collect();
         write_journal(&mut *tx, &leads, applied.iter().map(|(_, entry)| entry)).await?;
         let mut ids = applied.into_iter().map(|(ids, _)| ids);

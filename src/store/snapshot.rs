@@ -52,18 +52,25 @@ type AccountRow = (Json<Record>, Option<String>);
 type LeadRow = (Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>);
 type IdLeadRow = (i64, Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>);
 
+/// A lead's (`l`) e-mail and company as matching and locking compare
+/// them: the columns of [`LeadKeys`]' `email` and `company`, in that order.
+pub(crate) const LEAD_KEYS: &str = "leadconv_norm_email(l.email), leadconv_norm_company(l.company)";
+
 /// The advisory locks of a batch of leads, taken in one statement in the
 /// order of their 64-bit keys, so every transaction takes them in one
 /// global order and two conversions cannot deadlock on them. The keys come
 /// from the same SQL functions as the lookups (`leadconv_lock_key` over
-/// `leadconv_norm*`). Unique values are compared as jsonb (numbers by
-/// value), as `@>` does.
+/// `leadconv_norm*`): the e-mails and companies are bound as the statement
+/// that read the leads normalised them ([`LeadKeys`]), so each is
+/// normalised once a conversion (the normalising, not the locking, was
+/// most of this statement's time). Unique values are compared as jsonb
+/// (numbers by value), as `@>` does.
 const LOCK_KEYS: &str = "
     SELECT pg_advisory_xact_lock(k) FROM (
         SELECT DISTINCT k FROM (
-            SELECT leadconv_lock_key('email', leadconv_norm_email(e)) FROM unnest($1::text[]) AS e
+            SELECT leadconv_lock_key('email', e) FROM unnest($1::text[]) AS e
             UNION ALL
-            SELECT leadconv_lock_key('company', leadconv_norm_company(c)) FROM unnest($2::text[]) AS c
+            SELECT leadconv_lock_key('company', c) FROM unnest($2::text[]) AS c
             UNION ALL
             SELECT leadconv_lock_key('unique:' || f, CASE jsonb_typeof(v) WHEN 'number' THEN trim_scale(v::numeric)::text
                                                                      ELSE v::text END)
@@ -90,12 +97,13 @@ fn unique_values(lead: &Record, settings: &Settings) -> Vec<(String, Json<Value>
 /// their values.
 type LockArgs = (Vec<Option<String>>, Vec<Option<String>>, Vec<String>, Vec<Json<Value>>);
 
-/// The bind values of [`LOCK_KEYS`] for `leads`.
-fn lock_args<'a>(leads: impl Iterator<Item = &'a Record>, settings: &Settings) -> LockArgs {
+/// The bind values of [`LOCK_KEYS`] for `leads`, each with its keys as
+/// the database normalised them.
+fn lock_args<'a>(leads: impl Iterator<Item = (&'a Record, &'a LeadKeys)>, settings: &Settings) -> LockArgs {
     let (mut emails, mut companies, mut fields, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for lead in leads {
-        emails.push(lead.get("email").and_then(Value::as_str).map(str::to_owned));
-        companies.push(lead.get("company").and_then(Value::as_str).map(str::to_owned));
+    for (lead, keys) in leads {
+        emails.push(keys.email.clone());
+        companies.push(keys.company.clone());
         for (f, v) in unique_values(lead, settings) {
             fields.push(f);
             values.push(v);
@@ -104,10 +112,11 @@ fn lock_args<'a>(leads: impl Iterator<Item = &'a Record>, settings: &Settings) -
     (emails, companies, fields, values)
 }
 
-/// Takes the advisory locks of `leads` (see [`LOCK_KEYS`]).
+/// Takes the advisory locks of `leads` (see [`LOCK_KEYS`]), each given
+/// with its keys as read by [`LEAD_KEYS`].
 pub(crate) async fn lock<'a>(
     conn: &mut PgConnection,
-    leads: impl Iterator<Item = &'a Record>,
+    leads: impl Iterator<Item = (&'a Record, &'a LeadKeys)>,
     settings: &Settings,
 ) -> sqlx::Result<()> {
     let (emails, companies, fields, values) = lock_args(leads, settings);
@@ -143,7 +152,13 @@ pub async fn lead_lock_keys(pool: &sqlx::PgPool, lead_ids: &[i64]) -> sqlx::Resu
 /// The lock keys [`lock`] takes for `lead`, sorted: for tests that check
 /// that the locks and the matching agree on what is "the same".
 pub async fn lock_keys(conn: &mut PgConnection, lead: &Record, settings: &Settings) -> sqlx::Result<Vec<i64>> {
-    let (emails, companies, fields, values) = lock_args(std::iter::once(lead), settings);
+    let (email, company): (Option<String>, Option<String>) =
+        sqlx::query_as(&format!("SELECT {LEAD_KEYS} FROM jsonb_populate_record(NULL::leads, $1) AS l"))
+            .bind(Json(lead))
+            .fetch_one(&mut *conn)
+            .await?;
+    let keys = LeadKeys { email, company, ..LeadKeys::default() };
+    let (emails, companies, fields, values) = lock_args(std::iter::once((lead, &keys)), settings);
     let sql = LOCK_KEYS.replacen("SELECT pg_advisory_xact_lock(k) FROM", "SELECT k FROM", 1);
     sqlx::query_scalar(&sql).bind(emails).bind(companies).bind(fields).bind(values).fetch_all(conn).await
 }
@@ -177,8 +192,7 @@ pub async fn load_batch(
     // Locked in id order, whatever the batch's order: two batches that
     // share a lead (two jobs) never wait on each other in a cycle.
     let rows: Vec<IdLeadRow> = sqlx::query_as(&format!(
-        "SELECT l.id, to_jsonb(l), leadconv_norm_email(l.email), leadconv_norm_company(l.company),
-                    leadconv_norm(l.first_name), leadconv_norm(l.last_name)
+        "SELECT l.id, to_jsonb(l), {LEAD_KEYS}, leadconv_norm(l.first_name), leadconv_norm(l.last_name)
              FROM leads l WHERE id = ANY($1) ORDER BY id{lock}"
     ))
     .bind(lead_ids)
@@ -200,7 +214,7 @@ pub async fn load_batch(
         return Ok(all);
     }
     if locking == Locking::ForUpdate {
-        self::lock(conn, open.iter().filter_map(|&i| all[i].lead.as_ref()), settings).await?;
+        self::lock(conn, open.iter().filter_map(|&i| Some((all[i].lead.as_ref()?, &all[i].keys))), settings).await?;
     }
 
     let mut contact_keys: HashMap<i64, ContactKeys> = HashMap::new();

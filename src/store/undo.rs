@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::error::ErrorCode;
 use crate::journal::{Entry, Related};
+use crate::plan::LeadKeys;
 use crate::record::{Module, Record};
 use crate::store::apply::{writable_columns, Converted};
 use crate::store::convert::{self, ConvertError, Done, Finish, Item, LeadResult};
@@ -345,16 +346,26 @@ pub(crate) async fn read_batch(
 ) -> sqlx::Result<(Vec<Read>, HashMap<i64, Vec<i64>>)> {
     let settings = undo.map(|(settings, _)| settings);
     let locking = if settings.is_some() { " FOR UPDATE" } else { "" };
-    let leads: Vec<(i64, Json<Record>)> =
-        sqlx::query_as(&format!("SELECT id, to_jsonb(l) FROM leads l WHERE id = ANY($1) ORDER BY id{locking}"))
-            .bind(lead_ids)
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut leads: HashMap<i64, Record> = leads.into_iter().map(|(id, j)| (id, j.0)).collect();
+    let leads: Vec<(i64, Json<Record>, Option<String>, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT id, to_jsonb(l), {} FROM leads l WHERE id = ANY($1) ORDER BY id{locking}",
+        snapshot::LEAD_KEYS
+    ))
+    .bind(lead_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let keys: Vec<LeadKeys> = leads
+        .iter()
+        .map(|(_, _, email, company)| LeadKeys {
+            email: email.clone(),
+            company: company.clone(),
+            ..LeadKeys::default()
+        })
+        .collect();
     if let Some(settings) = settings {
         // The keys a conversion of these leads' e-mails or companies locks.
-        snapshot::lock(conn, leads.values(), settings).await?;
+        snapshot::lock(conn, leads.iter().map(|(_, j, _, _)| &j.0).zip(&keys), settings).await?;
     }
+    let mut leads: HashMap<i64, Record> = leads.into_iter().map(|(id, j, _, _)| (id, j.0)).collect();
     let rows: Vec<(i64, Json<Entry>, bool, DateTime<Utc>)> = sqlx::query_as(&format!(
         "SELECT lead_id, entry, undone_at IS NOT NULL, created_at FROM conversion_journal
          WHERE job_id = $1 AND lead_id = ANY($2) ORDER BY lead_id{locking}"
