@@ -42,9 +42,9 @@ impl Locking {
 
 /// A contact as read: the row and its keys, normalised by Postgres.
 const CONTACT: &str =
-    "to_jsonb(c), leadconv_norm_email(c.email), leadconv_norm(c.first_name), leadconv_norm(c.last_name)";
+    "row_to_json(c), leadconv_norm_email(c.email), leadconv_norm(c.first_name), leadconv_norm(c.last_name)";
 /// An account as read: the row and its normalised name.
-const ACCOUNT: &str = "to_jsonb(a), leadconv_norm_company(a.account_name)";
+const ACCOUNT: &str = "row_to_json(a), leadconv_norm_company(a.account_name)";
 
 type ContactRow = (Json<Record>, Option<String>, Option<String>, Option<String>);
 type AccountRow = (Json<Record>, Option<String>);
@@ -192,7 +192,7 @@ pub async fn load_batch(
     // Locked in id order, whatever the batch's order: two batches that
     // share a lead (two jobs) never wait on each other in a cycle.
     let rows: Vec<IdLeadRow> = sqlx::query_as(&format!(
-        "SELECT l.id, to_jsonb(l), {LEAD_KEYS}, leadconv_norm(l.first_name), leadconv_norm(l.last_name)
+        "SELECT l.id, row_to_json(l), {LEAD_KEYS}, leadconv_norm(l.first_name), leadconv_norm(l.last_name)
              FROM leads l WHERE id = ANY($1) ORDER BY id{lock}"
     ))
     .bind(lead_ids)

@@ -20,7 +20,7 @@ use crate::error::ErrorCode;
 use crate::journal::{Entry, Related};
 use crate::plan::LeadKeys;
 use crate::record::{Module, Record};
-use crate::store::apply::{writable_columns, Converted};
+use crate::store::apply::{as_kept, writable_columns, Converted};
 use crate::store::convert::{self, ConvertError, Done, Finish, Item, LeadResult};
 use crate::store::options::Settings;
 use crate::store::snapshot;
@@ -347,7 +347,7 @@ pub(crate) async fn read_batch(
     let settings = undo.map(|(settings, _)| settings);
     let locking = if settings.is_some() { " FOR UPDATE" } else { "" };
     let leads: Vec<(i64, Json<Record>, Option<String>, Option<String>)> = sqlx::query_as(&format!(
-        "SELECT id, to_jsonb(l), {} FROM leads l WHERE id = ANY($1) ORDER BY id{locking}",
+        "SELECT id, row_to_json(l), {} FROM leads l WHERE id = ANY($1) ORDER BY id{locking}",
         snapshot::LEAD_KEYS
     ))
     .bind(lead_ids)
@@ -391,13 +391,13 @@ pub(crate) async fn read_batch(
         list.sort_unstable();
         list.dedup();
         let rows: Vec<(i64, Json<Record>)> = sqlx::query_as(&format!(
-            "SELECT id, to_jsonb(t) - 'created_at' - 'updated_at' FROM {} t WHERE id = ANY($1) ORDER BY id{locking}",
+            "SELECT id, row_to_json(t) FROM {} t WHERE id = ANY($1) ORDER BY id{locking}",
             table(m)
         ))
         .bind(&*list)
         .fetch_all(&mut *conn)
         .await?;
-        records.extend(rows.into_iter().map(|(id, r)| ((m, id), r.0)));
+        records.extend(rows.into_iter().map(|(id, r)| ((m, id), as_kept(r.0))));
     }
 
     // The related rows the entries moved or copied.
