@@ -616,3 +616,41 @@ async fn a_records_history_shows_its_conversions_and_undos() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("conversion") && text.contains("undo"), "{text}");
 }
+
+/// Two conversions of one batch are journaled within the same statement,
+/// microseconds apart; since convert-now calls of several jobs share a
+/// batch, two jobs' leads can carry one time. A tag two leads brought to a
+/// record stays when the first one's job is taken back, even then.
+#[tokio::test]
+async fn a_tag_a_conversion_of_the_same_moment_brought_too_stays() {
+    let crm = Crm::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    let contact = crm.contact(json!({"owner_id": rep, "last_name": "Öztürk", "email": "ayse@firma.com.tr"})).await;
+    let first = crm.lead(json!({"owner_id": rep, "last_name": "Öztürk", "email": "\"Ayşe Öztürk\" <AYSE@Firma.com.tr>", "tags": ["fuar"]}));
+    let first = first.await;
+    let (job1, r1) = crm.convert_in_batches(rep, json!({}), &[first], 1).await;
+    let second =
+        crm.lead(json!({"owner_id": rep, "last_name": "Öztürk", "email": "ayse@firma.com.tr", "tags": ["fuar"]}));
+    let second = second.await;
+    let (job2, r2) = crm.convert_in_batches(rep, json!({}), &[second], 1).await;
+    assert_eq!((r1[0].contact_id, r2[0].contact_id), (Some(contact), Some(contact)), "both merged into the contact");
+    // The same moment, as two leads of one batch may have.
+    sqlx::query(
+        "UPDATE conversion_journal SET created_at = (SELECT created_at FROM conversion_journal WHERE job_id = $1)
+         WHERE job_id = $2",
+    )
+    .bind(job1)
+    .bind(job2)
+    .execute(crm.pool())
+    .await
+    .unwrap();
+
+    let (_, undone) = crm.undo(job1, None).await;
+    assert_eq!(outcome(&undone[0]), ("undone".into(), None));
+    let tags: Vec<String> = sqlx::query_scalar("SELECT tags FROM contacts WHERE id = $1")
+        .bind(contact)
+        .fetch_one(crm.pool())
+        .await
+        .unwrap();
+    assert_eq!(tags, vec!["fuar".to_owned()], "the second job's lead brought the tag too");
+}

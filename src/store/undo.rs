@@ -647,10 +647,15 @@ async fn later_tags(
         for (lead_id, e, at) in entries {
             for f in e.filled.iter().filter(|f| f.field == "tags" && f.module == m) {
                 // Later than this conversion, by the journal: an earlier
-                // one that had the tag would have left nothing to add.
+                // one that had the tag would have left nothing to add. The
+                // same time counts as later: leads of one batch (several
+                // convert-now jobs' among them) are journaled by one
+                // statement, and may share a microsecond; keeping a tag an
+                // earlier lead brought loses nothing, removing one a later
+                // lead brought would.
                 let tags: Vec<(i64, String)> = found
                     .iter()
-                    .filter(|(record, l, _, when)| *record == f.id && l != lead_id && when > at)
+                    .filter(|(record, l, _, when)| *record == f.id && l != lead_id && when >= at)
                     .map(|(_, l, tag, _)| (*l, tag.clone()))
                     .collect();
                 out.entry(*lead_id).or_default().insert((m, f.id), tags);
