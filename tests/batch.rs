@@ -42,12 +42,14 @@ async fn finished_at(crm: &Crm, job_id: Uuid, leads: &[i64]) -> Vec<String> {
 }
 
 // The defaults a batch gives new records match the schema's, so a record
-// made in a batch is the record an INSERT with only the plan's values makes.
+// made in a batch is the record an INSERT with only the plan's values makes;
+// and each writable column is of the kind the batch takes it for, so a row
+// it does not read back is stored as written.
 #[tokio::test]
 async fn new_records_get_the_schema_defaults() {
     let crm = Crm::new().await;
-    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "SELECT table_name::text, column_name::text, column_default::text FROM information_schema.columns
+    let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, column_default::text, udt_name::text FROM information_schema.columns
          WHERE table_schema = current_schema() AND table_name IN ('accounts', 'contacts', 'deals')",
     )
     .fetch_all(crm.pool())
@@ -58,11 +60,29 @@ async fn new_records_get_the_schema_defaults() {
     {
         let (table, columns) = apply::writable_columns(module);
         for column in columns {
-            let default = rows.iter().find(|(t, c, _)| t == table && c == column).map(|(_, _, d)| d.clone());
-            let Some(default) = default else {
+            let found = rows.iter().find(|(t, c, _, _)| t == table && c == column);
+            let Some((_, _, default, udt)) = found.cloned() else {
                 problems.push(format!("{table}.{column} is not in the schema"));
                 continue;
             };
+            // What a batch takes to read back as written (`apply::reads_back`).
+            let kind = match udt.as_str() {
+                "text" => apply::Kind::Text,
+                "int8" | "int4" => apply::Kind::Integer,
+                "numeric" => apply::Kind::Numeric,
+                "bool" => apply::Kind::Boolean,
+                "date" => apply::Kind::Date,
+                "jsonb" => apply::Kind::Json,
+                "_text" => apply::Kind::TextArray,
+                other => {
+                    problems.push(format!("{table}.{column} is of type {other}, which no batch expects"));
+                    continue;
+                }
+            };
+            if apply::kind(column) != kind {
+                problems
+                    .push(format!("{table}.{column} is {kind:?}, the batch takes it for {:?}", apply::kind(column)));
+            }
             let expected: Value = match default {
                 Some(expr) => sqlx::query_scalar(&format!("SELECT to_jsonb({expr})"))
                     .fetch_one(crm.pool())

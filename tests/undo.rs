@@ -654,3 +654,22 @@ async fn a_tag_a_conversion_of_the_same_moment_brought_too_stays() {
         .unwrap();
     assert_eq!(tags, vec!["fuar".to_owned()], "the second job's lead brought the tag too");
 }
+
+/// A column another system added to a CRM table, with a default, is part of
+/// a record a conversion creates as it is stored: an undo finds the record
+/// as the conversion left it and takes it back.
+#[tokio::test]
+async fn a_record_made_in_a_table_with_another_systems_column_is_taken_back() {
+    let crm = Crm::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    sqlx::query("ALTER TABLE contacts ADD COLUMN partner_score int NOT NULL DEFAULT 5")
+        .execute(crm.pool())
+        .await
+        .unwrap();
+    let lead = crm.lead(json!({"owner_id": rep, "last_name": "Núñez", "email": "\"Núñez\" <nunez@empresa.es>"})).await;
+    let (job, made) = crm.convert_in_batches(rep, json!({}), &[lead], 1).await;
+    let contact = made[0].contact_id.expect("a contact made");
+    let (_, undone) = crm.undo(job, None).await;
+    assert_eq!(outcome(&undone[0]), ("undone".into(), None), "{:?}", undone[0].error_message);
+    assert!(crm.row("contacts", contact).await.is_none(), "the contact made is taken back");
+}
