@@ -238,11 +238,10 @@ impl Writes {
             );
             // Rows whose every value reads back as written, in a table of
             // leadconv's columns only, are what is stored: they are not
-            // read back. Parsing every created row
-            // returned was most of this function's 16 % of the worker's CPU
-            // (perf, 100,000 leads), and building it in Postgres about a
-            // fifth of the insert. A batch with any other value reads its
-            // rows back as stored.
+            // read back. Parsing every created row returned was most of
+            // this function's 16 % of the worker's CPU (perf, 100,000
+            // leads), and building it in Postgres about a fifth of the
+            // insert. A batch with any other value reads its rows back.
             let as_written = only_ours
                 && self.inserts.iter().all(|row| row.iter().all(|(c, v)| c == "id" || reads_back(kind(c), v)));
             if as_written {

@@ -346,7 +346,9 @@ pub(crate) async fn read_batch(
 ) -> sqlx::Result<(Vec<Read>, HashMap<i64, Vec<i64>>)> {
     let settings = undo.map(|(settings, _)| settings);
     let locking = if settings.is_some() { " FOR UPDATE" } else { "" };
-    let leads: Vec<(i64, Json<Record>, Option<String>, Option<String>)> = sqlx::query_as(&format!(
+    // Each lead with its e-mail and company as matching and locking see them.
+    type LeadRead = (i64, Json<Record>, Option<String>, Option<String>);
+    let leads: Vec<LeadRead> = sqlx::query_as(&format!(
         "SELECT id, row_to_json(l), {} FROM leads l WHERE id = ANY($1) ORDER BY id{locking}",
         snapshot::LEAD_KEYS
     ))
