@@ -655,9 +655,10 @@ async fn a_tag_a_conversion_of_the_same_moment_brought_too_stays() {
     assert_eq!(tags, vec!["fuar".to_owned()], "the second job's lead brought the tag too");
 }
 
-/// A column another system added to a CRM table, with a default, is part of
-/// a record a conversion creates as it is stored: an undo finds the record
-/// as the conversion left it and takes it back.
+/// A column another system added to a CRM table, with a default, and its
+/// trigger that changes rows as they go in are part of a record a
+/// conversion creates as it is stored: an undo finds the record as the
+/// conversion left it and takes it back.
 #[tokio::test]
 async fn a_record_made_in_a_table_with_another_systems_column_is_taken_back() {
     let crm = Crm::new().await;
@@ -666,6 +667,24 @@ async fn a_record_made_in_a_table_with_another_systems_column_is_taken_back() {
         .execute(crm.pool())
         .await
         .unwrap();
+    a_record_made_is_taken_back(&crm, rep).await;
+}
+
+#[tokio::test]
+async fn a_record_made_in_a_table_with_another_systems_trigger_is_taken_back() {
+    let crm = Crm::new().await;
+    let rep = crm.user("Rep", json!({})).await;
+    for ddl in [
+        "CREATE FUNCTION other_system_upper() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN NEW.last_name := upper(NEW.last_name); RETURN NEW; END $$",
+        "CREATE TRIGGER other_system_upper BEFORE INSERT ON contacts FOR EACH ROW EXECUTE FUNCTION other_system_upper()",
+    ] {
+        sqlx::query(ddl).execute(crm.pool()).await.unwrap();
+    }
+    a_record_made_is_taken_back(&crm, rep).await;
+}
+
+async fn a_record_made_is_taken_back(crm: &Crm, rep: i64) {
     let lead = crm.lead(json!({"owner_id": rep, "last_name": "Núñez", "email": "\"Núñez\" <nunez@empresa.es>"})).await;
     let (job, made) = crm.convert_in_batches(rep, json!({}), &[lead], 1).await;
     let contact = made[0].contact_id.expect("a contact made");

@@ -226,7 +226,7 @@ impl Writes {
     /// Writes the batch's rows of `module`. Returns what the journal needs,
     /// as the database has it: each created row as stored, and each filled
     /// row as it was before the fill and as it is after. `only_ours`: the
-    /// table has no columns but leadconv's.
+    /// table has no columns or triggers but leadconv's.
     async fn write(self, conn: &mut PgConnection, module: Module, only_ours: bool) -> sqlx::Result<Written> {
         let (table, cols) = table(module);
         let mut written = Written::default();
@@ -237,8 +237,8 @@ impl Writes {
                  SELECT id, {list} FROM jsonb_populate_recordset(NULL::{table}, $1)"
             );
             // Rows whose every value reads back as written, in a table of
-            // leadconv's columns only, are what is stored: they are not
-            // read back. Parsing every created row returned was most of
+            // leadconv's columns and trigger only, are what is stored: they
+            // are not read back. Parsing every created row returned was most of
             // this function's 16 % of the worker's CPU (perf, 100,000
             // leads), and building it in Postgres about a fifth of the
             // insert. A batch with any other value reads its rows back.
@@ -334,29 +334,38 @@ pub async fn apply_batch(
         count(|c| c.contact.as_ref().is_some_and(|t| t.action == Action::Created)),
         count(|c| c.deal.is_some()),
     );
-    // With them, the number of columns of each table: one that has columns
-    // besides leadconv's (another system's, with a default, say) has its
-    // new rows read back, so that the journal holds them as stored (see
-    // `Writes::write`). The tables are named in the statement, so it holds
-    // their locks (and a column cannot be added) until the commit.
-    let (accounts, contacts, deals, columns): (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i32>) = sqlx::query_as(
-        "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('accounts', 'id')) FROM generate_series(1, $1)),
-                ARRAY(SELECT nextval(pg_get_serial_sequence('contacts', 'id')) FROM generate_series(1, $2)),
-                ARRAY(SELECT nextval(pg_get_serial_sequence('deals', 'id')) FROM generate_series(1, $3)),
-                ARRAY(SELECT (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = t.rel AND a.attnum > 0
-                                                                AND NOT a.attisdropped)::int
-                      FROM unnest(ARRAY['accounts'::regclass, 'contacts'::regclass, 'deals'::regclass])
-                           WITH ORDINALITY AS t(rel, ord) ORDER BY ord)
-         WHERE NOT EXISTS (SELECT FROM accounts WHERE false) AND NOT EXISTS (SELECT FROM contacts WHERE false)
-           AND NOT EXISTS (SELECT FROM deals WHERE false)",
-    )
-    .bind(n_accounts)
-    .bind(n_contacts)
-    .bind(n_deals)
-    .fetch_one(&mut *conn)
-    .await?;
-    // `id`, `created_at`, `updated_at` and the writable ones.
-    let only_ours = |i: usize, m: Module| columns.get(i).is_some_and(|&n| n as usize == table(m).1.len() + 3);
+    // With them, whether each table is leadconv's alone: its columns
+    // (`id`, `created_at`, `updated_at` and the writable ones) and no
+    // trigger but the one stamping `updated_at`. One with another system's
+    // column (with a default, say) or trigger (which may change a row as
+    // it goes in) has its new rows read back, so that the journal holds
+    // them as stored (see `Writes::write`). The tables are named in the
+    // statement, so it holds their locks (no column or trigger is added)
+    // until the commit.
+    let (accounts, contacts, deals, columns, triggers): (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i32>, Vec<i32>) =
+        sqlx::query_as(
+            "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('accounts', 'id')) FROM generate_series(1, $1)),
+                    ARRAY(SELECT nextval(pg_get_serial_sequence('contacts', 'id')) FROM generate_series(1, $2)),
+                    ARRAY(SELECT nextval(pg_get_serial_sequence('deals', 'id')) FROM generate_series(1, $3)),
+                    ARRAY(SELECT (SELECT count(*) FROM pg_attribute a
+                                  WHERE a.attrelid = t.rel AND a.attnum > 0 AND NOT a.attisdropped)::int
+                          FROM unnest($4::regclass[]) WITH ORDINALITY AS t(rel, ord) ORDER BY ord),
+                    ARRAY(SELECT (SELECT count(*) FROM pg_trigger g
+                                  WHERE g.tgrelid = t.rel AND NOT g.tgisinternal
+                                    AND g.tgfoid <> 'leadconv_touch_updated_at'::regproc)::int
+                          FROM unnest($4::regclass[]) WITH ORDINALITY AS t(rel, ord) ORDER BY ord)
+             WHERE NOT EXISTS (SELECT FROM accounts WHERE false) AND NOT EXISTS (SELECT FROM contacts WHERE false)
+               AND NOT EXISTS (SELECT FROM deals WHERE false)",
+        )
+        .bind(n_accounts)
+        .bind(n_contacts)
+        .bind(n_deals)
+        .bind(&["accounts", "contacts", "deals"][..])
+        .fetch_one(&mut *conn)
+        .await?;
+    let only_ours = |i: usize, m: Module| {
+        columns.get(i).is_some_and(|&n| n as usize == table(m).1.len() + 3) && triggers.get(i) == Some(&0)
+    };
     let (mut accounts, mut contacts, mut deals) = (accounts.into_iter(), contacts.into_iter(), deals.into_iter());
 
     let (mut account_rows, mut contact_rows, mut deal_rows) = (Writes::default(), Writes::default(), Writes::default());
