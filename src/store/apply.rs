@@ -342,9 +342,11 @@ pub async fn apply_batch(
     // them as stored (see `Writes::write`). The tables are named in the
     // statement, so it holds their locks (no column or trigger is added)
     // until the commit.
-    let (accounts, contacts, deals, columns, triggers): (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i32>, Vec<i32>) =
-        sqlx::query_as(
-            "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('accounts', 'id')) FROM generate_series(1, $1)),
+    // New ids of accounts, contacts, deals; columns and others' triggers
+    // of each table.
+    type Drawn = (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i32>, Vec<i32>);
+    let (accounts, contacts, deals, columns, triggers): Drawn = sqlx::query_as(
+        "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('accounts', 'id')) FROM generate_series(1, $1)),
                     ARRAY(SELECT nextval(pg_get_serial_sequence('contacts', 'id')) FROM generate_series(1, $2)),
                     ARRAY(SELECT nextval(pg_get_serial_sequence('deals', 'id')) FROM generate_series(1, $3)),
                     ARRAY(SELECT (SELECT count(*) FROM pg_attribute a
@@ -356,13 +358,13 @@ pub async fn apply_batch(
                           FROM unnest($4::regclass[]) WITH ORDINALITY AS t(rel, ord) ORDER BY ord)
              WHERE NOT EXISTS (SELECT FROM accounts WHERE false) AND NOT EXISTS (SELECT FROM contacts WHERE false)
                AND NOT EXISTS (SELECT FROM deals WHERE false)",
-        )
-        .bind(n_accounts)
-        .bind(n_contacts)
-        .bind(n_deals)
-        .bind(&["accounts", "contacts", "deals"][..])
-        .fetch_one(&mut *conn)
-        .await?;
+    )
+    .bind(n_accounts)
+    .bind(n_contacts)
+    .bind(n_deals)
+    .bind(&["accounts", "contacts", "deals"][..])
+    .fetch_one(&mut *conn)
+    .await?;
     let only_ours = |i: usize, m: Module| {
         columns.get(i).is_some_and(|&n| n as usize == table(m).1.len() + 3) && triggers.get(i) == Some(&0)
     };
