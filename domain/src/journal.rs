@@ -58,6 +58,20 @@ impl Entry {
 pub const LEAD_MARKS: [&str; 6] =
     ["lead_status", "is_repeat", "converted_at", "converted_account_id", "converted_contact_id", "converted_deal_id"];
 
+/// The [`LEAD_MARKS`] of `lead` (a lead's row; a missing field reads as null).
+pub fn lead_marks(lead: &Record) -> Record {
+    LEAD_MARKS.iter().map(|&k| (k.to_owned(), lead.get(k).cloned().unwrap_or(Value::Null))).collect()
+}
+
+/// The [`LEAD_MARKS`] a conversion writes: `converted_at` as the database
+/// stored it, the ids it converted into, whether the lead is a repeat.
+pub fn lead_marks_converted(converted_at: Value, is_repeat: bool, ids: [Option<i64>; 3]) -> Record {
+    let [account, contact, deal] = ids;
+    let values =
+        [Value::from("Converted"), Value::from(is_repeat), converted_at, account.into(), contact.into(), deal.into()];
+    LEAD_MARKS.iter().map(|&k| k.to_owned()).zip(values).collect()
+}
+
 /// The lead's fields a conversion sets (SPEC §3.12), before and after.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LeadChange {
@@ -275,6 +289,21 @@ pub fn touched(entry: &Entry, lead_id: i64, module: Module, id: i64, undone: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leads_marks_before_and_after_name_the_same_fields() {
+        let lead: Record =
+            serde_json::from_value(serde_json::json!({"id": 7, "lead_status": "Qualified", "is_repeat": false}))
+                .unwrap();
+        let before = lead_marks(&lead);
+        let after = lead_marks_converted(Value::from("2026-12-07T18:00:00+00:00"), true, [Some(1), None, Some(3)]);
+        assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+        assert_eq!(before["lead_status"], "Qualified");
+        assert_eq!(before["converted_at"], Value::Null);
+        assert_eq!(after["lead_status"], "Converted");
+        assert_eq!((&after["is_repeat"], &after["converted_contact_id"]), (&Value::from(true), &Value::Null));
+        assert_eq!((&after["converted_account_id"], &after["converted_deal_id"]), (&Value::from(1), &Value::from(3)));
+    }
     use serde_json::json;
 
     fn rec(v: Value) -> Record {

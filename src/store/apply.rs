@@ -559,14 +559,11 @@ pub async fn apply_batch(
         let i = index[&lead_id];
         let (c, ids) = (conversions[i].1, out[i]);
         let before = before.get(&lead_id).cloned().unwrap_or_default();
-        let after = Record::from_iter([
-            ("lead_status".to_owned(), Value::from("Converted")),
-            ("is_repeat".to_owned(), Value::from(c.lead_is_repeat)),
-            ("converted_at".to_owned(), converted_at),
-            ("converted_account_id".to_owned(), Value::from(ids.account_id)),
-            ("converted_contact_id".to_owned(), Value::from(ids.contact_id)),
-            ("converted_deal_id".to_owned(), Value::from(ids.deal_id)),
-        ]);
+        let after = journal::lead_marks_converted(
+            converted_at,
+            c.lead_is_repeat,
+            [ids.account_id, ids.contact_id, ids.deal_id],
+        );
         entries[i].lead = journal::LeadChange { before, after };
     }
     Ok(out.into_iter().zip(entries).collect())

@@ -373,15 +373,8 @@ pub(crate) async fn convert_in(
         let facts = snapshot::load_batch(&mut *tx, settings, &lead_ids, Locking::ForUpdate).await?;
         // The fields conversion sets on each lead, as read (and locked):
         // the journal's "before".
-        let before: HashMap<i64, crate::record::Record> = facts
-            .iter()
-            .filter_map(|f| {
-                let lead = f.lead.as_ref()?;
-                let value = |k: &str| lead.get(k).cloned().unwrap_or(serde_json::Value::Null);
-                let marks = crate::journal::LEAD_MARKS.iter().map(|&k| (k.to_owned(), value(k)));
-                Some((f.lead_id, marks.collect()))
-            })
-            .collect();
+        let before: HashMap<i64, crate::record::Record> =
+            facts.iter().filter_map(|f| Some((f.lead_id, crate::journal::lead_marks(f.lead.as_ref()?)))).collect();
         let mut run = Run::new(settings);
         let plans = plan_in_order(&mut *tx, settings, &mut run, facts, Utc::now().date_naive()).await?;
         let job_of: HashMap<i64, Uuid> = converting.iter().map(|t| (t.item.lead_id, t.job_id)).collect();

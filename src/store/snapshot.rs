@@ -53,8 +53,14 @@ type LeadRow = (Json<Record>, Option<String>, Option<String>, Option<String>, Op
 type IdLeadRow = (i64, Json<Record>, Option<String>, Option<String>, Option<String>, Option<String>);
 
 /// A lead's (`l`) e-mail and company as matching and locking compare
-/// them: the columns of [`LeadKeys`]' `email` and `company`, in that order.
+/// them: the columns of [`LeadKeys`]' `email` and `company`, in that order
+/// (see [`lock_keys_of`]).
 pub(crate) const LEAD_KEYS: &str = "leadconv_norm_email(l.email), leadconv_norm_company(l.company)";
+
+/// The keys [`lock`] needs, from the columns of [`LEAD_KEYS`].
+pub(crate) fn lock_keys_of(email: Option<String>, company: Option<String>) -> LeadKeys {
+    LeadKeys { email, company, ..LeadKeys::default() }
+}
 
 /// The advisory locks of a batch of leads, taken in one statement in the
 /// order of their 64-bit keys, so every transaction takes them in one
@@ -157,7 +163,7 @@ pub async fn lock_keys(conn: &mut PgConnection, lead: &Record, settings: &Settin
             .bind(Json(lead))
             .fetch_one(&mut *conn)
             .await?;
-    let keys = LeadKeys { email, company, ..LeadKeys::default() };
+    let keys = lock_keys_of(email, company);
     let (emails, companies, fields, values) = lock_args(std::iter::once((lead, &keys)), settings);
     let sql = LOCK_KEYS.replacen("SELECT pg_advisory_xact_lock(k) FROM", "SELECT k FROM", 1);
     sqlx::query_scalar(&sql).bind(emails).bind(companies).bind(fields).bind(values).fetch_all(conn).await

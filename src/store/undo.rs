@@ -355,14 +355,8 @@ pub(crate) async fn read_batch(
     .bind(lead_ids)
     .fetch_all(&mut *conn)
     .await?;
-    let keys: Vec<LeadKeys> = leads
-        .iter()
-        .map(|(_, _, email, company)| LeadKeys {
-            email: email.clone(),
-            company: company.clone(),
-            ..LeadKeys::default()
-        })
-        .collect();
+    let keys: Vec<LeadKeys> =
+        leads.iter().map(|(_, _, email, company)| snapshot::lock_keys_of(email.clone(), company.clone())).collect();
     if let Some(settings) = settings {
         // The keys a conversion of these leads' e-mails or companies locks.
         snapshot::lock(conn, leads.iter().map(|(_, j, _, _)| &j.0).zip(&keys), settings).await?;
