@@ -28,6 +28,8 @@ use leadconv::store::db;
 use leadconv::store::job::{self, Dispatch, NewJob, Trigger};
 use leadconv_sample::{self as seed, SeedSpec};
 
+use crate::cpu::{CpuUse, CpuWatch};
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Leads per run.
@@ -102,6 +104,8 @@ pub struct RunReport {
     pub done_in: Option<Duration>,
     /// With convert-now callers: the job's pace while they called.
     pub while_called: Option<f64>,
+    /// CPU used by each group of processes while the run's clock ran.
+    pub cpu: crate::cpu::CpuUse,
 }
 
 const DIRECT: &str = "direct to Postgres (baseline)";
@@ -149,6 +153,7 @@ async fn reference(pool: &PgPool, url: &str, args: &BenchArgs, path: &std::path:
     let checked = job::check(pool, new).await?;
     let created = job::create(pool, &checked, Dispatch::InProcess).await?;
     let streams = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let watch = CpuWatch::start();
     let t = Instant::now();
     let mut loops = Vec::with_capacity(streams);
     for stream in 0..streams {
@@ -171,6 +176,7 @@ async fn reference(pool: &PgPool, url: &str, args: &BenchArgs, path: &std::path:
         anyhow::ensure!(status.success(), "a reference ceiling loop (psql) failed: {status}");
     }
     let wall = t.elapsed();
+    let cpu = watch.stop();
     job::rollup(pool, created.id).await?;
     let done: i64 =
         sqlx::query_scalar("SELECT count(*) FROM conversion_results WHERE job_id = $1 AND outcome <> 'pending'")
@@ -178,7 +184,7 @@ async fn reference(pool: &PgPool, url: &str, args: &BenchArgs, path: &std::path:
             .fetch_one(pool)
             .await?;
     println!("reference ceiling ({streams} psql loops): {done} of {} leads in {wall:.1?}", created.total_count);
-    RunReport::set_based(REFERENCE, done as u64, wall, pool).await
+    RunReport::set_based(REFERENCE, done as u64, wall, cpu, pool).await
 }
 
 async fn made(pool: &PgPool) -> sqlx::Result<(i64, i64, i64, i64)> {
@@ -201,18 +207,26 @@ async fn ceiling(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
     let (seeded, criteria) = seed_run(pool, args, 2).await?;
     let new = NewJob { criteria, options: options(), requested_by: seeded.acting_user, trigger: Trigger::Manual };
     let checked = job::check(pool, new).await?;
+    let watch = CpuWatch::start();
     let t = Instant::now();
     let created = job::create(pool, &checked, Dispatch::InProcess).await?;
     let done = crate::ceiling::convert(pool, created.id).await?;
     let wall = t.elapsed();
+    let cpu = watch.stop();
     job::rollup(pool, created.id).await?;
     println!("set-based: {done} of {} leads in {wall:.1?}", created.total_count);
-    RunReport::set_based(CEILING, done, wall, pool).await
+    RunReport::set_based(CEILING, done, wall, cpu, pool).await
 }
 
 impl RunReport {
     /// A run in SQL alone: no per-lead latencies, no process of ours.
-    async fn set_based(name: &'static str, leads: u64, wall: Duration, pool: &PgPool) -> anyhow::Result<RunReport> {
+    async fn set_based(
+        name: &'static str,
+        leads: u64,
+        wall: Duration,
+        cpu: CpuUse,
+        pool: &PgPool,
+    ) -> anyhow::Result<RunReport> {
         Ok(RunReport {
             name,
             leads,
@@ -225,6 +239,7 @@ impl RunReport {
             made: made(pool).await?,
             done_in: None,
             while_called: None,
+            cpu,
         })
     }
 
@@ -321,6 +336,27 @@ pub async fn run(database_url: &str, amqp_url: &str, args: &BenchArgs) -> anyhow
             rss.join(", ")
         );
     }
+    println!();
+    println!(
+        "CPU per lead while each run's clock ran (ms, from /proc; {} cores), and the share of the cores busy:",
+        reports.first().map_or(0, |r| r.cpu.cores)
+    );
+    println!("| run | {} | total | cores busy |", crate::cpu::GROUPS.join(" | "));
+    println!("|---|{}---|---|", "---|".repeat(crate::cpu::GROUPS.len()));
+    for r in &reports {
+        let per_lead = |s: f64| 1000.0 * s / (r.leads.max(1) as f64);
+        let groups: Vec<String> = crate::cpu::GROUPS
+            .iter()
+            .map(|g| r.cpu.seconds.get(g).map_or("-".into(), |&s| format!("{:.3}", per_lead(s))))
+            .collect();
+        println!(
+            "| {} | {} | {:.3} | {:.0}% |",
+            r.name,
+            groups.join(" | "),
+            per_lead(r.cpu.seconds.values().sum()),
+            100.0 * r.cpu.busy()
+        );
+    }
     let find = |name: &str| reports.iter().find(|r| r.name == name);
     println!();
     // With convert-now callers, the bulk job's own pace is the run without them.
@@ -392,6 +428,7 @@ async fn direct(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
     let (seeded, criteria) = seed_run(pool, args, 1).await?;
     let new = NewJob { criteria, options: options(), requested_by: seeded.acting_user, trigger: Trigger::Manual };
     let checked = job::check(pool, new).await?;
+    let watch = CpuWatch::start();
     let t = Instant::now();
     let created = job::create(pool, &checked, Dispatch::InProcess).await?;
     let settings = Arc::new(checked.settings);
@@ -412,6 +449,7 @@ async fn direct(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
         done??;
     }
     let wall = t.elapsed();
+    let cpu = watch.stop();
     job::rollup(pool, created.id).await?;
     let (p50, p99) = percentiles(pool, created.id, "duration_ms::float8").await?;
     println!("direct: {} leads in {:.1?}", created.total_count, wall);
@@ -427,6 +465,7 @@ async fn direct(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<RunReport> {
         made: made(pool).await?,
         done_in: None,
         while_called: None,
+        cpu,
     })
 }
 
@@ -462,6 +501,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         c
     };
 
+    let watch = CpuWatch::start();
     let t = Instant::now();
     let mut producer = base("enqueue")
         .args(["--criteria", &criteria.to_string(), "--options", &options().to_string()])
@@ -469,6 +509,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         .stdout(Stdio::piped())
         .spawn()?;
     let producer_pid = producer.id().expect("a running child");
+    watch.name(producer_pid, "enqueue");
     let producer_rss = tokio::spawn(watch_rss(producer_pid));
     let mut lines = BufReader::new(producer.stdout.take().expect("piped")).lines();
     let job_id: Uuid =
@@ -476,6 +517,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
 
     let mut worker = base("worker").args(["--concurrency", &args.workers.to_string(), "--exit-when-idle"]).spawn()?;
     let worker_pid = worker.id().expect("a running child");
+    watch.name(worker_pid, "worker");
     let worker_rss = tokio::spawn(watch_rss(worker_pid));
 
     let status = producer.wait().await?;
@@ -511,6 +553,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         anyhow::ensure!(status.success(), "worker failed: {status}");
     }
     let wall = t.elapsed();
+    let cpu = watch.stop();
     job::rollup(pool, job_id).await?;
     let job = job::get(pool, job_id).await?.expect("the job exists");
     let done = (job.total_count - job.pending_count()) as u64;
@@ -598,6 +641,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         made: made(pool).await?,
         done_in: job.finished_at.and_then(|f| (f - job.created_at).to_std().ok()),
         while_called,
+        cpu,
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod ceiling;
+mod cpu;
 mod demo;
 
 use std::process::ExitCode;

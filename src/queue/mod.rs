@@ -6,6 +6,7 @@
 //! The CRM rules are not here: the worker hands each lead to
 //! `store::convert`.
 
+mod acks;
 mod batching;
 pub mod enqueue;
 mod priority;

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
@@ -31,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorCode};
+use crate::queue::acks::Acks;
 use crate::queue::batching::{Batcher, Held, Keys};
 use crate::queue::priority::Priority;
 use crate::queue::{self, Lane, LeadMessage, Topology, RETRY_DELAYS};
@@ -172,13 +172,24 @@ async fn session(
     // lock key with those in flight (see `queue::batching`). Each message
     // held costs the worker memory (about 9 KiB measured, with lapin's
     // buffers), hence no more.
-    let bulk_prefetch = {
+    let bulk_window = {
         let (size, n) = (cfg.batch_size.max(1), cfg.concurrency.max(1));
         size.saturating_mul(n.saturating_add(1)).saturating_add(size.saturating_mul(n / 4))
     };
-    for (lane, prefetch) in
-        [(Lane::Workflow, cfg.workflow_concurrency.max(1).saturating_mul(2)), (Lane::Bulk, bulk_prefetch)]
-    {
+    // Done messages wait for earlier ones still converting or waiting for
+    // their keys, to be acked with them in one frame (see `queue::acks`).
+    // Bulk: up to twice as many as the lane holds, which its prefetch
+    // leaves room for (acked, they are no longer in the worker's memory,
+    // only their tags). Workflow: its prefetch stays small, so that a busy
+    // worker does not sit on leads another could convert now; up to half
+    // of it waits. Fewer than the prefetch, always: a message that never
+    // ends must not stop the lane.
+    let workflow_window = cfg.workflow_concurrency.max(1).saturating_mul(2);
+    let mut lane_acks = Vec::new();
+    for (lane, prefetch, hold) in [
+        (Lane::Workflow, workflow_window, workflow_window / 2),
+        (Lane::Bulk, bulk_window.saturating_mul(3), bulk_window.saturating_mul(2)),
+    ] {
         let ch = conn.create_channel().await?;
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let tag = format!("leadconv-{}-{}", lane.as_str(), Uuid::new_v4().simple());
@@ -186,8 +197,11 @@ async fn session(
             .basic_consume(&cfg.topology.work_queue(lane), &tag, BasicConsumeOptions::default(), FieldTable::default())
             .await?;
         consumers.push(consumer.map(move |d| (lane, d)));
+        lane_acks.push((lane, Arc::new(Acks::new(ch.clone(), usize::from(hold)))));
         channels.push((ch, tag));
     }
+    let acks_of =
+        |lane: Lane| lane_acks.iter().find(|(l, _)| *l == lane).map(|(_, a)| a.clone()).expect("a channel per lane");
     let mut deliveries = futures::stream::select_all(consumers);
     match outage.take() {
         Some(since) => tracing::info!(down_for = ?since.elapsed(), "worker reconnected; consuming again"),
@@ -220,6 +234,7 @@ async fn session(
             topology: cfg.topology.clone(),
             cache: cache.clone(),
             lane,
+            acks: acks_of(lane),
             broken: broken.clone(),
         };
         let counter = in_flight.clone();
@@ -254,6 +269,7 @@ async fn session(
             next = deliveries.next() => match next {
                 Some((lane, Ok(delivery))) => {
                     seen_since_tick = true;
+                    acks_of(lane).received(&delivery).await;
                     match lane {
                         // A workflow lead is converted at once, alone: it
                         // never waits for a batch to fill.
@@ -344,6 +360,11 @@ async fn session(
         h.abort();
     }
     if outcome.is_ok() {
+        // Done messages still waiting for an earlier one (prefetched, never
+        // started: it goes back to the queue on close) are acked now.
+        for (_, acks) in &lane_acks {
+            acks.flush().await;
+        }
         crate::maintenance::rollup_active(pool).await.ok();
         // Channels first, then the connection: closing a connection with
         // channels still open makes lapin log spurious errors.
@@ -469,6 +490,8 @@ struct Handler {
     topology: Topology,
     cache: Arc<SettingsCache>,
     lane: Lane,
+    /// The acks of the lane's channel.
+    acks: Arc<Acks>,
 }
 
 /// A readable message on its way to a conversion.
@@ -505,7 +528,7 @@ impl Handler {
             Err(e) => {
                 tracing::warn!(error = %e, bytes = delivery.data.len(), "unreadable message; parking it in the dead-letter queue");
                 metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                self.acks.reject(&delivery).await;
                 return None;
             }
         };
@@ -608,15 +631,11 @@ impl Handler {
                 }
             }
         }
-        futures::future::join_all(done.iter().map(|d| self.ack(d))).await;
+        self.acks.ack_all(&done).await;
     }
 
     async fn ack(&self, delivery: &Delivery) {
-        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-            // The channel is gone: RabbitMQ redelivers, and the recorded
-            // result makes the second delivery a no-op.
-            tracing::warn!(error = %e, "ack failed; the message will come back and be recognised as done");
-        }
+        self.acks.ack_all(std::slice::from_ref(delivery)).await;
     }
 
     /// Sends the message around again through the shortest delay queue,
@@ -685,7 +704,7 @@ impl Handler {
             Err(e) => {
                 tracing::error!(job_id = %msg.job_id, lead_id = msg.lead_id, error = %e, "could not record the failure; dead-lettering the message");
                 metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                self.acks.reject(&delivery).await;
             }
         }
     }
