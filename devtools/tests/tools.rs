@@ -61,6 +61,19 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
             .unwrap_or_else(|| panic!("a ratio line against {of}: {stdout}"));
         assert!(ratio.ends_with('%'), "{ratio}");
     }
+    // Where each run's CPU went, by process, per lead: the queue run's
+    // worker and Postgres have figures of their own.
+    let cpu = stdout
+        .split("CPU per lead while each run's clock ran")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a CPU table: {stdout}"));
+    let row = cpu
+        .lines()
+        .find(|l| l.starts_with("| enqueue → RabbitMQ → worker |"))
+        .unwrap_or_else(|| panic!("the queue run's CPU: {stdout}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert!(cells[2].parse::<f64>().is_ok_and(|ms| ms > 0.0), "Postgres: {row}");
+    assert!(cells[4].parse::<f64>().is_ok(), "the worker: {row}");
     let made = |run: &str| {
         let line = stdout.lines().find(|l| l.starts_with(&format!("records made by {run}: "))).expect("a records line");
         line.split_once(": ").unwrap().1.to_owned()
