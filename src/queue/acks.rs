@@ -47,7 +47,7 @@ pub struct AckWindow {
 
 impl AckWindow {
     pub fn new(hold: usize) -> AckWindow {
-        AckWindow { open: BTreeSet::new(), done: BTreeSet::new(), hold: hold.max(1) }
+        AckWindow { open: BTreeSet::new(), done: BTreeSet::new(), hold }
     }
 
     /// A message arrived. Tags arrive in increasing order on a channel;
@@ -104,49 +104,71 @@ impl AckWindow {
     }
 }
 
-/// The acks of one consuming channel. Frames are computed and sent under
-/// one lock, so they leave in the order the window decided them (an
-/// `UpTo` sent after a later one could name a tag already acked).
+/// A bulk lane's prefetch and how many done messages may wait in it, for
+/// a lane that holds `window` messages open at once (in flight and waiting
+/// for a batch): room for twice as many done ones beside them. The done
+/// ones waiting always leave room for a whole window open, so a message
+/// that never ends cannot stop the lane (past `hold`, they go one by one).
+pub fn bulk_room(window: u16) -> (u16, usize) {
+    let window = u32::from(window.max(1));
+    let prefetch = (window * 3).min(u32::from(u16::MAX));
+    let hold = prefetch - window.min(prefetch);
+    (prefetch as u16, hold as usize)
+}
+
+/// The acks of one consuming channel. Frames are decided and sent in one
+/// turn at a time, so they leave in the order the window decided them (an
+/// `UpTo` sent after a later one could name a tag already acked); the
+/// window itself is only locked for a moment, so that the session's loop,
+/// announcing each delivery, never waits for frames being sent.
 pub struct Acks {
     channel: Channel,
-    window: tokio::sync::Mutex<AckWindow>,
+    window: std::sync::Mutex<AckWindow>,
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Acks {
     pub fn new(channel: Channel, hold: usize) -> Acks {
-        Acks { channel, window: tokio::sync::Mutex::new(AckWindow::new(hold)) }
+        Acks { channel, window: std::sync::Mutex::new(AckWindow::new(hold)), turn: tokio::sync::Mutex::new(()) }
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, AckWindow> {
+        self.window.lock().expect("the ack window's lock")
     }
 
     /// A delivery arrived on this channel (before it goes anywhere else).
-    pub async fn received(&self, delivery: &Delivery) {
-        self.window.lock().await.received(delivery.delivery_tag);
+    pub fn received(&self, delivery: &Delivery) {
+        self.window().received(delivery.delivery_tag);
     }
 
     /// Acks messages whose results are committed (with others, maybe
     /// later).
     pub async fn ack_all(&self, deliveries: &[Delivery]) {
-        let mut window = self.window.lock().await;
-        let mut acks = Vec::new();
-        for d in deliveries {
-            acks.extend(window.done(d.delivery_tag));
-        }
+        let _turn = self.turn.lock().await;
+        let acks = {
+            let mut window = self.window();
+            deliveries.iter().flat_map(|d| window.done(d.delivery_tag)).collect()
+        };
         self.send(acks).await;
     }
 
     /// Parks a message in the dead-letter queue.
     pub async fn reject(&self, delivery: &Delivery) {
-        let mut window = self.window.lock().await;
+        let _turn = self.turn.lock().await;
         if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
+            // Not settled: it stays open (an `UpTo` naming a later tag
+            // would ack it instead of parking it), and comes back.
             tracing::warn!(error = %e, "reject failed; the message will come back");
+            return;
         }
-        let acks = window.settled(delivery.delivery_tag);
+        let acks = self.window().settled(delivery.delivery_tag);
         self.send(acks).await;
     }
 
     /// Acks every message done (before the channel closes).
     pub async fn flush(&self) {
-        let mut window = self.window.lock().await;
-        let acks = window.flush();
+        let _turn = self.turn.lock().await;
+        let acks = self.window().flush();
         self.send(acks).await;
     }
 
@@ -238,6 +260,33 @@ mod tests {
         assert_eq!(w.done(5), vec![]);
         assert_eq!(w.flush(), vec![Ack::One(3), Ack::One(5)]);
         assert_eq!(w.flush(), vec![]);
+    }
+
+    #[test]
+    fn a_rejected_message_while_others_overflow_is_never_acked() {
+        // 1 is open; 2 and 3 overflow `hold` and go alone; 4 is rejected
+        // (settled); 5 done: the UpTo once 1 is done names 5, covering
+        // 1 and 5 only (2, 3 acked, 4 settled).
+        let mut w = window(1, 1..=5);
+        assert_eq!(w.done(2), vec![]);
+        assert_eq!(w.done(3), vec![Ack::One(2), Ack::One(3)]);
+        assert_eq!(w.settled(4), vec![]);
+        assert_eq!(w.done(5), vec![]);
+        assert_eq!(w.done(1), vec![Ack::UpTo(5)]);
+    }
+
+    #[test]
+    fn a_bulk_lane_leaves_room_for_a_whole_window_open() {
+        assert_eq!(bulk_room(2_200), (6_600, 4_400));
+        assert_eq!(bulk_room(1), (3, 2));
+        for window in [0, 1, 7, 2_200, 21_845, 21_846, 40_000, u16::MAX] {
+            let (prefetch, hold) = bulk_room(window);
+            assert!(hold < usize::from(prefetch), "{window}: {prefetch} {hold}");
+            assert!(
+                usize::from(prefetch) - hold >= usize::from(window.max(1)).min(usize::from(prefetch)),
+                "{window}: {prefetch} {hold}"
+            );
+        }
     }
 
     #[test]
