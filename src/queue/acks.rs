@@ -199,19 +199,9 @@ mod tests {
     }
 
     #[test]
-    fn messages_done_in_order_go_as_one_frame_each_time_the_first_open_one_is_done() {
-        let mut w = window(10, 1..=5);
-        assert_eq!(w.done(1), vec![Ack::UpTo(1)]);
-        assert_eq!(w.done(2), vec![Ack::UpTo(2)]);
-        assert_eq!(w.done(4), vec![]);
-        assert_eq!(w.done(5), vec![]);
-        assert_eq!(w.done(3), vec![Ack::UpTo(5)]);
-    }
-
-    #[test]
-    fn a_message_not_done_is_never_acked() {
+    fn done_messages_go_in_one_frame_once_no_earlier_one_is_open_and_never_before() {
         // 3 is still converting: 4 and 5 wait, and no frame names 3 or
-        // anything above it until 3 is done.
+        // anything above it until 3 is done; then one frame acks 3 to 5.
         let mut w = window(10, 1..=5);
         let mut sent = w.done(1);
         sent.extend(w.done(2));
