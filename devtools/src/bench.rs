@@ -501,7 +501,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         c
     };
 
-    let watch = CpuWatch::start();
+    let watch = Arc::new(CpuWatch::start());
     let t = Instant::now();
     let mut producer = base("enqueue")
         .args(["--criteria", &criteria.to_string(), "--options", &options().to_string()])
@@ -519,6 +519,7 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     let worker_pid = worker.id().expect("a running child");
     watch.name(worker_pid, "worker");
     let worker_rss = tokio::spawn(watch_rss(worker_pid));
+    let mut last_result = tokio::spawn(until_none_pending(pool.clone(), job_id, t, watch.clone()));
 
     let status = producer.wait().await?;
     anyhow::ensure!(status.success(), "enqueue failed: {status}");
@@ -552,7 +553,18 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         let status = worker.wait().await?;
         anyhow::ensure!(status.success(), "worker failed: {status}");
     }
-    let wall = t.elapsed();
+    let exited = t.elapsed();
+    // The job's clock: from `enqueue` to its last result (no pending lead
+    // left), as the reference's runs to its last commit. The worker's
+    // idle check and exit after that are not conversion. A job left
+    // pending (`--worker-seconds`) runs to the worker's exit.
+    let wall = match tokio::time::timeout(Duration::from_secs(2), &mut last_result).await {
+        Ok(joined) => joined?.unwrap_or(exited),
+        Err(_) => {
+            last_result.abort();
+            exited
+        }
+    };
     let cpu = watch.stop();
     job::rollup(pool, job_id).await?;
     let job = job::get(pool, job_id).await?.expect("the job exists");
@@ -562,7 +574,10 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     }
     let (p50, p99) = percentiles(pool, job_id, "duration_ms::float8").await?;
     let (e50, e99) = percentiles(pool, job_id, "extract(epoch from finished_at - enqueued_at) * 1000").await?;
-    println!("through RabbitMQ: {done} of {} leads in {wall:.1?}", job.total_count);
+    println!(
+        "through RabbitMQ: {done} of {} leads in {wall:.1?} (to the last result; the worker exited at {exited:.1?})",
+        job.total_count
+    );
     let while_called = api.as_ref().map(|a| a.bulk_while.0 as f64 / a.bulk_while.1.as_secs_f64().max(1e-9));
     if let Some(a) = api {
         println!(
@@ -643,6 +658,28 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         while_called,
         cpu,
     })
+}
+
+/// When job `job_id` has no pending lead left, as time since `t`,
+/// looked at every 20 ms; stops `watch` at that moment.
+async fn until_none_pending(pool: PgPool, job_id: Uuid, t: Instant, watch: Arc<CpuWatch>) -> Option<Duration> {
+    loop {
+        let pending: Option<i32> = sqlx::query_scalar(
+            "SELECT total_count - converted_count - skipped_count - failed_count FROM conversion_job_progress
+             WHERE id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&pool)
+        .await
+        .ok()
+        .flatten();
+        if pending == Some(0) {
+            let at = t.elapsed();
+            tokio::task::spawn_blocking(move || watch.stop()).await.ok()?;
+            return Some(at);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The `q` quantile of `sorted` (nearest rank), 0 when empty.

@@ -35,7 +35,10 @@ impl CpuUse {
 pub struct CpuWatch {
     stop: Arc<AtomicBool>,
     names: Names,
-    thread: std::thread::JoinHandle<CpuUse>,
+    /// The sampling thread, until stopped.
+    thread: Mutex<Option<std::thread::JoinHandle<CpuUse>>>,
+    /// What it counted, once stopped.
+    used: std::sync::OnceLock<CpuUse>,
 }
 
 type Names = Arc<Mutex<HashMap<u32, &'static str>>>;
@@ -47,7 +50,7 @@ impl CpuWatch {
         let names: Names = Arc::new(Mutex::new(HashMap::from([(std::process::id(), "bench")])));
         let (flag, known) = (stop.clone(), names.clone());
         let thread = std::thread::spawn(move || watch(&flag, &known));
-        CpuWatch { stop, names, thread }
+        CpuWatch { stop, names, thread: Mutex::new(Some(thread)), used: std::sync::OnceLock::new() }
     }
 
     /// Counts the process `pid` (a child just started) as `name`.
@@ -55,9 +58,14 @@ impl CpuWatch {
         self.names.lock().expect("names lock").insert(pid, name);
     }
 
-    pub fn stop(self) -> CpuUse {
+    /// Stops counting (the first call) and returns what was counted: a
+    /// run's clock may stop before its processes exit, and the CPU with it.
+    pub fn stop(&self) -> CpuUse {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap_or_default()
+        if let Some(thread) = self.thread.lock().expect("thread lock").take() {
+            let _ = self.used.set(thread.join().unwrap_or_default());
+        }
+        self.used.get().cloned().unwrap_or_default()
     }
 }
 

@@ -38,6 +38,22 @@ async fn bench_runs_the_direct_baseline_the_ceiling_and_the_queue_and_prints_the
     assert!(out.status.success(), "bench failed: {stdout}{}", text(&out.stderr));
     assert!(stdout.contains("direct: 300 leads in"), "{stdout}");
     assert!(stdout.contains("through RabbitMQ: 300 of 300 leads in"), "{stdout}");
+    // A queue run's clock stops at its job's last result, not when the
+    // worker, idle, exits after it.
+    let secs = |d: &str| match d.strip_suffix("ms") {
+        Some(ms) => ms.parse::<f64>().unwrap() / 1000.0,
+        None => d.strip_suffix('s').unwrap().parse::<f64>().unwrap(),
+    };
+    let clocks: Vec<(f64, f64)> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("through RabbitMQ: 300 of 300 leads in "))
+        .map(|l| {
+            let (done, rest) = l.split_once(" (to the last result; the worker exited at ").expect(l);
+            (secs(done), secs(rest.trim_end_matches(')')))
+        })
+        .collect();
+    assert_eq!(clocks.len(), 2, "{stdout}");
+    assert!(clocks.iter().all(|(done, exited)| done < exited), "{clocks:?}");
     assert!(stdout.contains("| direct to Postgres (baseline) | 300 |"), "{stdout}");
     assert!(stdout.contains("| enqueue → RabbitMQ → worker | 300 |"), "{stdout}");
     assert!(stdout.contains("set-based: 300 of 300 leads in"), "{stdout}");
