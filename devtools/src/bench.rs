@@ -501,6 +501,16 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
         c
     };
 
+    let calls = match args.api_seconds {
+        // Closed loop for a duration: leads enough for 40 calls a second
+        // per client (a client that runs out stops, and says so).
+        Some(secs) => usize::from(args.api_clients) * usize::try_from(secs * 40).unwrap_or(usize::MAX),
+        None if args.api_calls == 0 && args.api_clients > 1 => usize::from(args.api_clients) * 10,
+        None => args.api_calls,
+    };
+    let caller_leads =
+        if calls > 0 { caller_leads(pool, seeded.acting_user, calls, args.api_clients).await? } else { vec![] };
+
     let watch = Arc::new(CpuWatch::start());
     let t = Instant::now();
     let mut producer = base("enqueue")
@@ -521,24 +531,23 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
     let worker_rss = tokio::spawn(watch_rss(worker_pid));
     let mut last_result = tokio::spawn(until_none_pending(pool.clone(), job_id, t, watch.clone()));
 
-    let status = producer.wait().await?;
-    anyhow::ensure!(status.success(), "enqueue failed: {status}");
-    let producer_done = t.elapsed();
-    println!("enqueue: job {job_id} published in {producer_done:.1?}");
-
-    let calls = match args.api_seconds {
-        // Closed loop for a duration: leads enough for 40 calls a second
-        // per client (a client that runs out stops, and says so).
-        Some(secs) => usize::from(args.api_clients) * usize::try_from(secs * 40).unwrap_or(usize::MAX),
-        None if args.api_calls == 0 && args.api_clients > 1 => usize::from(args.api_clients) * 10,
-        None => args.api_calls,
+    // The callers start with the bulk job (once it is under way), while
+    // the producer still publishes it.
+    let published = async {
+        let status = producer.wait().await?;
+        anyhow::ensure!(status.success(), "enqueue failed: {status}");
+        println!("enqueue: job {job_id} published in {:.1?}", t.elapsed());
+        anyhow::Ok(())
     };
-    let api = if calls > 0 {
+    let called = async {
+        if caller_leads.is_empty() {
+            return Ok(None);
+        }
         let deadline = args.api_seconds.map(Duration::from_secs);
-        Some(convert_calls(pool, base("serve"), seeded.acting_user, calls, args.api_clients, job_id, deadline).await?)
-    } else {
-        None
+        let serve = base("serve");
+        convert_calls(pool, serve, seeded.acting_user, caller_leads, args.api_clients, job_id, deadline).await.map(Some)
     };
+    let ((), api) = tokio::try_join!(published, called)?;
 
     if let Some(secs) = args.worker_seconds {
         tokio::select! {
@@ -661,12 +670,17 @@ async fn through_queue(pool: &PgPool, url: &str, amqp_url: &str, args: &BenchArg
 }
 
 /// When job `job_id` has no pending lead left, as time since `t`,
-/// looked at every 20 ms; stops `watch` at that moment.
+/// looked at every 50 ms; stops `watch` at that moment.
 async fn until_none_pending(pool: PgPool, job_id: Uuid, t: Instant, watch: Arc<CpuWatch>) -> Option<Duration> {
     loop {
-        let pending: Option<i32> = sqlx::query_scalar(
-            "SELECT total_count - converted_count - skipped_count - failed_count FROM conversion_job_progress
-             WHERE id = $1",
+        // The job's row and its own counter shards only: the progress
+        // view sums every job's shards (a millisecond with thousands of
+        // convert-now jobs about), CPU the run would lose to the clock.
+        let pending: Option<i64> = sqlx::query_scalar(
+            "SELECT j.total_count - j.converted_count - j.skipped_count - j.failed_count
+                    - coalesce((SELECT sum(converted + skipped + failed) FROM conversion_job_counters
+                                WHERE job_id = $1), 0)
+             FROM conversion_jobs j WHERE j.id = $1",
         )
         .bind(job_id)
         .fetch_optional(&pool)
@@ -678,7 +692,7 @@ async fn until_none_pending(pool: PgPool, job_id: Uuid, t: Instant, watch: Arc<C
             tokio::task::spawn_blocking(move || watch.stop()).await.ok()?;
             return Some(at);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -737,6 +751,23 @@ struct ApiFigures {
     bulk_while: (i64, Duration),
 }
 
+/// Leads for `calls` one-lead conversions by `clients` callers, and one
+/// more per client (its first call, made on a serve that has just started,
+/// is reported apart): made after the seed, so outside its bulk job, in
+/// one statement, before the run's clock starts.
+async fn caller_leads(pool: &PgPool, acting: i64, calls: usize, clients: u16) -> anyhow::Result<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO leads (owner_id, last_name, email, company)
+         SELECT $1, 'Urgent ' || i, 'urgent' || i || '.' || $3 || '@example.net', 'Urgent Co ' || i
+         FROM generate_series(1, $2::int) AS i ORDER BY i RETURNING id",
+    )
+    .bind(acting)
+    .bind(i32::try_from(calls + usize::from(clients.max(1)))?)
+    .bind(Uuid::new_v4().simple().to_string())
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Times one-lead conversions through the API while the bulk job `bulk` is
 /// being worked on: `clients` callers at once, each one call after another,
 /// on leads of their own; `calls` of them in all, or, with `duration`, as
@@ -745,7 +776,7 @@ async fn convert_calls(
     pool: &PgPool,
     mut serve: Command,
     acting: i64,
-    calls: usize,
+    leads: Vec<i64>,
     clients: u16,
     bulk: Uuid,
     duration: Option<Duration>,
@@ -763,20 +794,8 @@ async fn convert_calls(
     let first = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("serve printed nothing"))?;
     let base = first.trim_start_matches("listening on ").trim().to_owned();
     let token = leadconv::store::auth::create_token(pool, acting, "bench").await?;
-    // One more lead per client: its first call, made on a serve that has
-    // just started, is reported apart (see below).
     let clients = usize::from(clients.max(1));
-    // Leads outside the bulk job (made after its snapshot), in one statement.
-    let leads: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO leads (owner_id, last_name, email, company)
-         SELECT $1, 'Urgent ' || i, 'urgent' || i || '.' || $3 || '@example.net', 'Urgent Co ' || i
-         FROM generate_series(1, $2::int) AS i ORDER BY i RETURNING id",
-    )
-    .bind(acting)
-    .bind(i32::try_from(calls + clients)?)
-    .bind(Uuid::new_v4().simple().to_string())
-    .fetch_all(pool)
-    .await?;
+    let calls = leads.len().saturating_sub(clients);
     let http = reqwest::Client::new();
     let calling_from = chrono::Utc::now();
     let deadline = duration.map(|d| Instant::now() + d);

@@ -263,6 +263,28 @@ pub(crate) async fn lock_results(conn: &mut PgConnection, job_id: Uuid, lead_ids
     sqlx::query_as(SQL.as_str()).bind(job_id).bind(lead_ids).fetch_all(conn).await
 }
 
+/// [`lock_results`] for leads of several jobs (convert-now calls converted
+/// together, each the one lead of its job), in one statement: one round
+/// trip for the batch, not one per call. Rows are locked in lead order
+/// (then job order), as [`lock_results`] locks them.
+async fn lock_results_of_jobs(conn: &mut PgConnection, leads: &[(Uuid, i64)]) -> sqlx::Result<Vec<Locked>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let columns = RESULT_COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ");
+        format!(
+            "SELECT {columns}, j.status AS job_status, j.trigger = 'workflow' AS workflow, r.ctid::text AS row
+             FROM unnest($1::uuid[], $2::bigint[]) AS v(job_id, lead_id)
+             JOIN conversion_results r ON r.job_id = v.job_id AND r.lead_id = v.lead_id
+             JOIN conversion_jobs j ON j.id = r.job_id
+             ORDER BY r.lead_id, r.job_id FOR UPDATE OF r"
+        )
+    });
+    sqlx::query_as(SQL.as_str())
+        .bind(leads.iter().map(|(job_id, _)| *job_id).collect::<Vec<_>>())
+        .bind(leads.iter().map(|(_, lead_id)| *lead_id).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await
+}
+
 /// Plans each lead of `facts` (read from the database before any of them
 /// is converted) in order, each seeing what the earlier ones of `run` do.
 /// The one planning loop of a conversion batch and a dry run.
@@ -335,11 +357,25 @@ pub(crate) async fn convert_in(
     // published twice may bring a lead twice).
     let mut todo: Vec<Todo> = Vec::new();
     let mut converting_leads = std::collections::HashSet::new();
-    for &(job_id, items) in jobs {
+    // Each job's result rows, locked: one statement for a job, one for
+    // several (convert-now calls converted together).
+    let mut locked_of: HashMap<Uuid, Vec<Locked>> = HashMap::new();
+    if let [(job_id, items)] = jobs {
         let mut ids: Vec<i64> = items.iter().map(|i| i.lead_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let locked = lock_results(&mut *tx, job_id, &ids).await?;
+        locked_of.insert(*job_id, lock_results(&mut *tx, *job_id, &ids).await?);
+    } else if !jobs.is_empty() {
+        let mut leads: Vec<(Uuid, i64)> =
+            jobs.iter().flat_map(|&(job_id, items)| items.iter().map(move |i| (job_id, i.lead_id))).collect();
+        leads.sort_unstable();
+        leads.dedup();
+        for l in lock_results_of_jobs(&mut *tx, &leads).await? {
+            locked_of.entry(l.result.job_id).or_default().push(l);
+        }
+    }
+    for &(job_id, items) in jobs {
+        let locked = locked_of.remove(&job_id).unwrap_or_default();
         let (cancelled, workflow) =
             locked.first().map(|l| (l.job_status == JobStatus::Cancelled, l.workflow)).unwrap_or((false, false));
         let mut pending: HashMap<i64, String> = HashMap::new();

@@ -302,7 +302,7 @@ pub async fn rollup(conn: impl sqlx::PgExecutor<'_>, id: Uuid) -> sqlx::Result<(
 
 /// [`rollup`] of each job of `ids`, in one statement.
 pub async fn rollup_each(conn: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query("SELECT leadconv_rollup_job(id) FROM unnest($1::uuid[]) AS id").bind(ids).execute(conn).await?;
+    sqlx::query("SELECT leadconv_rollup_jobs($1)").bind(ids).execute(conn).await?;
     Ok(())
 }
 
